@@ -1,0 +1,67 @@
+"""graphopt: a graph optimizer for PyTorch models.
+
+    opt = optimize(model, (x,))       # trace, run the pass pipeline, verify, generate
+    opt(x)                            # eager's answers, faster
+    opt.code, opt.report              # what it runs, and what each pass did
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from compiler.backend import graphopt_backend, register as _register_backend
+from compiler.capture import capture, normalize_inputs
+from compiler.codegen import OptimizedModule, input_specs, lower
+from compiler.errors import CaptureError, GraphoptError, InputError, LoadError, PassError
+from compiler.pass_manager import PassManager, PassRecord
+from passes import DEFAULT_PIPELINE, PassContext
+
+BACKENDS = ("auto", "cpu", "triton", "reference")
+
+
+def _resolve_backend(backend: str, inputs: tuple) -> str:
+    if backend not in BACKENDS:
+        raise GraphoptError(f"unknown backend {backend!r}", hint=f"use one of {', '.join(BACKENDS)}")
+    device = next((t.device.type for t in inputs if isinstance(t, torch.Tensor)), "cpu")
+    if backend == "auto":
+        return "cpu" if device == "cpu" else "reference"
+    if backend == "triton":
+        raise GraphoptError("the triton backend is not available in this version",
+                            hint="use backend='auto' (oneDNN on the CPU, the aten reference elsewhere)")
+    if backend == "cpu" and device != "cpu":
+        raise GraphoptError(f"backend='cpu' needs CPU inputs, got {device} tensors", hint="use backend='auto'")
+    return backend
+
+
+def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
+             calibration: Iterable | None = None, passes: list[str] | None = None, backend: str = "auto",
+             dump_dir: str | os.PathLike | None = None, check: bool = True) -> OptimizedModule:
+    """Trace ``model`` on ``example_inputs``, optimize its graph and return a module with the same answers.
+
+    The model is never modified. Every pass that changes the graph is checked against the
+    captured model (``check=True``); ``dump_dir`` (or ``GRAPHOPT_DUMP``) keeps a dump per pass.
+    """
+    if quantize is not None:
+        raise GraphoptError(f"quantize={quantize!r} is not available in this version",
+                            hint="optimize in fp32 (quantize=None)")
+    inputs = normalize_inputs(example_inputs)
+    backend = _resolve_backend(backend, inputs)
+    gm = capture(model, inputs)
+    ctx = PassContext(inputs, backend=backend, calibration=calibration)
+    dump_dir = dump_dir or os.environ.get("GRAPHOPT_DUMP") or None
+    manager = PassManager(list(DEFAULT_PIPELINE if passes is None else passes), check=check,
+                          dump_dir=str(dump_dir) if dump_dir else None)
+    gm, report = manager.run(gm, ctx)
+    return OptimizedModule(lower(gm, backend), report, input_specs(inputs), backend)
+
+
+_register_backend()
+
+__all__ = [
+    "BACKENDS", "CaptureError", "GraphoptError", "InputError", "LoadError", "OptimizedModule", "PassContext",
+    "PassError", "PassManager", "PassRecord", "capture", "graphopt_backend", "optimize",
+]

@@ -1,0 +1,80 @@
+"""``torch.compile(model, backend="graphopt")``: the same pipeline on each graph torch.compile captures.
+
+torch.compile hands its backends parameters and buffers as graph inputs. Like Inductor's
+freezing, graphopt turns them back into constants of the graph (by reference, not copied),
+so that BatchNorm folding and weight-constant passes apply; change the weights, and compile
+again. A graph that must stay differentiable (grad enabled and a parameter that requires it)
+runs as torch.compile captured it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from compiler.capture import propagate
+from compiler.codegen import lower
+from compiler.pass_manager import PassManager, clone
+from passes import DEFAULT_PIPELINE, PassContext
+
+log = logging.getLogger("graphopt")
+
+
+def _is_weight(node: fx.Node, value: Any) -> bool:
+    if isinstance(value, torch.nn.Parameter):
+        return True
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = source.name() if callable(getattr(source, "name", None)) else getattr(source, "name", "")
+    return "._buffers[" in str(name) or "._parameters[" in str(name)
+
+
+def freeze(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, list[int]]:
+    """Turn weight placeholders into get_attr constants; returns the graph and the kept input positions."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    kept = []
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if isinstance(value, torch.Tensor) and _is_weight(node, value):
+            name = f"_frozen_{i}"
+            gm.register_buffer(name, value.detach())
+            with gm.graph.inserting_before(node):
+                const = gm.graph.get_attr(name)
+            node.replace_all_uses_with(const)
+            gm.graph.erase_node(node)
+        else:
+            kept.append(i)
+    gm.recompile()
+    return gm, kept
+
+
+def graphopt_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
+    with unset_fake_temporarily():  # torch.compile calls backends inside its fake-tensor mode
+        return _compile(gm, example_inputs)
+
+
+def _compile(gm: fx.GraphModule, example_inputs: list) -> Callable:
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
+        log.info("graphopt: a graph that needs gradients runs unoptimized")
+        return gm.forward
+    gm, kept = freeze(clone(gm), example_inputs)  # torch.compile reads its own graph again afterwards
+    inputs = tuple(example_inputs[i] for i in kept)
+    propagate(gm, inputs)
+    device = next((t.device.type for t in inputs if isinstance(t, torch.Tensor)), "cpu")
+    ctx = PassContext(inputs, backend="cpu" if device == "cpu" else "reference")
+    gm, _ = PassManager(DEFAULT_PIPELINE).run(gm, ctx)
+    lower(gm, ctx.backend)
+
+    def run(*args: Any) -> Any:
+        return gm(*[args[i] for i in kept])
+
+    return run
+
+
+def register() -> None:
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+
+    if "graphopt" not in _BACKENDS:
+        register_backend(name="graphopt")(graphopt_backend)

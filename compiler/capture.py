@@ -1,0 +1,117 @@
+"""nn.Module + example inputs -> fx.GraphModule with shape/dtype metadata on every node.
+
+The model is deep-copied first: tracing, and every pass after it, works on the copy, so the
+user's parameters, buffers and training flags stay exactly as they were.
+"""
+
+from __future__ import annotations
+
+import copy
+import traceback
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from compiler.errors import CaptureError, is_internal, node_source, user_frame
+
+_TRACE_HINT = (
+    "graphopt traces with torch.fx.symbolic_trace, which cannot follow Python control flow that "
+    "depends on tensor values. Move that logic out of forward, wrap the function with torch.fx.wrap, "
+    "or use torch.compile(model, backend='graphopt'), which optimizes the graphs between the breaks."
+)
+
+
+class _Tracer(fx.Tracer):
+    """Records which module was being traced, and stamps each node with its module's name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+        self.stack: list[str] = []
+        self.failed_in: str | None = None
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        self.stack.append(self.path_of_module(m) or type(m).__name__)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            self.failed_in = self.failed_in or f"{self.stack[-1]} ({type(m).__name__})"
+            raise
+        finally:
+            self.stack.pop()
+
+    def _filter_traceback_frames(self, summary: traceback.StackSummary) -> traceback.StackSummary:
+        return traceback.StackSummary.from_list([f for f in summary if not is_internal(f.filename)])
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        if self.stack:
+            node.meta["module"] = self.stack[-1]
+        return node
+
+
+def normalize_inputs(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise CaptureError(f"example_inputs must be a non-empty tuple of tensors, got {type(example_inputs).__name__}",
+                           hint="pass example_inputs=(x,) for a model with one input")
+    return tuple(example_inputs)
+
+
+def capture(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"optimize() takes an nn.Module, got {type(model).__name__}")
+    inputs = normalize_inputs(example_inputs)
+    if model.training:
+        raise CaptureError(
+            f"{type(model).__name__} is in training mode: graphopt optimizes inference graphs "
+            "(BatchNorm would use batch statistics, dropout would be random)",
+            module=type(model).__name__, hint="call model.eval() before optimize()")
+    copied = copy.deepcopy(model)
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(copied)
+    except Exception as e:
+        raise CaptureError(f"cannot trace {type(model).__name__}: {type(e).__name__}: {e}",
+                           module=tracer.failed_in or type(model).__name__, source=user_frame(e.__traceback__),
+                           hint=_TRACE_HINT) from e
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) < len(inputs):
+        raise CaptureError(f"{type(model).__name__}.forward takes {len(placeholders)} inputs, "
+                           f"{len(inputs)} example inputs were given")
+    propagate(gm, inputs)
+    return gm
+
+
+def propagate(gm: fx.GraphModule, inputs: tuple) -> Any:
+    """Run the graph once on real inputs, recording shape/dtype on each node; returns the outputs."""
+    interp = _Recorder(gm)
+    try:
+        with torch.no_grad():
+            return interp.propagate(*inputs)
+    except Exception as e:
+        node = interp.current
+        raise CaptureError(
+            f"the model fails on the example inputs at node {node.name if node else '?'}: {type(e).__name__}: {e}",
+            node=node.format_node() if node else None, module=node.meta.get("module") if node else None,
+            source=node_source(node) if node else None,
+            hint="check the example inputs' shapes and dtypes against what the model expects") from e
+
+
+class _Recorder(ShapeProp):
+    """ShapeProp on real tensors (also inside torch.compile's fake mode), remembering the current node."""
+
+    current: fx.Node | None = None
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.fake_module = self.fake_mode = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        return super().run_node(n)

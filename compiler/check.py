@@ -1,0 +1,136 @@
+"""Numerics oracles, and the finder of the first node whose value went wrong.
+
+    exact   every output bitwise equal to the graph before the pass (NaN where it had NaN)
+    fp32    against a float64 run of the captured model:  |y - y64| <= 3 * |y_eager - y64| + 4 * eps * max|y64|
+            per output, over the positions where eager's output is finite; where eager's output
+            is NaN or +-inf the new one must be the same non-finite value.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+
+def _flat(outputs: Any) -> tuple[list, Any]:
+    return tree_flatten(outputs)
+
+
+def _double(v: Any) -> Any:
+    return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+
+def same_bits(a: Any, b: Any) -> bool:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return a == b
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        nan = a.isnan()
+        return bool(torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan]))
+    return bool(torch.equal(a, b))
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    if not isinstance(a, torch.Tensor) or not a.is_floating_point() or a.numel() == 0:
+        return 0.0
+    finite = a.isfinite() & b.isfinite()
+    return float((a[finite].double() - b[finite].double()).abs().max()) if finite.any() else 0.0
+
+
+@dataclass
+class Oracle:
+    inputs: tuple
+    eager: list  # flattened outputs of the captured model
+    spec: Any
+    ref64: list | None  # the same in float64, None where the model cannot run in float64
+
+    @classmethod
+    def build(cls, gm: fx.GraphModule, inputs: tuple) -> "Oracle":
+        with torch.no_grad():
+            eager, spec = _flat(gm(*inputs))
+            try:
+                ref64, _ = _flat(copy.deepcopy(gm).double()(*[_double(i) for i in inputs]))
+            except Exception:  # an op without float64 support: fall back to eager as the reference
+                ref64 = None
+        return cls(inputs, eager, spec, ref64)
+
+    def interface_error(self, outputs: list, spec: Any) -> str | None:
+        if spec != self.spec:
+            return f"the output structure changed: {spec} instead of {self.spec}"
+        for i, (new, old) in enumerate(zip(outputs, self.eager)):
+            if isinstance(old, torch.Tensor) and (not isinstance(new, torch.Tensor) or new.shape != old.shape
+                                                  or new.dtype != old.dtype):
+                got = f"{tuple(new.shape)} {new.dtype}" if isinstance(new, torch.Tensor) else type(new).__name__
+                return f"output {i} changed from {tuple(old.shape)} {old.dtype} to {got}"
+        return None
+
+    def fp32_error(self, outputs: list) -> str | None:
+        for i, (new, old) in enumerate(zip(outputs, self.eager)):
+            if not isinstance(old, torch.Tensor) or not old.is_floating_point():
+                if not same_bits(new, old):
+                    return f"output {i} (not floating point) changed"
+                continue
+            ref = self.ref64[i] if self.ref64 is not None else old.double()
+            finite = old.isfinite()
+            if not torch.equal(new.isfinite(), finite) or not same_bits(new[~finite], old[~finite]):
+                return f"output {i}: NaN/inf positions differ from eager's"
+            if not finite.any():
+                continue
+            eps = torch.finfo(old.dtype).eps
+            err_new = float((new[finite].double() - ref[finite]).abs().max())
+            err_eager = float((old[finite].double() - ref[finite]).abs().max())
+            allowed = 3 * err_eager + 4 * eps * float(ref[finite].abs().max())
+            if err_new > allowed:
+                return f"output {i}: error {err_new:.3g} against float64 exceeds {allowed:.3g} (3x eager's {err_eager:.3g})"
+        return None
+
+    def max_error(self, outputs: list) -> float:
+        return max((max_abs_diff(n, o) for n, o in zip(outputs, self.eager)), default=0.0)
+
+
+class _Recording(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.values[n.name] = out
+        return out
+
+
+def record_values(gm: fx.GraphModule, inputs: tuple) -> dict[str, Any]:
+    rec = _Recording(gm)
+    with torch.no_grad():
+        rec.run(*inputs)
+    return rec.values
+
+
+def _close(new: Any, old: Any, exact: bool) -> bool:
+    if exact or not isinstance(new, torch.Tensor) or not new.is_floating_point():
+        return same_bits(new, old)
+    if not isinstance(old, torch.Tensor) or new.shape != old.shape:
+        return False
+    scale = float(old[old.isfinite()].abs().max()) if old.isfinite().any() else 1.0
+    return bool(torch.isclose(new, old, rtol=1e-4, atol=1e-5 * scale + 1e-7, equal_nan=True).all())
+
+
+def first_divergence(before: fx.GraphModule, after: fx.GraphModule, inputs: tuple, exact: bool) -> fx.Node | None:
+    """The first node of ``after`` whose value differs from its counterpart in ``before``.
+
+    A node's counterpart is the node of the same name, or, for a node a pass created, the last
+    node it replaces (``meta['replaces']``)."""
+    old, new = record_values(before, inputs), record_values(after, inputs)
+    for node in after.graph.nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        name = node.name if node.name in old else (node.meta.get("replaces") or [None])[-1]
+        if name in old and not _close(new[node.name], old[name], exact):
+            return node
+    return None

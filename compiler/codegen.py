@@ -1,0 +1,69 @@
+"""GraphModule -> OptimizedModule: the runnable result of optimize().
+
+The optimized graph's forward is plain generated Python calling aten and ``graphopt::`` ops;
+``.code`` shows it. Backend lowering happens here: "cpu" keeps the ``graphopt::`` ops (which
+dispatch to kernels/cpu.py on CPU tensors), "reference" calls kernels/reference.py directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from compiler.errors import InputError
+from kernels.ops import OPS, REFERENCES
+
+_BY_OP = {op: name for name, op in OPS.items()}
+
+
+def lower(gm: fx.GraphModule, backend: str) -> fx.GraphModule:
+    if backend == "reference":
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in _BY_OP:
+                node.target = REFERENCES[_BY_OP[node.target]]
+    gm.delete_all_unused_submodules()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [b for b, _ in gm.named_buffers(recurse=False) if b not in used]:
+        delattr(gm, name)
+    gm.recompile()
+    return gm
+
+
+def input_specs(inputs: tuple) -> list[dict[str, Any] | None]:
+    return [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "device": t.device.type}
+            if isinstance(t, torch.Tensor) else None for t in inputs]
+
+
+class OptimizedModule(nn.Module):
+    """An nn.Module whose forward is the optimized graph."""
+
+    def __init__(self, gm: fx.GraphModule, report: list, specs: list, backend: str):
+        super().__init__()
+        self.graph_module = gm
+        self.report = report
+        self.input_specs = specs
+        self.backend = backend
+        self._checks = [(i, len(s["shape"]), getattr(torch, s["dtype"]), s["device"])
+                        for i, s in enumerate(specs) if s is not None]
+        self.eval()
+
+    @property
+    def code(self) -> str:
+        return self.graph_module.code
+
+    def forward(self, *args: Any) -> Any:
+        if len(args) != len(self.input_specs):
+            raise InputError(f"expected {len(self.input_specs)} inputs, got {len(args)}",
+                             hint="call the optimized module with the same inputs as the example inputs")
+        for i, rank, dtype, device in self._checks:
+            x = args[i]
+            if not isinstance(x, torch.Tensor) or x.dim() != rank or x.dtype != dtype or x.device.type != device:
+                got = f"{x.dim()}-d {x.dtype} on {x.device.type}" if isinstance(x, torch.Tensor) else type(x).__name__
+                raise InputError(f"input {i}: expected a {rank}-d {dtype} tensor on {device} (like the example "
+                                 f"{self.input_specs[i]['shape']}), got {got}",
+                                 hint="the batch size may change; rank, dtype and device may not. "
+                                      "optimize() again for other inputs")
+        return self.graph_module(*args)

@@ -1,0 +1,137 @@
+"""Runs a pipeline: pass, lint, recompile, check numerics, dump, record.
+
+Transactional: each pass runs on a copy of the graph (sharing the weights, which passes never
+modify in place). The copy replaces the graph only once it has linted, run, kept the interface
+and passed the numerics oracle for the pass's kind; otherwise the copy is dropped and a
+PassError says which pass, after which passes, and the first node whose value went wrong.
+The pipeline repeats until no pass rewrites anything, at most ``max_iterations`` times.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+from compiler.capture import propagate
+from compiler.check import Oracle, first_divergence, same_bits
+from compiler.dump import Dumper
+from compiler.errors import GraphoptError, PassError, node_source
+from passes import REGISTRY, PassContext, PassInfo
+
+log = logging.getLogger("graphopt")
+
+
+@dataclass
+class PassRecord:
+    name: str
+    rewrites: int = 0
+    seconds: float = 0.0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    max_error: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def clone(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of the graph; modules and tensors are shared, not copied."""
+    return fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
+
+
+def count_nodes(gm: fx.GraphModule) -> int:
+    """Nodes that compute something: inputs, outputs and weight reads do not count."""
+    return sum(1 for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr"))
+
+
+class PassManager:
+    def __init__(self, passes: list[str], *, check: bool = True, dump_dir: str | None = None, max_iterations: int = 4):
+        unknown = [p for p in passes if p not in REGISTRY]
+        if unknown:
+            raise GraphoptError(f"unknown pass(es): {', '.join(unknown)}",
+                                hint=f"available passes: {', '.join(sorted(REGISTRY))}")
+        self.passes: list[PassInfo] = [REGISTRY[p] for p in passes]
+        self.check, self.dump_dir, self.max_iterations = check, dump_dir, max_iterations
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, list[PassRecord]]:
+        oracle = Oracle.build(gm, ctx.example_inputs) if self.check else None
+        self._previous = oracle.eager if oracle else []  # outputs of the graph as it stands
+        dumper = Dumper(self.dump_dir) if self.dump_dir else None
+        if dumper:
+            dumper.captured(gm)
+        records = {p.name: PassRecord(p.name) for p in self.passes}
+        history: list[str] = []
+        for _ in range(self.max_iterations):
+            changed = False
+            for info in self.passes:
+                record = records[info.name]
+                work, before = clone(gm), count_nodes(gm)
+                if not history.count(info.name):
+                    record.nodes_before = before
+                start = time.perf_counter()
+                try:
+                    rewrites = info.fn(work, ctx)
+                except Exception as e:
+                    raise PassError(f"pass {info.name} raised {type(e).__name__}: {e}; the graph was left as it was",
+                                    pass_name=info.name, passes_before=list(history),
+                                    hint="this is a graphopt bug: please report it with the model; "
+                                         f"passes=[...] without {info.name!r} works around it") from e
+                if rewrites:
+                    error = self._verify(gm, work, info, ctx, oracle, history)
+                    gm, changed = work, True
+                    record.max_error = error if record.max_error is None else max(record.max_error, error or 0.0)
+                record.seconds += time.perf_counter() - start
+                record.rewrites += rewrites
+                if rewrites or len(history) < len(self.passes):
+                    record.nodes_after = count_nodes(gm)
+                if rewrites and dumper:
+                    dumper.after_pass(gm, info, rewrites, time.perf_counter() - start, before, count_nodes(gm), error)
+                history.append(info.name)
+            if not changed:
+                break
+        else:
+            log.warning("the pipeline still rewrote the graph after %d iterations; stopping there",
+                        self.max_iterations)
+        report = list(records.values())
+        if dumper:
+            dumper.report(report)
+        return gm, report
+
+    def _verify(self, before: fx.GraphModule, after: fx.GraphModule, info: PassInfo, ctx: PassContext,
+                oracle: Oracle | None, history: list[str]) -> float | None:
+        """Lint, recompile, rerun shape propagation and the oracle; raise PassError on any failure."""
+        def fail(problem: str, node: fx.Node | None = None, cause: Exception | None = None) -> PassError:
+            where = f" (first wrong value at node {node.name})" if node is not None else ""
+            return PassError(
+                f"pass {info.name} ({info.kind}) {problem}{where}; the graph was rolled back to before it",
+                pass_name=info.name, passes_before=list(history),
+                node=node.format_node() if node is not None else None,
+                module=node.meta.get("module") if node is not None else None,
+                source=node_source(node) if node is not None else None,
+                hint=f"passes before it: {', '.join(history) or 'none'}. Run with passes=[...] without "
+                     f"{info.name!r} to work around it, and please report the model")
+        try:
+            after.graph.lint()
+            after.recompile()
+            outputs = propagate(after, ctx.example_inputs)
+        except Exception as e:
+            raise fail(f"produced a graph that does not run: {type(e).__name__}: {e}", cause=e) from e
+        if oracle is None:
+            return None
+        flat, spec = tree_flatten(outputs)
+        problem = oracle.interface_error(flat, spec)
+        if problem is None and info.kind == "exact":
+            if not all(same_bits(a, b) for a, b in zip(flat, self._previous)):
+                problem = "changed the outputs of a pass that must keep them bitwise equal"
+        if problem is None and info.kind == "fp32":
+            problem = oracle.fp32_error(flat)
+        if problem is not None:
+            node = first_divergence(before, after, ctx.example_inputs, exact=info.kind == "exact")
+            raise fail(problem, node)
+        self._previous = flat
+        return oracle.max_error(flat)

@@ -1,0 +1,1 @@
+"""Fused ops: one op, several implementations. Knows nothing about graphs."""

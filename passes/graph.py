@@ -1,0 +1,240 @@
+"""Matching helpers shared by the passes, and the networkx view of an fx graph.
+
+Every helper answers a question about the graph without changing it; passes check
+everything with these first and mutate only once a match is certain.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterator
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+# ---------------------------------------------------------------- attributes
+
+
+def get_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def add_constant(gm: fx.GraphModule, hint: str, value: torch.Tensor) -> str:
+    """Register ``value`` as a new buffer on ``gm`` under a fresh name and return that name."""
+    base = "_" + "".join(c if c.isalnum() else "_" for c in hint).strip("_")
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, value.detach())
+    return name
+
+
+def constant_value(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
+    """The tensor behind a get_attr node, or None for anything computed at run time."""
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        value = get_attr(gm, arg.target)
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def tensor_meta(node: Any):
+    return node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+
+
+def same_shape(a: fx.Node, b: fx.Node) -> bool:
+    ma, mb = tensor_meta(a), tensor_meta(b)
+    return ma is not None and mb is not None and hasattr(ma, "shape") and hasattr(mb, "shape") \
+        and ma.shape == mb.shape and ma.dtype == mb.dtype
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """An argument given by position or keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+# ---------------------------------------------------------------- purity and aliasing
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
+_RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "multinomial",
+           "normal", "poisson", "randperm", "dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d",
+           "dropout2d", "dropout3d", "rrelu", "uniform_", "normal_", "bernoulli_", "exponential_", "random_"}
+_VIEWS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "squeeze", "unsqueeze",
+          "expand", "expand_as", "narrow", "select", "detach", "contiguous", "as_strided", "chunk", "split",
+          "unbind", "view_as", "reshape_as", "movedim", "swapaxes", "diagonal", "unfold", "real", "imag",
+          "getitem", "T", "mT", "to", "type_as", "float", "squeeze_", "unsqueeze_"}
+
+
+def _name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Does this node write into one of its inputs?"""
+    if node.op == "call_module":
+        return bool(getattr(module_of(gm, node), "inplace", False))
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.kwargs.get("inplace") is True or node.target in _INPLACE_OPERATORS:
+        return True
+    name = _name(node)
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def is_random(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        m = module_of(gm, node)
+        return m.training and isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout))
+    if node.op in ("call_function", "call_method"):
+        name = _name(node)
+        if name in _RANDOM:
+            training = arg(node, 2, "training", True) if "dropout" in name else True
+            return bool(training)
+    return False
+
+
+def is_impure(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A node that may not be removed, merged or evaluated ahead of time."""
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op == "call_module" and not isinstance(module_of(gm, node), nn.Module):
+        return True
+    return is_inplace(gm, node) or is_random(gm, node) or (node.op == "call_function" and node.is_impure())
+
+
+def _is_view(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and _name(node) in _VIEWS
+
+
+def alias_roots(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
+    """Map each node to a representative of the set of nodes that may share its storage."""
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def find(n: fx.Node) -> fx.Node:
+        while parent.get(n, n) is not n:
+            n = parent[n]
+        return n
+
+    for node in graph.nodes:
+        parent.setdefault(node, node)
+        base = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        # views share storage with their base; in-place ops return their (mutated) input
+        if base is not None and (_is_view(node) or _returns_self(node)):
+            parent[find(node)] = find(base)
+    return {n: find(n) for n in graph.nodes}
+
+
+def _returns_self(node: fx.Node) -> bool:
+    name = _name(node)
+    return node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")) \
+        or node.kwargs.get("inplace") is True
+
+
+def mutated_roots(gm: fx.GraphModule) -> set[fx.Node]:
+    """Alias roots of every value that some in-place op writes to."""
+    roots = alias_roots(gm.graph)
+    out = set()
+    for node in gm.graph.nodes:
+        if is_inplace(gm, node) and node.args and isinstance(node.args[0], fx.Node):
+            out.add(roots[node.args[0]])
+    return out
+
+
+def mutated_between(gm: fx.GraphModule, value: fx.Node, first: fx.Node, last: fx.Node) -> bool:
+    """Is ``value`` (or anything sharing its storage) written in place strictly between two nodes?"""
+    roots = alias_roots(gm.graph)
+    node = first.next
+    while node is not last and node.op != "root":
+        if is_inplace(gm, node) and node.args and isinstance(node.args[0], fx.Node) \
+                and roots[node.args[0]] is roots[value]:
+            return True
+        node = node.next
+    return False
+
+
+# ---------------------------------------------------------------- traversal
+
+
+def users_of(node: fx.Node) -> list[fx.Node]:
+    return list(node.users)
+
+
+def only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def call_sites(gm: fx.GraphModule, target: str) -> int:
+    """How many nodes use a submodule or attribute (shared modules are called more than once)."""
+    return sum(1 for n in gm.graph.nodes if n.op in ("call_module", "get_attr") and n.target == target)
+
+
+def shares_tensor(gm: fx.GraphModule, tensor: torch.Tensor, owner: str) -> bool:
+    """Is ``tensor`` also reachable from a module or attribute other than ``owner``?"""
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.target != owner:
+            if any(p is tensor for p in gm.get_submodule(n.target).parameters()):
+                return True
+        if n.op == "get_attr" and n.target != owner and not n.target.startswith(owner + "."):
+            if get_attr(gm, n.target) is tensor:
+                return True
+    return False
+
+
+def erase_chain(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Erase matched nodes last-first, once the match's output has been redirected."""
+    for node in reversed(nodes):
+        if not node.users:
+            gm.graph.erase_node(node)
+
+
+def copy_meta(new: fx.Node, old: fx.Node, replaced: list[fx.Node]) -> None:
+    """Carry shape, source and provenance over so that later passes and errors still see them."""
+    for key in ("tensor_meta", "stack_trace", "module"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+    for key in ("stack_trace", "module"):
+        if key not in new.meta and key in replaced[0].meta:
+            new.meta[key] = replaced[0].meta[key]
+    new.meta["replaces"] = [r.name for r in replaced]
+
+
+def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        g.add_node(node.name, op=node.op, target=describe_target(node), shape=_shape(node))
+        for inp in node.all_input_nodes:
+            g.add_edge(inp.name, node.name)
+    return g
+
+
+def describe_target(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or str(t)
+
+
+def _shape(node: fx.Node) -> str:
+    meta = tensor_meta(node)
+    return "x".join(map(str, meta.shape)) if meta is not None and hasattr(meta, "shape") else ""
+
+
+def nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
+    return iter(list(gm.graph.nodes))

@@ -1,0 +1,270 @@
+"""Recognizers for the ops the passes rewrite, in every spelling a graph can have.
+
+symbolic_trace leaves ``call_module`` nodes (nn.Conv2d, nn.ReLU(inplace=True), ...);
+torch.compile's graphs and functional models give ``call_function`` / ``call_method``
+(torch.conv2d, F.relu, x.relu_(), operator.iadd, ...). Each recognizer returns a small record
+or None, and never touches the graph.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.reference import format_act
+from passes.graph import arg, constant_value, get_attr, module_of, tensor_meta
+
+Ref = "fx.Node | str"  # a graph value, or the attribute path of a module's parameter
+
+
+@dataclass
+class Conv:
+    node: fx.Node
+    input: fx.Node
+    dim: int
+    weight: Any  # Ref
+    bias: Any  # Ref | None
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
+    owner: str | None  # the module's target for call_module, the weight's attribute for get_attr
+
+    def weight_tensor(self, gm: fx.GraphModule) -> torch.Tensor | None:
+        return _tensor(gm, self.weight)
+
+    def bias_tensor(self, gm: fx.GraphModule) -> torch.Tensor | None:
+        return _tensor(gm, self.bias)
+
+
+@dataclass
+class Linear:
+    node: fx.Node
+    input: fx.Node
+    weight: Any
+    bias: Any
+    owner: str | None
+
+    def weight_tensor(self, gm):
+        return _tensor(gm, self.weight)
+
+    def bias_tensor(self, gm):
+        return _tensor(gm, self.bias)
+
+
+@dataclass
+class BatchNorm:
+    node: fx.Node
+    input: fx.Node
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, t) in float64 with bn(y) = y * s + t per channel."""
+        inv = torch.rsqrt(self.var.double() + self.eps)
+        s = inv * (self.weight.double() if self.weight is not None else 1.0)
+        t = (self.bias.double() if self.bias is not None else 0.0) - self.mean.double() * s
+        return s, t
+
+
+def _tensor(gm: fx.GraphModule, ref: Any) -> torch.Tensor | None:
+    if ref is None:
+        return None
+    if isinstance(ref, str):
+        return get_attr(gm, ref)
+    return constant_value(gm, ref)
+
+
+def as_node(gm: fx.GraphModule, ref: Any) -> Any:
+    """A graph value for a Ref; call inside ``graph.inserting_before``."""
+    return gm.graph.get_attr(ref) if isinstance(ref, str) else ref
+
+
+def _tuple(v: Any, dim: int) -> list[int] | None:
+    if isinstance(v, int):
+        return [v] * dim
+    if isinstance(v, (tuple, list)) and len(v) == dim and all(isinstance(i, int) for i in v):
+        return list(v)
+    return None
+
+
+def _padding(padding: Any, kernel: list[int], dilation: list[int], dim: int) -> list[int] | None:
+    if padding == "valid":
+        return [0] * dim
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return None if any(t % 2 for t in total) else [t // 2 for t in total]  # asymmetric: no match
+    return _tuple(padding, dim)
+
+
+_CONV_FUNCTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+_CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+
+def match_conv(gm: fx.GraphModule, node: fx.Node) -> Conv | None:
+    if node.op == "call_module":
+        m = module_of(gm, node)
+        dim = next((d for cls, d in _CONV_MODULES.items() if type(m) is cls), None)
+        if dim is None or m.padding_mode != "zeros" or not isinstance(node.args[0], fx.Node) or len(node.args) != 1:
+            return None
+        weight, bias = f"{node.target}.weight", (f"{node.target}.bias" if m.bias is not None else None)
+        raw = (m.stride, m.padding, m.dilation, m.groups)
+        kernel, owner, x = list(m.kernel_size), node.target, node.args[0]
+    elif node.op == "call_function" and node.target in _CONV_FUNCTIONS:
+        dim = _CONV_FUNCTIONS[node.target]
+        x, weight, bias = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
+        raw = (arg(node, 3, "stride", 1), arg(node, 4, "padding", 0), arg(node, 5, "dilation", 1), arg(node, 6, "groups", 1))
+        meta = tensor_meta(weight)
+        if not isinstance(x, fx.Node) or not isinstance(weight, fx.Node) or meta is None:
+            return None
+        if bias is not None and not isinstance(bias, fx.Node):
+            return None
+        kernel, owner = list(meta.shape[2:]), (weight.target if weight.op == "get_attr" else None)
+    else:
+        return None
+    stride, dilation, groups = _tuple(raw[0], dim), _tuple(raw[2], dim), raw[3]
+    if stride is None or dilation is None or not isinstance(groups, int):
+        return None
+    padding = _padding(raw[1], kernel, dilation, dim)
+    if padding is None:
+        return None
+    return Conv(node, x, dim, weight, bias, stride, padding, dilation, groups, owner)
+
+
+def match_linear(gm: fx.GraphModule, node: fx.Node) -> Linear | None:
+    if node.op == "call_module" and type(module_of(gm, node)) is nn.Linear:
+        m = module_of(gm, node)
+        if len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+            return None
+        bias = f"{node.target}.bias" if m.bias is not None else None
+        return Linear(node, node.args[0], f"{node.target}.weight", bias, node.target)
+    if node.op == "call_function" and node.target is F.linear:
+        x, weight, bias = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
+        if not isinstance(x, fx.Node) or not isinstance(weight, fx.Node):
+            return None
+        if bias is not None and not isinstance(bias, fx.Node):
+            return None
+        return Linear(node, x, weight, bias, weight.target if weight.op == "get_attr" else None)
+    return None
+
+
+def match_batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNorm | None:
+    """An inference-mode batch norm with running statistics; anything else is no match."""
+    if node.op == "call_module":
+        m = module_of(gm, node)
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.training or m.running_mean is None:
+            return None
+        if len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+            return None
+        return BatchNorm(node, node.args[0], m.running_mean, m.running_var, m.weight, m.bias, m.eps)
+    if node.op == "call_function" and node.target is F.batch_norm:
+        x = arg(node, 0, "input")
+        mean, var = constant_value(gm, arg(node, 1, "running_mean")), constant_value(gm, arg(node, 2, "running_var"))
+        w, b = arg(node, 3, "weight"), arg(node, 4, "bias")
+        training, eps = arg(node, 5, "training", False), arg(node, 7, "eps", 1e-5)
+        weight, bias = constant_value(gm, w), constant_value(gm, b)
+        if training is not False or mean is None or var is None or not isinstance(x, fx.Node):
+            return None
+        if (w is not None and weight is None) or (b is not None and bias is None):
+            return None  # affine parameters computed at run time
+        return BatchNorm(node, x, mean, var, weight, bias, float(eps))
+    return None
+
+
+# ---------------------------------------------------------------- activations, as data
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _clamp(lo: Any, hi: Any) -> str | None:
+    lo = -math.inf if lo is None else _number(lo)
+    hi = math.inf if hi is None else _number(hi)
+    if lo is None or hi is None or (math.isinf(lo) and math.isinf(hi)):
+        return None
+    return format_act("hardtanh", lo, hi)
+
+
+def _gelu(approximate: Any) -> str | None:
+    return {"none": "gelu", "tanh": "gelu:tanh"}.get(approximate)
+
+
+_ACT_MODULES: dict[type, Callable[[nn.Module], str | None]] = {
+    nn.ReLU: lambda m: "relu",
+    nn.ReLU6: lambda m: "relu6",
+    nn.Hardtanh: lambda m: _clamp(m.min_val, m.max_val),
+    nn.SiLU: lambda m: "silu",
+    nn.Sigmoid: lambda m: "sigmoid",
+    nn.Tanh: lambda m: "tanh",
+    nn.Hardswish: lambda m: "hardswish",
+    nn.GELU: lambda m: _gelu(m.approximate),
+    nn.LeakyReLU: lambda m: format_act("leaky_relu", m.negative_slope),
+}
+# call_function and call_method spellings: name -> act from (node)
+_ACT_CALLS: dict[str, Callable[[fx.Node], str | None]] = {
+    "relu": lambda n: "relu",
+    "relu_": lambda n: "relu",
+    "relu6": lambda n: "relu6",
+    "hardtanh": lambda n: _clamp(arg(n, 1, "min_val", -1.0), arg(n, 2, "max_val", 1.0)),
+    "hardtanh_": lambda n: _clamp(arg(n, 1, "min_val", -1.0), arg(n, 2, "max_val", 1.0)),
+    "clamp": lambda n: _clamp(arg(n, 1, "min"), arg(n, 2, "max")),
+    "clamp_": lambda n: _clamp(arg(n, 1, "min"), arg(n, 2, "max")),
+    "silu": lambda n: "silu",
+    "sigmoid": lambda n: "sigmoid",
+    "sigmoid_": lambda n: "sigmoid",
+    "tanh": lambda n: "tanh",
+    "tanh_": lambda n: "tanh",
+    "hardswish": lambda n: "hardswish",
+    "gelu": lambda n: _gelu(arg(n, 1, "approximate", "none")),
+    "leaky_relu": lambda n: _number(arg(n, 1, "negative_slope", 0.01)) is not None
+    and format_act("leaky_relu", arg(n, 1, "negative_slope", 0.01)) or None,
+    "leaky_relu_": lambda n: _number(arg(n, 1, "negative_slope", 0.01)) is not None
+    and format_act("leaky_relu", arg(n, 1, "negative_slope", 0.01)) or None,
+}
+_ACT_FUNCTIONS = {
+    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu_", F.relu_: "relu_", F.relu6: "relu6",
+    F.hardtanh: "hardtanh", F.hardtanh_: "hardtanh_", torch.clamp: "clamp", torch.clamp_: "clamp_",
+    F.silu: "silu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid_",
+    torch.tanh: "tanh", F.tanh: "tanh", torch.tanh_: "tanh_", F.hardswish: "hardswish", F.gelu: "gelu",
+    F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu_",
+}
+_ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_"}
+
+
+def match_act(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, str] | None:
+    """(input, act string) for an elementwise activation the fused ops implement."""
+    act = None
+    if node.op == "call_module":
+        rule = _ACT_MODULES.get(type(module_of(gm, node)))
+        act = rule(module_of(gm, node)) if rule and len(node.args) == 1 else None
+    elif node.op == "call_function" and node.target in _ACT_FUNCTIONS:
+        act = _ACT_CALLS[_ACT_FUNCTIONS[node.target]](node)
+    elif node.op == "call_method" and node.target in _ACT_METHODS:
+        act = _ACT_CALLS[node.target](node)
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    return (x, act) if act and isinstance(x, fx.Node) else None
+
+
+def match_add(node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
+    """(a, b, writes_a) for a + b with tensor operands and no alpha; writes_a for a += b."""
+    if node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add):
+        inplace = node.target is operator.iadd
+    elif node.op == "call_method" and node.target in ("add", "add_"):
+        inplace = node.target == "add_"
+    else:
+        return None
+    if len(node.args) != 2 or any(k != "alpha" or v != 1 for k, v in node.kwargs.items()):
+        return None
+    a, b = node.args
+    return (a, b, inplace) if isinstance(a, fx.Node) and isinstance(b, fx.Node) else None
