@@ -13,7 +13,8 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from compiler.backend import graphopt_backend, register as _register_backend
+from compiler.backend import graphopt_backend
+from compiler.backend import register as _register_backend
 from compiler.capture import capture, normalize_inputs
 from compiler.codegen import OptimizedModule, input_specs, lower
 from compiler.errors import CaptureError, GraphoptError, InputError, LoadError, PassError

@@ -14,13 +14,15 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_flatten
 
 from compiler.errors import CaptureError, is_internal, node_source, user_frame
 
 _TRACE_HINT = (
-    "graphopt traces with torch.fx.symbolic_trace, which cannot follow Python control flow that "
-    "depends on tensor values. Move that logic out of forward, wrap the function with torch.fx.wrap, "
-    "or use torch.compile(model, backend='graphopt'), which optimizes the graphs between the breaks."
+    "graphopt traces with torch.fx.symbolic_trace, which runs forward on symbolic values: Python control "
+    "flow that depends on tensor values, and non-torch calls on them, cannot be followed. Move that logic "
+    "out of forward, wrap the function with torch.fx.wrap, or use torch.compile(model, backend='graphopt'), "
+    "which optimizes the graphs between the breaks."
 )
 
 
@@ -72,6 +74,14 @@ def capture(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
             "(BatchNorm would use batch statistics, dropout would be random)",
             module=type(model).__name__, hint="call model.eval() before optimize()")
     copied = copy.deepcopy(model)
+    with torch.no_grad():
+        try:
+            eager = copied(*inputs)
+        except Exception as e:
+            raise CaptureError(f"{type(model).__name__} fails on the example inputs: {type(e).__name__}: {e}",
+                               module=type(model).__name__, source=user_frame(e.__traceback__),
+                               hint="check the example inputs' shapes and dtypes against what the model expects"
+                               ) from e
     tracer = _Tracer()
     try:
         graph = tracer.trace(copied)
@@ -84,8 +94,31 @@ def capture(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     if len(placeholders) < len(inputs):
         raise CaptureError(f"{type(model).__name__}.forward takes {len(placeholders)} inputs, "
                            f"{len(inputs)} example inputs were given")
-    propagate(gm, inputs)
+    traced = propagate(gm, inputs)
+    if not _same_results(traced, eager):
+        raise CaptureError(
+            f"the traced graph of {type(model).__name__} does not give the model's own results on the example inputs",
+            module=type(model).__name__,
+            hint="symbolic tracing loses aliasing: `a = b; b += x` writes b in place in eager mode but not in the "
+                 "trace. Write `b = b + x` (or b.add_(x)), or use torch.compile(model, backend='graphopt')")
     return gm
+
+
+def _same_results(a: Any, b: Any) -> bool:
+    fa, sa = tree_flatten(a)
+    fb, sb = tree_flatten(b)
+    if sa != sb:
+        return False
+    for x, y in zip(fa, fb):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype:
+                return False
+            if x.is_floating_point():
+                if not torch.allclose(x, y, rtol=1e-5, atol=1e-6, equal_nan=True):
+                    return False
+            elif not torch.equal(x, y):
+                return False
+    return True
 
 
 def propagate(gm: fx.GraphModule, inputs: tuple) -> Any:

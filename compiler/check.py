@@ -87,7 +87,8 @@ class Oracle:
             err_eager = float((old[finite].double() - ref[finite]).abs().max())
             allowed = 3 * err_eager + 4 * eps * float(ref[finite].abs().max())
             if err_new > allowed:
-                return f"output {i}: error {err_new:.3g} against float64 exceeds {allowed:.3g} (3x eager's {err_eager:.3g})"
+                return (f"output {i}: error {err_new:.3g} against float64 exceeds {allowed:.3g} "
+                        f"(3x eager's {err_eager:.3g})")
         return None
 
     def max_error(self, outputs: list) -> float:

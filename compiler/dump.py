@@ -32,7 +32,8 @@ def to_dot(gm: fx.GraphModule) -> str:
     for name, data in g.nodes(data=True):
         fused = "graphopt" in data["target"]
         color = "#bbf7d0" if fused else colors.get(data["op"], "#ffffff")
-        label = "\\n".join(x for x in (name, data["target"] if data["op"] != "placeholder" else "input", data["shape"]) if x)
+        target = data["target"] if data["op"] != "placeholder" else "input"
+        label = "\\n".join(x for x in (name, target, data["shape"]) if x)
         lines.append(f'  "{name}" [label="{_escape(label)}", style=filled, fillcolor="{color}"];')
     lines += [f'  "{a}" -> "{b}";' for a, b in g.edges]
     return "\n".join(lines + ["}"]) + "\n"
@@ -81,5 +82,6 @@ class Dumper:
         rows = ["| pass | rewrites | ms | nodes before | nodes after | max error |", "|---|---:|---:|---:|---:|---:|"]
         for r in records:
             err = "" if r.max_error is None else f"{r.max_error:.3g}"
-            rows.append(f"| {r.name} | {r.rewrites} | {r.seconds * 1e3:.1f} | {r.nodes_before} | {r.nodes_after} | {err} |")
+            cells = [r.name, r.rewrites, f"{r.seconds * 1e3:.1f}", r.nodes_before, r.nodes_after, err]
+            rows.append("| " + " | ".join(map(str, cells)) + " |")
         (self.root / "report.md").write_text("# graphopt pass report\n\n" + "\n".join(rows) + "\n")

@@ -63,6 +63,6 @@ def fold_constants(gm: fx.GraphModule, ctx: PassContext) -> int:
         node.replace_all_uses_with(folded)
         rewrites += 1
     for node in reversed(list(gm.graph.nodes)):
-        if node in constant and node.op != "get_attr" and not node.users:
+        if node in constant and not node.users:
             gm.graph.erase_node(node)
     return rewrites

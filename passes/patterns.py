@@ -123,7 +123,8 @@ def match_conv(gm: fx.GraphModule, node: fx.Node) -> Conv | None:
     elif node.op == "call_function" and node.target in _CONV_FUNCTIONS:
         dim = _CONV_FUNCTIONS[node.target]
         x, weight, bias = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
-        raw = (arg(node, 3, "stride", 1), arg(node, 4, "padding", 0), arg(node, 5, "dilation", 1), arg(node, 6, "groups", 1))
+        raw = (arg(node, 3, "stride", 1), arg(node, 4, "padding", 0), arg(node, 5, "dilation", 1),
+               arg(node, 6, "groups", 1))
         meta = tensor_meta(weight)
         if not isinstance(x, fx.Node) or not isinstance(weight, fx.Node) or meta is None:
             return None

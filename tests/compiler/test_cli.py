@@ -1,0 +1,52 @@
+"""The graphopt command, run as a user runs it."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from compiler.cli import main
+
+MODEL = textwrap.dedent("""
+    import torch.nn as nn
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.bn(self.conv(x)))
+""")
+
+
+def test_optimize_command_prints_the_pass_table(tmp_path, capsys):
+    path = tmp_path / "tiny.py"
+    path.write_text(MODEL)
+    dumps = tmp_path / "dumps"
+    assert main(["optimize", f"{path}:Tiny", "--input-shape", "1,3,12,12", "--dump-dir", str(dumps)]) == 0
+    out = capsys.readouterr().out
+    assert "fold_conv_bn" in out and "fuse_conv_act" in out and str(dumps) in out
+    assert (dumps / "report.md").exists()
+
+
+def test_optimize_command_reports_errors_cleanly(tmp_path, capsys):
+    path = tmp_path / "tiny.py"
+    path.write_text(MODEL)
+    assert main(["optimize", f"{path}:Tiny", "--input-shape", "1,5,12,12"]) == 1
+    assert "fails on the example inputs" in capsys.readouterr().err
+
+
+def test_console_script_runs_the_quick_demo(tmp_path):
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "compiler.cli", "demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((out / "demo.json").read_text())
+    names = [s["name"] for s in result["stages"]]
+    assert names == ["fp32", "optimized"]
+    fp32, opt = result["stages"]
+    assert opt["accuracy"] == pytest.approx(fp32["accuracy"], abs=1e-9)   # same answers
+    assert 0.0 <= fp32["accuracy"] <= 1.0 and fp32["latency_ms"] > 0 and fp32["params"] > 1_000_000

@@ -1,0 +1,135 @@
+"""Bad input answered with clear errors; nothing half-done escapes."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from compiler import CaptureError, GraphoptError, InputError, PassError, optimize
+from passes import REGISTRY, register
+from tests.helpers import close
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        if y.sum() > 0:  # depends on the data
+            return y * 2
+        return y
+
+
+def test_control_flow_gives_capture_error_with_source_line():
+    with pytest.raises(CaptureError) as info:
+        optimize(DataDependent().eval(), (torch.randn(1, 3, 8, 8),))
+    text = str(info.value)
+    assert "test_errors.py" in text and "if y.sum() > 0" in text
+    assert "torch.compile" in text                           # the hint names the way through
+    assert info.value.__cause__ is not None                  # the original exception is chained
+
+
+def test_control_flow_runs_through_torch_compile_backend():
+    m, x = DataDependent().eval(), torch.randn(2, 3, 8, 8)
+    compiled = torch.compile(m, backend="graphopt")
+    with torch.no_grad():
+        close(compiled(x), m(x))
+        close(compiled(-x), m(-x))
+
+
+def test_training_mode_is_refused_with_eval_hint():
+    with pytest.raises(CaptureError, match="training mode") as info:
+        optimize(DataDependent(), (torch.randn(1, 3, 8, 8),))
+    assert "model.eval()" in str(info.value)
+
+
+def test_wrong_inputs_at_call_time():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    opt = optimize(m, (torch.randn(1, 3, 8, 8),))
+    with pytest.raises(InputError, match="4-d"):
+        opt(torch.randn(3, 8, 8, 8, 1))
+    with pytest.raises(InputError, match="float64"):
+        opt(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+    with pytest.raises(InputError, match="expected 1 inputs"):
+        opt(torch.randn(1, 3, 8, 8), torch.randn(1))
+
+
+def test_example_inputs_that_do_not_fit_the_model():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    with pytest.raises(CaptureError, match="fails on the example inputs"):
+        optimize(m, (torch.randn(1, 5, 8, 8),))
+
+
+def test_unknown_pass_and_backend():
+    m = nn.Linear(3, 3).eval()
+    with pytest.raises(GraphoptError, match="unknown pass"):
+        optimize(m, (torch.randn(2, 3),), passes=["no_such_pass"])
+    with pytest.raises(GraphoptError, match="unknown backend"):
+        optimize(m, (torch.randn(2, 3),), backend="tpu")
+
+
+def test_trace_that_loses_aliasing_is_refused():
+    class M(nn.Module):
+        def forward(self, x):
+            r = x * 1.5
+            s = r
+            r += x  # in place in eager mode; symbolic tracing records r = r + x
+            return r * s
+
+    with pytest.raises(CaptureError, match="does not give the model's own results"):
+        optimize(M().eval(), (torch.randn(3),))
+
+
+@pytest.fixture
+def broken_pass():
+    @register("_test_break_relu", kind="fp32")
+    def break_relu(gm, ctx):
+        n = 0
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target is F.relu:
+                node.target = F.silu  # a wrong answer that still runs
+                n += 1
+        return n
+
+    yield "_test_break_relu"
+    del REGISTRY["_test_break_relu"]
+
+
+def test_pass_error_names_pass_history_and_first_wrong_node(broken_pass):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return F.relu(self.fc(x)) * 2
+
+    model = M().eval()
+    with pytest.raises(PassError) as info:
+        optimize(model, (torch.randn(3, 4),), passes=["remove_noops", broken_pass])
+    err = info.value
+    assert err.pass_name == broken_pass and err.passes_before == ["remove_noops"]
+    assert "relu" in str(err.node) and "return F.relu(self.fc(x)) * 2" in str(err)
+
+
+def test_passes_that_raise_become_pass_errors():
+    @register("_test_raise", kind="exact")
+    def boom(gm, ctx):
+        raise RuntimeError("boom")
+
+    try:
+        with pytest.raises(PassError, match="boom"):
+            optimize(nn.Linear(2, 2).eval(), (torch.randn(1, 2),), passes=["_test_raise"])
+    finally:
+        del REGISTRY["_test_raise"]
+
+
+def test_nan_and_inf_propagate_like_eager():
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU()).eval()
+    x = torch.randn(1, 2, 6, 6)
+    x[0, 0, 2, 2], x[0, 1, 4, 4] = float("nan"), float("inf")
+    opt = optimize(m, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), m(x), equal_nan=True)

@@ -1,0 +1,78 @@
+"""The test zoo end to end through optimize()."""
+
+import hashlib
+
+import pytest
+import torch
+import torch.nn as nn
+
+from compiler import OptimizedModule, optimize
+from tests.helpers import close, randomize_bn
+from tests.zoo import ZOO
+
+
+def fingerprint(model: nn.Module) -> tuple:
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(t.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest(), tuple(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_zoo_gives_eager_answers(name, backend, tmp_path):
+    make, inputs = ZOO[name]
+    model = randomize_bn(make()).eval()
+    x = inputs(2)
+    before = fingerprint(model)
+    opt = optimize(model, (x,), backend=backend, dump_dir=tmp_path)
+    assert isinstance(opt, OptimizedModule)
+    with torch.no_grad():
+        close(opt(x), model(x))
+        x5 = inputs(5)
+        close(opt(x5), model(x5))                       # another batch size
+    assert fingerprint(model) == before                 # the user's model is untouched
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in opt.modules())
+    assert "batch_norm" not in opt.code
+    assert (tmp_path / "00_captured.py").exists() and (tmp_path / "report.md").exists()
+    assert {r.name for r in opt.report} >= {"fold_conv_bn", "fuse_conv_act"}
+
+
+def test_report_records_each_pass():
+    make, inputs = ZOO["resnet_blocks"]
+    opt = optimize(randomize_bn(make()).eval(), (inputs(1),))
+    by_name = {r.name: r for r in opt.report}
+    assert by_name["fold_conv_bn"].rewrites == 10     # all ten convs have a BN after them
+    assert by_name["fuse_conv_act"].rewrites == 10
+    assert by_name["fold_conv_bn"].nodes_after < by_name["fold_conv_bn"].nodes_before
+    assert by_name["fold_conv_bn"].max_error < 1e-4
+    assert all(r.seconds >= 0 for r in opt.report)
+
+
+def test_passes_can_be_chosen():
+    make, inputs = ZOO["seed_convnet"]
+    opt = optimize(make().eval(), (inputs(1),), passes=["fold_conv_bn"])
+    assert [r.name for r in opt.report] == ["fold_conv_bn"]
+    assert "graphopt" not in opt.code
+
+
+def test_optimized_module_is_deterministic():
+    make, inputs = ZOO["mobilenet_v2_blocks"]
+    model = randomize_bn(make()).eval()
+    assert optimize(model, (inputs(1),)).code == optimize(model, (inputs(1),)).code
+
+
+def test_dump_env_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHOPT_DUMP", str(tmp_path))
+    make, inputs = ZOO["seed_convnet"]
+    optimize(make().eval(), (inputs(1),))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "00_captured.py" in names and "report.md" in names
+    assert any(n.endswith("_fold_conv_bn.py") for n in names)
+    assert any(n.endswith("_fold_conv_bn.diff") for n in names)
+    assert any(n.endswith("_fold_conv_bn.dot") for n in names)
+    for py in tmp_path.glob("*.py"):
+        compile(py.read_text(), str(py), "exec")          # each dump is valid Python
+    fold = next(tmp_path.glob("*_fold_conv_bn.py")).read_text()
+    assert "rewrites: 2" in fold and "nodes:" in fold and "max error" in fold

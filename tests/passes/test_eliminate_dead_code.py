@@ -1,0 +1,51 @@
+import torch
+import torch.nn as nn
+
+from passes.eliminate_dead_code import eliminate_dead_code
+from tests.helpers import apply, traced
+
+
+class Dead(nn.Module):
+    def forward(self, x):
+        unused = torch.sigmoid(x) * 3  # noqa: F841  (dead: two nodes)
+        return x + 1
+
+
+def test_dead_nodes_are_erased_four_ways():
+    m, x = Dead().eval(), torch.randn(3, 4)
+    gm = traced(m, x)
+    assert apply(eliminate_dead_code, gm, x) == 2
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_function", "output"]
+    assert torch.equal(gm(x), m(x))
+    assert apply(eliminate_dead_code, gm, x) == 0
+
+
+def test_inplace_op_without_users_stays():
+    class M(nn.Module):
+        def forward(self, x):
+            y = x * 2
+            y.add_(1)  # its result is unused, but it writes y
+            torch.relu_(y)
+            return y
+
+    m, x = M().eval(), torch.randn(3, 4)
+    gm = traced(m, x)
+    assert apply(eliminate_dead_code, gm, x) == 0
+    assert torch.equal(gm(x), m(x))
+
+
+def test_inplace_module_without_users_stays():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            y = x * 2
+            self.act(y)
+            return y
+
+    m, x = M().eval(), torch.randn(3, 4)
+    gm = traced(m, x)
+    assert apply(eliminate_dead_code, gm, x) == 0
+    assert torch.equal(gm(x), m(x))
