@@ -16,10 +16,10 @@ import torch.nn as nn
 from compiler.backend import graphopt_backend
 from compiler.backend import register as _register_backend
 from compiler.capture import capture, normalize_inputs
-from compiler.codegen import OptimizedModule, input_specs, lower
+from compiler.codegen import OptimizedModule, finalize, input_specs
 from compiler.errors import CaptureError, GraphoptError, InputError, LoadError, PassError
-from compiler.pass_manager import PassManager, PassRecord
-from passes import DEFAULT_PIPELINE, PassContext
+from compiler.pass_manager import PassManager, PassRecord, run_pipeline
+from passes import DEFAULT_PIPELINE, LOWERING, PassContext
 
 BACKENDS = ("auto", "cpu", "triton", "reference")
 
@@ -54,10 +54,10 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
     gm = capture(model, inputs)
     ctx = PassContext(inputs, backend=backend, calibration=calibration)
     dump_dir = dump_dir or os.environ.get("GRAPHOPT_DUMP") or None
-    manager = PassManager(list(DEFAULT_PIPELINE if passes is None else passes), check=check,
-                          dump_dir=str(dump_dir) if dump_dir else None)
-    gm, report = manager.run(gm, ctx)
-    return OptimizedModule(lower(gm, backend), report, input_specs(inputs), backend)
+    portable, lowered, report = run_pipeline(gm, ctx, list(DEFAULT_PIPELINE if passes is None else passes),
+                                             LOWERING[backend], check=check,
+                                             dump_dir=str(dump_dir) if dump_dir else None)
+    return OptimizedModule(finalize(lowered), report, input_specs(inputs), backend, portable=finalize(portable))
 
 
 _register_backend()

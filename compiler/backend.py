@@ -17,9 +17,9 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from compiler.capture import propagate
-from compiler.codegen import lower
-from compiler.pass_manager import PassManager, clone
-from passes import DEFAULT_PIPELINE, PassContext
+from compiler.codegen import finalize
+from compiler.pass_manager import clone, run_pipeline
+from passes import DEFAULT_PIPELINE, LOWERING, PassContext
 
 log = logging.getLogger("graphopt")
 
@@ -64,8 +64,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list) -> Callable:
     propagate(gm, inputs)
     device = next((t.device.type for t in inputs if isinstance(t, torch.Tensor)), "cpu")
     ctx = PassContext(inputs, backend="cpu" if device == "cpu" else "reference")
-    gm, _ = PassManager(DEFAULT_PIPELINE).run(gm, ctx)
-    lower(gm, ctx.backend)
+    _, gm, _ = run_pipeline(gm, ctx, DEFAULT_PIPELINE, LOWERING[ctx.backend])
+    finalize(gm)
 
     def run(*args: Any) -> Any:
         return gm(*[args[i] for i in kept])

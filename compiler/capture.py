@@ -46,7 +46,10 @@ class _Tracer(fx.Tracer):
             self.stack.pop()
 
     def _filter_traceback_frames(self, summary: traceback.StackSummary) -> traceback.StackSummary:
-        return traceback.StackSummary.from_list([f for f in summary if not is_internal(f.filename)])
+        """The user's frames from the model's outermost forward on."""
+        start = next((i for i, f in enumerate(summary) if f.name == "forward" and not is_internal(f.filename)),
+                     len(summary))
+        return traceback.StackSummary.from_list([f for f in summary[start:] if not is_internal(f.filename)])
 
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)
@@ -76,7 +79,7 @@ def capture(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     copied = copy.deepcopy(model)
     with torch.no_grad():
         try:
-            eager = copied(*inputs)
+            eager = copied(*fresh(inputs))
         except Exception as e:
             raise CaptureError(f"{type(model).__name__} fails on the example inputs: {type(e).__name__}: {e}",
                                module=type(model).__name__, source=user_frame(e.__traceback__),
@@ -99,7 +102,8 @@ def capture(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
         raise CaptureError(
             f"the traced graph of {type(model).__name__} does not give the model's own results on the example inputs",
             module=type(model).__name__,
-            hint="symbolic tracing loses aliasing: `a = b; b += x` writes b in place in eager mode but not in the "
+            hint="either the model is not deterministic (random ops, a forward that changes module state), or "
+                 "symbolic tracing lost aliasing: `a = b; b += x` writes b in place in eager mode but not in the "
                  "trace. Write `b = b + x` (or b.add_(x)), or use torch.compile(model, backend='graphopt')")
     return gm
 
@@ -121,12 +125,18 @@ def _same_results(a: Any, b: Any) -> bool:
     return True
 
 
+def fresh(inputs: tuple) -> tuple:
+    """Copies of the example inputs for one run: a model that writes its inputs in place must not
+    change them for the next run (or for the user)."""
+    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs)
+
+
 def propagate(gm: fx.GraphModule, inputs: tuple) -> Any:
     """Run the graph once on real inputs, recording shape/dtype on each node; returns the outputs."""
     interp = _Recorder(gm)
     try:
         with torch.no_grad():
-            return interp.propagate(*inputs)
+            return interp.propagate(*fresh(inputs))
     except Exception as e:
         node = interp.current
         raise CaptureError(

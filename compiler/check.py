@@ -16,6 +16,8 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
+from compiler.capture import fresh
+
 
 def _flat(outputs: Any) -> tuple[list, Any]:
     return tree_flatten(outputs)
@@ -53,9 +55,9 @@ class Oracle:
     @classmethod
     def build(cls, gm: fx.GraphModule, inputs: tuple) -> "Oracle":
         with torch.no_grad():
-            eager, spec = _flat(gm(*inputs))
+            eager, spec = _flat(gm(*fresh(inputs)))
             try:
-                ref64, _ = _flat(copy.deepcopy(gm).double()(*[_double(i) for i in inputs]))
+                ref64, _ = _flat(copy.deepcopy(gm).double()(*[_double(i) for i in fresh(inputs)]))
             except Exception:  # an op without float64 support: fall back to eager as the reference
                 ref64 = None
         return cls(inputs, eager, spec, ref64)
@@ -109,7 +111,7 @@ class _Recording(fx.Interpreter):
 def record_values(gm: fx.GraphModule, inputs: tuple) -> dict[str, Any]:
     rec = _Recording(gm)
     with torch.no_grad():
-        rec.run(*inputs)
+        rec.run(*fresh(inputs))
     return rec.values
 
 

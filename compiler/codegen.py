@@ -1,8 +1,7 @@
 """GraphModule -> OptimizedModule: the runnable result of optimize().
 
-The optimized graph's forward is plain generated Python calling aten and ``graphopt::`` ops;
-``.code`` shows it. Backend lowering happens here: "cpu" keeps the ``graphopt::`` ops (which
-dispatch to kernels/cpu.py on CPU tensors), "reference" calls kernels/reference.py directly.
+The optimized graph's forward is plain generated Python calling aten, oneDNN and
+``graphopt::`` ops; ``.code`` shows it, ``.portable`` is the graph before backend lowering.
 """
 
 from __future__ import annotations
@@ -14,19 +13,15 @@ import torch.fx as fx
 import torch.nn as nn
 
 from compiler.errors import InputError
-from kernels.ops import OPS, REFERENCES
-
-_BY_OP = {op: name for name, op in OPS.items()}
 
 
-def lower(gm: fx.GraphModule, backend: str) -> fx.GraphModule:
-    if backend == "reference":
-        for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target in _BY_OP:
-                node.target = REFERENCES[_BY_OP[node.target]]
+def finalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop the submodules and tensors the final graph no longer reads, and regenerate its code."""
     gm.delete_all_unused_submodules()
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name in [b for b, _ in gm.named_buffers(recurse=False) if b not in used]:
+        delattr(gm, name)
+    for name in [a for a, v in vars(gm).items() if isinstance(v, torch.Tensor) and a not in used]:
         delattr(gm, name)
     gm.recompile()
     return gm
@@ -40,9 +35,12 @@ def input_specs(inputs: tuple) -> list[dict[str, Any] | None]:
 class OptimizedModule(nn.Module):
     """An nn.Module whose forward is the optimized graph."""
 
-    def __init__(self, gm: fx.GraphModule, report: list, specs: list, backend: str):
+    def __init__(self, gm: fx.GraphModule, report: list, specs: list, backend: str,
+                 portable: fx.GraphModule | None = None):
         super().__init__()
         self.graph_module = gm
+        # the pipeline's result before backend lowering (graphopt ops, plain weights): what is saved and exported
+        object.__setattr__(self, "portable", portable if portable is not None else gm)
         self.report = report
         self.input_specs = specs
         self.backend = backend

@@ -50,6 +50,7 @@ class Dumper:
         for old in self.root.glob("[0-9][0-9]_*"):
             old.unlink()
         self.index, self.previous = 0, ""
+        self.records: list = []  # every pipeline's records, for one report
 
     def _write(self, label: str, header: list[str], gm: fx.GraphModule) -> None:
         stem = self.root / f"{self.index:02d}_{label}"
@@ -79,6 +80,8 @@ class Dumper:
                                 f"nodes: {before} -> {after}", f"max error against the captured model: {err}"], gm)
 
     def report(self, records: list) -> None:
+        self.records += records
+        records = self.records
         rows = ["| pass | rewrites | ms | nodes before | nodes after | max error |", "|---|---:|---:|---:|---:|---:|"]
         for r in records:
             err = "" if r.max_error is None else f"{r.max_error:.3g}"

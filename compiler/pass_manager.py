@@ -14,10 +14,11 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
+import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
-from compiler.capture import propagate
+from compiler.capture import fresh, propagate
 from compiler.check import Oracle, first_divergence, same_bits
 from compiler.dump import Dumper
 from compiler.errors import GraphoptError, PassError, node_source
@@ -50,19 +51,30 @@ def count_nodes(gm: fx.GraphModule) -> int:
 
 
 class PassManager:
-    def __init__(self, passes: list[str], *, check: bool = True, dump_dir: str | None = None, max_iterations: int = 4):
+    def __init__(self, passes: list[str], *, check: bool = True, dump_dir: str | None = None,
+                 dumper: Dumper | None = None, max_iterations: int = 4):
         unknown = [p for p in passes if p not in REGISTRY]
         if unknown:
             raise GraphoptError(f"unknown pass(es): {', '.join(unknown)}",
                                 hint=f"available passes: {', '.join(sorted(REGISTRY))}")
         self.passes: list[PassInfo] = [REGISTRY[p] for p in passes]
-        self.check, self.dump_dir, self.max_iterations = check, dump_dir, max_iterations
+        self.check, self.max_iterations = check, max_iterations
+        self.dumper = dumper or (Dumper(dump_dir) if dump_dir else None)
+        self.oracle: Oracle | None = None
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, list[PassRecord]]:
-        oracle = Oracle.build(gm, ctx.example_inputs) if self.check else None
-        self._previous = oracle.eager if oracle else []  # outputs of the graph as it stands
-        dumper = Dumper(self.dump_dir) if self.dump_dir else None
-        if dumper:
+    def run(self, gm: fx.GraphModule, ctx: PassContext, oracle: Oracle | None = None
+            ) -> tuple[fx.GraphModule, list[PassRecord]]:
+        """Run the pipeline on ``gm`` (the captured graph, or an earlier pipeline's result with its oracle)."""
+        if self.check:
+            self.oracle = oracle or Oracle.build(gm, ctx.example_inputs)
+            # outputs of the graph as it stands, for the exact passes
+            if oracle is None:
+                self._previous = self.oracle.eager
+            else:
+                with torch.no_grad():
+                    self._previous = tree_flatten(gm(*fresh(ctx.example_inputs)))[0]
+        oracle, dumper = self.oracle, self.dumper
+        if dumper and dumper.index == 0:
             dumper.captured(gm)
         records = {p.name: PassRecord(p.name) for p in self.passes}
         history: list[str] = []
@@ -102,6 +114,7 @@ class PassManager:
             dumper.report(report)
         return gm, report
 
+
     def _verify(self, before: fx.GraphModule, after: fx.GraphModule, info: PassInfo, ctx: PassContext,
                 oracle: Oracle | None, history: list[str]) -> float | None:
         """Lint, recompile, rerun shape propagation and the oracle; raise PassError on any failure."""
@@ -135,3 +148,13 @@ class PassManager:
             raise fail(problem, node)
         self._previous = flat
         return oracle.max_error(flat)
+
+
+def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: list[str], lowering: list[str], *,
+                 check: bool = True, dump_dir: str | None = None) -> tuple[fx.GraphModule, fx.GraphModule, list]:
+    """The pipeline, then the backend's lowering on a copy: (portable graph, lowered graph, report)."""
+    manager = PassManager(passes, check=check, dump_dir=dump_dir)
+    portable, report = manager.run(gm, ctx)
+    lowering_manager = PassManager(lowering, check=check, dumper=manager.dumper)
+    lowered, lowering_report = lowering_manager.run(clone(portable), ctx, oracle=manager.oracle)
+    return portable, lowered, report + lowering_report

@@ -58,6 +58,9 @@ from passes import (  # noqa: E402, F401  (each module registers itself)
     fold_linear_bn,
     fuse_conv_act,
     fuse_linear_act,
+    lower_to_onednn,
+    lower_to_reference,
+    plan_layout,
     remove_noops,
 )
 
@@ -72,4 +75,11 @@ DEFAULT_PIPELINE = [
     "fuse_linear_act",
 ]
 
-__all__ = ["DEFAULT_PIPELINE", "REGISTRY", "PassContext", "PassInfo", "register"]
+# After the pipeline, the graph is lowered for the backend it will run on; the pipeline's own
+# result (graphopt ops, plain weights) stays the portable form that is saved and exported.
+LOWERING = {
+    "cpu": ["lower_to_onednn", "plan_layout"],
+    "reference": ["lower_to_reference"],
+}
+
+__all__ = ["DEFAULT_PIPELINE", "LOWERING", "REGISTRY", "PassContext", "PassInfo", "register"]

@@ -7,7 +7,7 @@ everything with these first and mutate only once a match is certain.
 from __future__ import annotations
 
 import operator
-from typing import Any, Iterator
+from typing import Any
 
 import networkx as nx
 import torch
@@ -24,14 +24,17 @@ def get_attr(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
-def add_constant(gm: fx.GraphModule, hint: str, value: torch.Tensor) -> str:
-    """Register ``value`` as a new buffer on ``gm`` under a fresh name and return that name."""
+def add_constant(gm: fx.GraphModule, hint: str, value: torch.Tensor, buffer: bool = True) -> str:
+    """Store ``value`` on ``gm`` under a fresh name and return that name.
+
+    A buffer (part of the state dict) by default; ``buffer=False`` for backend-specific tensors
+    (prepacked weights) that are rebuilt from the buffers, never saved."""
     base = "_" + "".join(c if c.isalnum() else "_" for c in hint).strip("_")
     name, i = base, 0
     while hasattr(gm, name):
         i += 1
         name = f"{base}_{i}"
-    gm.register_buffer(name, value.detach())
+    gm.register_buffer(name, value.detach(), persistent=buffer)
     return name
 
 
@@ -236,5 +239,6 @@ def _shape(node: fx.Node) -> str:
     return "x".join(map(str, meta.shape)) if meta is not None and hasattr(meta, "shape") else ""
 
 
-def nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
-    return iter(list(gm.graph.nodes))
+def calls(gm: fx.GraphModule, *targets: Any) -> list[fx.Node]:
+    """The call_function nodes of these targets, in graph order."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]

@@ -21,28 +21,27 @@ def test_torch_compile_backend_matches_eager(name):
             close(compiled(x), model(x))
 
 
-def test_backend_folds_and_fuses_the_functional_graph():
-    seen = {}
+def test_backend_folds_and_fuses_the_functional_graph(monkeypatch):
     from compiler import backend as backend_module
 
-    original = backend_module.PassManager.run
+    seen = {}
+    original = backend_module.run_pipeline
 
-    def spy(self, gm, ctx):
-        gm, report = original(self, gm, ctx)
-        seen["code"], seen["report"] = gm.code, {r.name: r.rewrites for r in report}
-        return gm, report
+    def spy(gm, ctx, passes, lowering, **kw):
+        portable, lowered, report = original(gm, ctx, passes, lowering, **kw)
+        seen["portable"], seen["lowered"] = portable.code, lowered.code
+        seen["report"] = {r.name: r.rewrites for r in report}
+        return portable, lowered, report
 
-    backend_module.PassManager.run = spy
-    try:
-        torch._dynamo.reset()
-        make, inputs = ZOO["resnet_blocks"]
-        model = randomize_bn(make()).eval()
-        with torch.no_grad():
-            torch.compile(model, backend="graphopt")(inputs(1))
-    finally:
-        backend_module.PassManager.run = original
+    monkeypatch.setattr(backend_module, "run_pipeline", spy)
+    torch._dynamo.reset()
+    make, inputs = ZOO["resnet_blocks"]
+    model = randomize_bn(make()).eval()
+    with torch.no_grad():
+        torch.compile(model, backend="graphopt")(inputs(1))
     assert seen["report"]["fold_conv_bn"] == 10 and seen["report"]["fuse_conv_act"] == 10
-    assert "batch_norm" not in seen["code"] and "graphopt.conv2d_act" in seen["code"]
+    assert "batch_norm" not in seen["portable"] and "graphopt.conv2d_act" in seen["portable"]
+    assert "mkldnn._convolution_pointwise" in seen["lowered"]
 
 
 def test_freeze_keeps_user_inputs_only():

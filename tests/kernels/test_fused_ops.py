@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels.ops  # noqa: F401  (registers torch.ops.graphopt)
 from kernels import cpu, reference
 from kernels.reference import ACTIVATIONS, apply_act, parse_act
 

@@ -1,0 +1,102 @@
+"""Lower the fused ops to oneDNN's fused primitives, with weights reordered once, now.
+
+    graphopt::conv2d_act(x, w, b, ..., act, r)  ->  mkldnn::_convolution_pointwise[.binary](x, [r,] W, b, ...)
+    graphopt::linear_act(x, w, b, act)          ->  mkldnn::_linear_pointwise(x, w, b, ...)   (large weights)
+                                                    aten::linear(x, w, b)                    (small: less overhead)
+
+W is the conv weight in the blocked layout oneDNN chose for the traced input shape (any
+batch size still runs). The activation becomes a oneDNN post-op where oneDNN's results equal
+eager's on NaN and inf too (kernels/cpu.py); relu, relu6, hardtanh run as an in-place op after
+the primitive instead. Only on float32 CPU tensors with constant weights; anything else keeps
+the custom op, which runs everywhere. Those convolutions write channels-last outputs, so views
+and 4-d outputs get a ``.contiguous()`` guard (passes/layout.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from kernels import cpu
+from kernels.ops import OPS
+from passes import PassContext, register
+from passes.graph import add_constant, calls, constant_value, copy_meta, tensor_meta
+from passes.layout import restore_default_layout
+
+CONV = torch.ops.mkldnn._convolution_pointwise.default
+CONV_ADD = torch.ops.mkldnn._convolution_pointwise.binary
+LINEAR = torch.ops.mkldnn._linear_pointwise.default
+SMALL_LINEAR = 1 << 15  # weights with fewer elements run faster through aten::linear (measured: bench/)
+
+
+def _lowerable(gm: fx.GraphModule, x: fx.Node, w: fx.Node, b: fx.Node | None) -> torch.Tensor | None:
+    """The weight tensor, if this call can run on oneDNN: float32 on the CPU, constant weight and bias."""
+    meta, weight = tensor_meta(x), constant_value(gm, w)
+    if meta is None or weight is None or meta.dtype != torch.float32 or weight.dtype != torch.float32:
+        return None
+    if weight.device.type != "cpu" or (b is not None and constant_value(gm, b) is None):
+        return None
+    return weight
+
+
+def _finish(gm: fx.GraphModule, node: fx.Node, new: fx.Node, act: str, in_postop: bool) -> None:
+    """Apply the activation after the primitive unless it ran as a post-op, then replace ``node``."""
+    out = new
+    if not in_postop and cpu.inplace_act(act) is not None:
+        fn, args, kwargs = cpu.inplace_act(act)
+        with gm.graph.inserting_after(new):
+            out = gm.graph.call_function(fn, (new, *args), kwargs)
+    copy_meta(new, node, [node])
+    copy_meta(out, node, [node])
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+
+
+def _erase_unused(gm: fx.GraphModule, *values) -> None:
+    for v in values:
+        if isinstance(v, fx.Node) and not v.users:
+            gm.graph.erase_node(v)
+
+
+@register("lower_to_onednn", kind="fp32")
+def lower_to_onednn(gm: fx.GraphModule, ctx: PassContext) -> int:
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    rewrites = 0
+    for node in calls(gm, OPS["conv2d_act"]):
+        x, w, b, stride, padding, dilation, groups, act, residual = node.args
+        weight = _lowerable(gm, x, w, b)
+        if weight is None or (residual is not None and tensor_meta(residual) is None):
+            continue
+        packed = cpu.pack_conv_weight(weight, padding, stride, dilation, groups, tensor_meta(x).shape)
+        # oneDNN's binary (residual) form takes no unary post-op but relu, which is not NaN-safe
+        postop = cpu.onednn_postop(act) if residual is None else None
+        with gm.graph.inserting_before(node):
+            wp = gm.graph.get_attr(add_constant(gm, f"{w.target}_onednn", packed, buffer=False))
+            if residual is None:
+                attr, scalars, algorithm = postop or ("none", [], "")
+                new = gm.graph.call_function(CONV, (x, wp, b, padding, stride, dilation, groups, attr, scalars,
+                                                    algorithm))
+            else:
+                new = gm.graph.call_function(CONV_ADD, (x, residual, wp, b, padding, stride, dilation, groups, "add",
+                                                        None, None, [], None))
+        _finish(gm, node, new, act, postop is not None)
+        _erase_unused(gm, w)
+        rewrites += 1
+    for node in calls(gm, OPS["linear_act"]):
+        x, w, b, act = node.args
+        weight = _lowerable(gm, x, w, b)
+        if weight is None:
+            continue
+        postop = cpu.onednn_postop(act) if weight.numel() >= SMALL_LINEAR else None
+        with gm.graph.inserting_before(node):
+            if postop is not None:
+                new = gm.graph.call_function(LINEAR, (x, w, b, *postop))
+            else:
+                new = gm.graph.call_function(F.linear, (x, w, b))
+        _finish(gm, node, new, act, postop is not None)
+        rewrites += 1
+    if rewrites:
+        restore_default_layout(gm)  # the convolutions now write channels-last outputs
+    return rewrites

@@ -1,0 +1,20 @@
+"""Lower the fused ops to their plain-aten references (kernels/reference.py): the portable
+backend, and the oracle's own arithmetic, for comparing any other backend against."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from kernels.ops import OPS, REFERENCES
+from passes import PassContext, register
+from passes.graph import calls
+
+
+@register("lower_to_reference", kind="fp32")
+def lower_to_reference(gm: fx.GraphModule, ctx: PassContext) -> int:
+    rewrites = 0
+    for name, op in OPS.items():
+        for node in calls(gm, op):
+            node.target = REFERENCES[name]
+            rewrites += 1
+    return rewrites

@@ -1,0 +1,84 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from passes.fuse_conv_act import fuse_conv_act
+from passes.fuse_linear_act import fuse_linear_act
+from passes.lower_to_onednn import CONV, CONV_ADD, LINEAR, lower_to_onednn
+from tests.helpers import apply, close, graphopt_calls, traced
+
+ACTS = [nn.Identity(), nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-1.0, 0.5), nn.SiLU(), nn.Sigmoid(), nn.Tanh(),
+        nn.Hardswish(), nn.GELU(), nn.GELU(approximate="tanh"), nn.LeakyReLU(0.2)]
+
+
+class ConvRes(nn.Module):
+    def __init__(self, act, residual):
+        super().__init__()
+        self.conv, self.act, self.residual = nn.Conv2d(6, 6, 3, padding=1, groups=2), act, residual
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.act(y + x if self.residual else y)
+
+
+def _fused(model, x):
+    gm = traced(model, x)
+    apply(fuse_conv_act, gm, x)
+    apply(fuse_linear_act, gm, x)
+    return gm
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: repr(a))
+@pytest.mark.parametrize("residual", [False, True])
+def test_conv_lowering_four_ways(act, residual):
+    m, x = ConvRes(act, residual).eval(), torch.randn(2, 6, 7, 9)
+    x[0, 0, 1, 1] = float("nan")
+    if not isinstance(act, nn.GELU):  # eager's own GELU of +-inf depends on the layout (README: guarantees)
+        x[1, 2, 3, 3], x[0, 3, 0, 0] = float("inf"), -float("inf")
+    gm = _fused(m, x)
+    assert apply(lower_to_onednn, gm, x) == 1
+    assert not graphopt_calls(gm, "conv2d_act")
+    assert (CONV_ADD if residual else CONV) in _targets(gm)
+    with torch.no_grad():
+        close(gm(x), m(x), equal_nan=True)                       # NaN and inf where eager has them
+        close(gm(x[:1]), m(x[:1]), equal_nan=True)               # another batch size
+    assert apply(lower_to_onednn, gm, x) == 0
+
+
+@pytest.mark.parametrize("features", [(12, 7), (512, 256)])
+@pytest.mark.parametrize("act", [nn.Identity(), nn.ReLU(), nn.GELU(), nn.SiLU()], ids=repr)
+def test_linear_lowering(features, act):
+    m = nn.Sequential(nn.Linear(*features), act).eval()
+    x = torch.randn(3, features[0])
+    x[0, 0] = float("nan")
+    gm = _fused(m, x)
+    assert apply(lower_to_onednn, gm, x) == 1
+    assert not graphopt_calls(gm, "linear_act")
+    big = features[0] * features[1] >= 1 << 15
+    assert (LINEAR in _targets(gm)) == (big and not isinstance(act, nn.ReLU))
+    with torch.no_grad():
+        close(gm(x), m(x), equal_nan=True)
+
+
+def test_float64_graph_keeps_the_portable_op():
+    m = ConvRes(nn.ReLU(), False).double().eval()
+    x = torch.randn(1, 6, 5, 5, dtype=torch.float64)
+    gm = _fused(m, x)
+    assert apply(lower_to_onednn, gm, x) == 0
+    assert graphopt_calls(gm, "conv2d_act")
+
+
+def test_weights_given_at_run_time_keep_the_portable_op():
+    class M(nn.Module):
+        def forward(self, x, w):
+            return torch.relu(torch.conv2d(x, w, None, 1, 1))
+
+    m, x, w = M().eval(), torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    gm = traced(m, x, w)
+    apply(fuse_conv_act, gm, x, w)
+    assert apply(lower_to_onednn, gm, x, w) == 0
+    close(gm(x, w), m(x, w))
