@@ -13,11 +13,13 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from compiler.artifact import load
 from compiler.backend import graphopt_backend
 from compiler.backend import register as _register_backend
 from compiler.capture import capture, normalize_inputs
 from compiler.codegen import OptimizedModule, finalize, input_specs
 from compiler.errors import CaptureError, GraphoptError, InputError, LoadError, PassError
+from compiler.onnx import export_onnx
 from compiler.pass_manager import PassManager, PassRecord, run_pipeline
 from passes import DEFAULT_PIPELINE, LOWERING, PassContext
 
@@ -64,5 +66,6 @@ _register_backend()
 
 __all__ = [
     "BACKENDS", "CaptureError", "GraphoptError", "InputError", "LoadError", "OptimizedModule", "PassContext",
-    "PassError", "PassManager", "PassRecord", "capture", "graphopt_backend", "optimize",
+    "PassError", "PassManager", "PassRecord", "capture", "export_onnx", "graphopt_backend", "load",
+    "optimize",
 ]

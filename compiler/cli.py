@@ -1,4 +1,4 @@
-"""The ``graphopt`` command: optimize, demo."""
+"""The ``graphopt`` command: optimize, export, run, bench, demo."""
 
 from __future__ import annotations
 
@@ -57,9 +57,72 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     print_report(opt.report)
     if args.dump_dir:
         print(f"dumps written to {args.dump_dir}")
+    if args.out:
+        print(f"saved to {opt.save(args.out)} (load with compiler.load; no pickle)")
     if args.print_code:
         print(opt.code)
     return 0
+
+
+def _load_any(source: str, shapes: list[str] | None):
+    """A saved folder (compiler.load) or path/to/file.py:ClassName, with example inputs."""
+    from compiler import load
+
+    if Path(source).is_dir():
+        module = load(source)
+        specs = module.input_specs
+        shapes = shapes or [",".join(map(str, s["shape"])) for s in specs]
+        return module, tuple(torch.randn(*_shape(s)) for s in shapes)
+    if not shapes:
+        raise SystemExit("graphopt: --input-shape is needed for a model file")
+    return _load_class(source)().eval(), tuple(torch.randn(*_shape(s)) for s in shapes)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from compiler import GraphoptError, export_onnx
+
+    try:
+        module, inputs = _load_any(args.source, args.input_shape)
+        result = export_onnx(module, inputs, args.onnx, simplify=not args.no_simplify)
+    except GraphoptError as e:
+        print(f"graphopt: {e}", file=sys.stderr)
+        return 1
+    before, after = sum(result["ops_before"].values()), sum(result["ops_after"].values())
+    print(f"wrote {args.onnx}: {before} ONNX ops, {after} after onnx-simplifier; checked in ONNX Runtime "
+          f"(max abs error {result['max_abs_error']:.3g})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import statistics
+    import time
+
+    from compiler import GraphoptError
+
+    try:
+        module, inputs = _load_any(args.source, args.input_shape)
+    except GraphoptError as e:
+        print(f"graphopt: {e}", file=sys.stderr)
+        return 1
+    times = []
+    with torch.no_grad():
+        for i in range(args.repeat + 3):
+            start = time.perf_counter()
+            out = module(*inputs)
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    print(f"output {shape}; median latency {statistics.median(times) * 1e3:.3f} ms over {args.repeat} runs")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    script = Path(__file__).resolve().parents[1] / "bench" / f"{args.suite}.py"
+    if not script.exists():
+        raise SystemExit(f"graphopt: {script} not found; run from a clone of the repository")
+    import subprocess
+
+    return subprocess.run([sys.executable, str(script), *args.rest]).returncode
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -80,7 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", help="comma-separated pass names (default: the default pipeline)")
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "triton", "reference"])
     p.add_argument("--print-code", action="store_true", help="print the generated forward")
+    p.add_argument("--out", help="save the optimized module to this folder (no pickle)")
     p.set_defaults(fn=cmd_optimize)
+
+    p = sub.add_parser("export", help="export a saved folder or a model file to ONNX, checked in ONNX Runtime")
+    p.add_argument("source", help="a folder written by save / --out, or path/to/file.py:ClassName")
+    p.add_argument("--onnx", required=True, help="the .onnx file to write")
+    p.add_argument("--input-shape", action="append", help="needed for a model file")
+    p.add_argument("--no-simplify", action="store_true", help="skip onnx-simplifier")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("run", help="load a saved module (or a model file), run it and print its latency")
+    p.add_argument("source")
+    p.add_argument("--input-shape", action="append", help="default: the shapes it was optimized for")
+    p.add_argument("--repeat", type=int, default=20)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("bench", help="run a benchmark suite from bench/ (models)")
+    p.add_argument("suite", choices=["models"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the suite, e.g. --quick")
+    p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("demo", help="train the seed ConvNet on digits, optimize it, compare")
     p.add_argument("--out", default="demo-out", help="folder for demo.json and the dumps")

@@ -6,6 +6,7 @@ The optimized graph's forward is plain generated Python calling aten, oneDNN and
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ class OptimizedModule(nn.Module):
         self.report = report
         self.input_specs = specs
         self.backend = backend
+        self._forward = gm.forward
         self._checks = [(i, len(s["shape"]), getattr(torch, s["dtype"]), s["device"])
                         for i, s in enumerate(specs) if s is not None]
         self.eval()
@@ -51,6 +53,12 @@ class OptimizedModule(nn.Module):
     @property
     def code(self) -> str:
         return self.graph_module.code
+
+    def save(self, path: str | Path) -> Path:
+        """Write the module to a folder: graph.json, weights.safetensors, code.py, manifest.json (no pickle)."""
+        from compiler.artifact import save
+
+        return save(self.portable, path, backend=self.backend, input_specs=self.input_specs, report=self.report)
 
     def forward(self, *args: Any) -> Any:
         if len(args) != len(self.input_specs):
@@ -64,4 +72,4 @@ class OptimizedModule(nn.Module):
                                  f"{self.input_specs[i]['shape']}), got {got}",
                                  hint="the batch size may change; rank, dtype and device may not. "
                                       "optimize() again for other inputs")
-        return self.graph_module(*args)
+        return self._forward(*args)  # the generated code itself: no module-call machinery per call

@@ -50,3 +50,26 @@ def test_console_script_runs_the_quick_demo(tmp_path):
     fp32, opt = result["stages"]
     assert opt["accuracy"] == pytest.approx(fp32["accuracy"], abs=1e-9)   # same answers
     assert 0.0 <= fp32["accuracy"] <= 1.0 and fp32["latency_ms"] > 0 and fp32["params"] > 1_000_000
+
+
+def test_optimize_out_then_run_then_export(tmp_path, capsys):
+    path = tmp_path / "tiny.py"
+    path.write_text(MODEL)
+    saved = tmp_path / "saved"
+    assert main(["optimize", f"{path}:Tiny", "--input-shape", "2,3,12,12", "--out", str(saved)]) == 0
+    assert (saved / "manifest.json").exists()
+    assert main(["run", str(saved), "--repeat", "3"]) == 0
+    assert "median latency" in capsys.readouterr().out
+    pytest.importorskip("onnxsim")
+    assert main(["export", str(saved), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert "checked in ONNX Runtime" in capsys.readouterr().out
+    assert (tmp_path / "m.onnx").exists()
+
+
+def test_bench_models_quick(tmp_path, capsys):
+    assert main(["bench", "models", "--quick", "--models", "convnet_b1", "--engines", "eager,graphopt",
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads(next(tmp_path.glob("models-*.json")).read_text())
+    (row,) = result["results"]
+    assert set(row["median_ms"]) == {"eager", "graphopt"}
+    assert row["max_abs_diff_vs_eager"]["graphopt"] < 1e-3

@@ -1,0 +1,159 @@
+"""End-to-end fp32 latency of graphopt against the peers, on the CPU.
+
+    python bench/models.py [--quick] [--models a,b] [--engines eager,graphopt,...]
+    graphopt bench models ...          (the same)
+
+For each model, every engine runs in one process (a fresh one per model, so that one model's
+compiler threads and caches do not slow the next); the engines take turns in interleaved rounds
+(each round runs each engine ``per_round`` times), so drift in the machine's speed hits all of
+them alike. The
+table gives median latency per engine, graphopt / fastest peer, graphopt's optimize time and
+each engine's max abs difference from eager. Results: a Markdown table (printed),
+bench/results/models-<date>.json and bench/results/models-<date>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.engines import ENGINES  # noqa: E402
+from bench.machine import cpu_features  # noqa: E402
+from bench.zoo import MODELS, randomize_bn  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _max_diff(a, b) -> float:
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    return float((a.double() - b.double()).abs().max())
+
+
+@torch.no_grad()
+def bench_model(name: str, engines: list[str], rounds: int, per_round: int) -> dict:
+    make, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = randomize_bn(make()).eval()
+    x = torch.randn(shape)
+    reference = model(x)
+    built, build_s, errors, skipped = {}, {}, {}, {}
+    for engine in engines:
+        try:
+            built[engine], build_s[engine] = ENGINES[engine](model, x)
+            errors[engine] = _max_diff(built[engine](x), reference)
+        except Exception as e:  # a peer that cannot run this model here: reported, not faked
+            skipped[engine] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            built.pop(engine, None)
+    times: dict[str, list[float]] = {e: [] for e in built}
+    for fn in built.values():
+        for _ in range(3):
+            fn(x)
+    for _ in range(rounds):
+        for engine, fn in built.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn(x)
+                times[engine].append(time.perf_counter() - start)
+    median_ms = {e: statistics.median(t) * 1e3 for e, t in times.items()}
+    peers = {e: v for e, v in median_ms.items() if e not in ("graphopt", "eager")}
+    fastest = min(peers, key=peers.get) if peers else None
+    return {
+        "model": name, "input_shape": list(shape), "median_ms": median_ms, "build_s": build_s,
+        "max_abs_diff_vs_eager": errors, "skipped": skipped, "fastest_peer": fastest,
+        "graphopt_vs_fastest_peer": (median_ms["graphopt"] / peers[fastest]) if fastest and "graphopt" in median_ms
+        else None,
+        "graphopt_vs_eager": median_ms["graphopt"] / median_ms["eager"] if {"graphopt", "eager"} <= set(median_ms)
+        else None,
+    }
+
+
+def markdown(results: list[dict], engines: list[str]) -> str:
+    head = ["model"] + [f"{e} ms" for e in engines] + ["graphopt / fastest peer", "graphopt / eager",
+                                                         "graphopt optimize s"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [r["model"]] + [f"{r['median_ms'][e]:.3f}" if e in r["median_ms"] else "n/a" for e in engines]
+        ratio = r["graphopt_vs_fastest_peer"]
+        cells.append(f"{ratio:.2f} ({r['fastest_peer']})" if ratio else "n/a")
+        cells.append(f"{r['graphopt_vs_eager']:.2f}" if r["graphopt_vs_eager"] else "n/a")
+        cells.append(f"{r['build_s'].get('graphopt', float('nan')):.2f}")
+        rows.append("| " + " | ".join(cells) + " |")
+    ratios = [r["graphopt_vs_fastest_peer"] for r in results if r["graphopt_vs_fastest_peer"]]
+    if ratios:
+        geo = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
+        rows.append(f"\ngeomean graphopt / fastest peer: {geo:.2f}")
+    return "\n".join(rows)
+
+
+def plot(results: list[dict], engines: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(engines)
+    for i, engine in enumerate(engines):
+        values = [r["median_ms"].get(engine, float("nan")) / r["median_ms"]["eager"] for r in results]
+        ax.bar([j + i * width for j in range(len(results))], values, width, label=engine)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))], [r["model"] for r in results], rotation=15)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_ylabel("latency / eager (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--per-round", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="two rounds of two calls")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: bench one model, write its JSON here
+    args = p.parse_args(argv)
+    models, engines = args.models.split(","), args.engines.split(",")
+    rounds, per_round = (2, 2) if args.quick else (args.rounds, args.per_round)
+    if args.one:
+        Path(args.one).write_text(json.dumps(bench_model(models[0], engines, rounds, per_round)))
+        return 0
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            one = Path(tmp) / f"{name}.json"
+            subprocess.run([sys.executable, __file__, "--models", name, "--engines", args.engines, "--rounds",
+                            str(rounds), "--per-round", str(per_round), "--one", str(one)], check=True)
+            results.append(json.loads(one.read_text()))
+            print(f"{name}: " + ", ".join(f"{e} {v:.3f} ms" for e, v in results[-1]["median_ms"].items())
+                  + "".join(f"; {e} skipped ({why})" for e, why in results[-1]["skipped"].items()), flush=True)
+    table = markdown(results, engines)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.date.today().isoformat()
+    payload = {"machine": cpu_features(), "rounds": rounds, "per_round": per_round, "results": results,
+               "table": table}
+    (out / f"models-{stamp}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    try:
+        plot(results, engines, out / f"models-{stamp}.png")
+    except ImportError:
+        print("matplotlib not installed: no chart")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
