@@ -114,7 +114,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        # copies in torch's own (aligned) memory: kernels pick their code path, and so the summation order,
+        # by alignment, and a reloaded module must give the same bits as the one that was saved
+        return {k: v.clone() for k, v in load_file(str(path)).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LoadError(f"{path.name} is not a safetensors file: {e}", hint="the artifact is damaged or was altered"
                         ) from e

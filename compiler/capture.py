@@ -109,9 +109,9 @@ def capture(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
 
 
 def _same_results(a: Any, b: Any) -> bool:
-    fa, sa = tree_flatten(a)
-    fb, sb = tree_flatten(b)
-    if sa != sb:
+    fa, _ = tree_flatten(a)  # (fx returns its own immutable list / dict types: compare the leaves)
+    fb, _ = tree_flatten(b)
+    if len(fa) != len(fb):
         return False
     for x, y in zip(fa, fb):
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):

@@ -1,4 +1,4 @@
-"""The ``graphopt`` command: optimize, export, run, bench, demo."""
+"""The ``graphopt`` command: optimize, export, run, bench, fuzz, demo."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(f"graphopt: {e}", file=sys.stderr)
         return 1
     print_report(opt.report)
+    print("runs: " + ", ".join(f"{op} x{n}" for op, n in sorted(opt.op_counts.items())))
     if args.dump_dir:
         print(f"dumps written to {args.dump_dir}")
     if args.out:
@@ -125,6 +126,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.run([sys.executable, str(script), *args.rest]).returncode
 
 
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    script = Path(__file__).resolve().parents[1] / "tests" / "fuzz" / "runner.py"
+    if not script.exists():
+        raise SystemExit(f"graphopt: {script} not found; run from a clone of the repository")
+    import subprocess
+
+    return subprocess.run([sys.executable, str(script), "--cases", str(args.cases), "--seed", str(args.seed)]
+                          ).returncode
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from compiler.demo import run_demo
 
@@ -163,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite", choices=["models"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the suite, e.g. --quick")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("fuzz", help="differential fuzzing: random programs against eager; failures saved as JSON")
+    p.add_argument("--cases", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_fuzz)
 
     p = sub.add_parser("demo", help="train the seed ConvNet on digits, optimize it, compare")
     p.add_argument("--out", default="demo-out", help="folder for demo.json and the dumps")

@@ -54,6 +54,16 @@ class OptimizedModule(nn.Module):
     def code(self) -> str:
         return self.graph_module.code
 
+    @property
+    def op_counts(self) -> dict[str, int]:
+        """What the final graph calls, by op: fused kernels and everything left as it was."""
+        from collections import Counter
+
+        from passes.graph import describe_target
+
+        return dict(Counter(describe_target(n) for n in self.graph_module.graph.nodes
+                            if n.op in ("call_function", "call_method", "call_module")))
+
     def save(self, path: str | Path) -> Path:
         """Write the module to a folder: graph.json, weights.safetensors, code.py, manifest.json (no pickle)."""
         from compiler.artifact import save

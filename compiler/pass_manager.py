@@ -23,6 +23,7 @@ from compiler.check import Oracle, first_divergence, same_bits
 from compiler.dump import Dumper
 from compiler.errors import GraphoptError, PassError, node_source
 from passes import REGISTRY, PassContext, PassInfo
+from passes.graph import is_impure
 
 log = logging.getLogger("graphopt")
 
@@ -43,6 +44,11 @@ class PassRecord:
 def clone(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule over a copy of the graph; modules and tensors are shared, not copied."""
     return fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
+
+
+def _dead(gm: fx.GraphModule) -> set[str]:
+    """Names of nodes nobody reads that could be erased (in-place and other impure ops excepted)."""
+    return {n.name for n in gm.graph.nodes if not n.users and not is_impure(gm, n)}
 
 
 def count_nodes(gm: fx.GraphModule) -> int:
@@ -133,7 +139,11 @@ class PassManager:
             after.recompile()
             outputs = propagate(after, ctx.example_inputs)
         except Exception as e:
-            raise fail(f"produced a graph that does not run: {type(e).__name__}: {e}", cause=e) from e
+            problem = e.message if isinstance(e, GraphoptError) else f"{type(e).__name__}: {e}"
+            raise fail(f"produced a graph that does not run: {problem}", cause=e) from e
+        dead_before, dead_after = _dead(before), _dead(after)
+        if len(dead_after) > len(dead_before):  # (a rewritten dead node may come back under a new name)
+            raise fail(f"left unused nodes behind: {', '.join(sorted(dead_after - dead_before))}")
         if oracle is None:
             return None
         flat, spec = tree_flatten(outputs)

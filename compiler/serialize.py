@@ -140,10 +140,26 @@ class _InlineTracer(fx.Tracer):
         return False
 
 
+def _batch_norm(gm: fx.GraphModule, node: fx.Node, module: torch.nn.Module) -> fx.Node:
+    """An inference BatchNorm as F.batch_norm (its forward checks input.dim(), which does not trace)."""
+    def attr(name: str):
+        return gm.graph.get_attr(f"{node.target}.{name}") if getattr(module, name) is not None else None
+
+    args = (node.args[0], attr("running_mean"), attr("running_var"), attr("weight"), attr("bias"), False, 0.0,
+            module.eps)
+    return gm.graph.call_function(torch.nn.functional.batch_norm, args)
+
+
 def inline_modules(gm: fx.GraphModule) -> fx.GraphModule:
     """Replace each call_module by the functional graph of that module's forward."""
     for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
         module = gm.get_submodule(node.target)
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not module.training \
+                and module.running_mean is not None:
+            with gm.graph.inserting_before(node):
+                node.replace_all_uses_with(_batch_norm(gm, node, module))
+            gm.graph.erase_node(node)
+            continue
         try:
             sub = _InlineTracer().trace(module)
         except Exception as e:

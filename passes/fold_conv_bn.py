@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from passes import PassContext, register
-from passes.graph import add_constant, call_sites, copy_meta, shares_tensor
+from passes.graph import add_constant, call_sites, copy_meta, erase_chain, shares_tensor
 from passes.patterns import match_batch_norm, match_conv
 
 _CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
@@ -33,8 +33,7 @@ def fold_into(gm: fx.GraphModule, layer, bn, weight: torch.Tensor, bias: torch.T
         folded = make_call(gm.graph.get_attr(w_name), gm.graph.get_attr(b_name))
     copy_meta(folded, bn.node, [layer.node, bn.node])
     bn.node.replace_all_uses_with(folded)
-    gm.graph.erase_node(bn.node)
-    gm.graph.erase_node(layer.node)
+    erase_chain(gm, [layer.node, bn.node])
 
 
 def is_shared(gm: fx.GraphModule, layer) -> bool:

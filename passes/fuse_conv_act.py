@@ -28,6 +28,8 @@ def fuse_conv_act(gm: fx.GraphModule, ctx: PassContext) -> int:
         if not y_meta.dtype.is_floating_point or y_meta.dtype != x_meta.dtype:
             continue
         ep = match_epilogue(gm, node, allow_residual=True)
+        if not ep.last.users:
+            continue  # dead work: eliminate_dead_code's, not ours to rewrite
         if not inputs_stable(gm, ep, [conv.input, conv.weight, conv.bias, ep.residual]):
             continue
         with gm.graph.inserting_before(ep.last):

@@ -28,6 +28,8 @@ def fuse_linear_act(gm: fx.GraphModule, ctx: PassContext) -> int:
         if y_meta.dtype != x_meta.dtype or len(x_meta.shape) == 0:
             continue
         ep = match_epilogue(gm, node, allow_residual=False)
+        if not ep.last.users:
+            continue  # dead work: eliminate_dead_code's, not ours to rewrite
         if not inputs_stable(gm, ep, [linear.input, linear.weight, linear.bias]):
             continue
         with gm.graph.inserting_before(ep.last):

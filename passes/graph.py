@@ -78,7 +78,11 @@ _RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like"
 _VIEWS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "squeeze", "unsqueeze",
           "expand", "expand_as", "narrow", "select", "detach", "contiguous", "as_strided", "chunk", "split",
           "unbind", "view_as", "reshape_as", "movedim", "swapaxes", "diagonal", "unfold", "real", "imag",
-          "getitem", "T", "mT", "to", "type_as", "float", "squeeze_", "unsqueeze_"}
+          "getitem", "T", "mT", "to", "type_as", "float", "squeeze_", "unsqueeze_",
+          # these return their input itself when they do nothing (eval dropout, identity)
+          "dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d", "identity"}
+_ALIAS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                  nn.FeatureAlphaDropout, nn.Flatten, nn.Unflatten)
 
 
 def _name(node: fx.Node) -> str:
@@ -128,6 +132,7 @@ def _is_view(node: fx.Node) -> bool:
 
 def alias_roots(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
     """Map each node to a representative of the set of nodes that may share its storage."""
+    gm = graph.owning_module
     parent: dict[fx.Node, fx.Node] = {}
 
     def find(n: fx.Node) -> fx.Node:
@@ -139,7 +144,8 @@ def alias_roots(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
         parent.setdefault(node, node)
         base = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         # views share storage with their base; in-place ops return their (mutated) input
-        if base is not None and (_is_view(node) or _returns_self(node)):
+        module_alias = node.op == "call_module" and gm is not None and isinstance(module_of(gm, node), _ALIAS_MODULES)
+        if base is not None and (_is_view(node) or _returns_self(node) or module_alias):
             parent[find(node)] = find(base)
     return {n: find(n) for n in graph.nodes}
 
@@ -201,10 +207,15 @@ def shares_tensor(gm: fx.GraphModule, tensor: torch.Tensor, owner: str) -> bool:
 
 
 def erase_chain(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
-    """Erase matched nodes last-first, once the match's output has been redirected."""
+    """Erase matched nodes last-first, once the match's output has been redirected, and the weight
+    reads (get_attr) that only they used."""
     for node in reversed(nodes):
         if not node.users:
+            inputs = node.all_input_nodes
             gm.graph.erase_node(node)
+            for inp in inputs:
+                if inp.op == "get_attr" and not inp.users:
+                    gm.graph.erase_node(inp)
 
 
 def copy_meta(new: fx.Node, old: fx.Node, replaced: list[fx.Node]) -> None:

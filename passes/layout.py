@@ -12,7 +12,27 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from passes.graph import tensor_meta
+from passes.graph import alias_roots, is_inplace, tensor_meta
+
+# ops that copy or alias depending on the input's strides: a layout change can flip which
+_MAYBE_COPY = {"contiguous", "reshape", "flatten", "view", "view_as", "reshape_as", "to", "type_as", "float",
+               "unflatten"}
+
+
+def layout_changes_aliasing(gm: fx.GraphModule) -> bool:
+    """Is some value written in place after a copy-or-alias op on it? Then changing layouts (or adding
+    ``.contiguous()`` guards) could change which tensors share memory, and with it the results:
+    ``y = x.contiguous(); y.add_(1)`` writes x only when x was contiguous already."""
+    roots = alias_roots(gm.graph)
+    first_copy: dict[fx.Node, int] = {}
+    for i, node in enumerate(gm.graph.nodes):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if node.op in ("call_method", "call_function") and name in _MAYBE_COPY:
+            first_copy.setdefault(roots[node], i)
+        if is_inplace(gm, node) and node.args and isinstance(node.args[0], fx.Node):
+            if first_copy.get(roots[node.args[0]], i) < i:
+                return True
+    return False
 
 
 def is_conversion(node: fx.Node, fmt: torch.memory_format) -> bool:
@@ -26,8 +46,12 @@ def is_4d_float(node: fx.Node) -> bool:
 
 
 def convert(gm: fx.GraphModule, value: fx.Node, fmt: torch.memory_format, users: list[fx.Node]) -> fx.Node:
-    """Insert ``value.contiguous(memory_format=fmt)`` right after ``value``, read by ``users`` instead."""
-    with gm.graph.inserting_after(value):
+    """Insert ``value.contiguous(memory_format=fmt)``, read by ``users`` instead of ``value``.
+
+    It goes right before the first of those users, not after ``value``: a copy made earlier
+    would miss the in-place writes to ``value`` in between."""
+    first = next(n for n in gm.graph.nodes if n in users)
+    with gm.graph.inserting_before(first):
         kwargs = {"memory_format": fmt} if fmt != torch.contiguous_format else {}
         node = gm.graph.call_method("contiguous", (value,), kwargs)
     node.meta.update({k: v for k, v in value.meta.items() if k in ("stack_trace", "module")})

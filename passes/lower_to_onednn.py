@@ -22,7 +22,7 @@ from kernels import cpu
 from kernels.ops import OPS
 from passes import PassContext, register
 from passes.graph import add_constant, calls, constant_value, copy_meta, tensor_meta
-from passes.layout import restore_default_layout
+from passes.layout import layout_changes_aliasing, restore_default_layout
 
 CONV = torch.ops.mkldnn._convolution_pointwise.default
 CONV_ADD = torch.ops.mkldnn._convolution_pointwise.binary
@@ -61,8 +61,8 @@ def _erase_unused(gm: fx.GraphModule, *values) -> None:
 
 @register("lower_to_onednn", kind="fp32")
 def lower_to_onednn(gm: fx.GraphModule, ctx: PassContext) -> int:
-    if not torch.backends.mkldnn.is_available():
-        return 0
+    if not torch.backends.mkldnn.is_available() or layout_changes_aliasing(gm):
+        return 0  # (oneDNN writes channels-last: see passes/layout.py)
     rewrites = 0
     for node in calls(gm, OPS["conv2d_act"]):
         x, w, b, stride, padding, dilation, groups, act, residual = node.args

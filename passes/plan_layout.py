@@ -6,7 +6,9 @@ convolution puts the whole graph in NHWC, and nothing converts between two convo
 Back to the default layout only where needed: before views and on 4-d outputs, which the
 oneDNN lowering already guards (passes/layout.py).
 
-An input that some in-place op writes keeps its layout: converting it would write a copy.
+An input that some in-place op writes keeps its layout: converting it would write a copy. A graph
+that writes in place after a copy-or-alias op (``.contiguous()``, ``.reshape()``) keeps all its
+layouts: whether those copy depends on the layout.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.fx as fx
 
 from passes import PassContext, register
 from passes.graph import alias_roots, mutated_roots
-from passes.layout import convert, is_4d_float, is_conversion
+from passes.layout import convert, is_4d_float, is_conversion, layout_changes_aliasing
 from passes.lower_to_onednn import CONV, CONV_ADD
 
 
@@ -35,6 +37,8 @@ def _reaches_conv(node: fx.Node) -> bool:
 
 @register("plan_layout", kind="fp32")
 def plan_layout(gm: fx.GraphModule, ctx: PassContext) -> int:
+    if layout_changes_aliasing(gm):
+        return 0
     roots, written = alias_roots(gm.graph), mutated_roots(gm)
     rewrites = 0
     for node in [n for n in gm.graph.nodes if n.op == "placeholder"]:

@@ -133,3 +133,78 @@ def test_nan_and_inf_propagate_like_eager():
     opt = optimize(m, (x,))
     with torch.no_grad():
         torch.testing.assert_close(opt(x), m(x), equal_nan=True)
+
+
+def test_nested_outputs_keep_their_structure():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = F.relu(self.conv(x))
+            return {"features": y, "pooled": (y.mean((2, 3)), [y.amax((2, 3))])}
+
+    m, x = M().eval(), torch.randn(2, 3, 6, 6)
+    opt = optimize(m, (x,))
+    got, want = opt(x), m(x)
+    assert set(got) == {"features", "pooled"} and isinstance(got["pooled"][1], list)
+    close(got["features"], want["features"])
+    close(got["pooled"][1][0], want["pooled"][1][0])
+
+
+def test_parameter_shared_between_two_layers():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+            self.b.weight = self.a.weight
+            self.bn = nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.bn(self.a(x))))
+
+    m = M().eval()
+    m.bn.running_mean.uniform_(-1, 1)
+    x = torch.randn(4, 6)
+    opt = optimize(m, (x,))
+    close(opt(x), m(x))
+    assert torch.equal(m.a.weight, m.b.weight) and m.a.weight is m.b.weight   # still tied, untouched
+
+
+def test_unsupported_ops_are_left_as_they_are_and_reported():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            spectrum = torch.fft.rfft2(F.relu(self.conv(x)))
+            return spectrum.abs().cumsum(-1).flip(1)
+
+    m, x = M().eval(), torch.randn(1, 2, 6, 6)
+    opt = optimize(m, (x,))
+    close(opt(x), m(x))
+    counts = opt.op_counts
+    assert any("rfft2" in op for op in counts) and any("cumsum" in op for op in counts)
+
+
+def test_wrong_device_is_a_clear_error():
+    opt = optimize(nn.Linear(3, 3).eval(), (torch.randn(2, 3),))
+    with pytest.raises(InputError, match="on cpu"):
+        opt(torch.randn(2, 3, device="meta"))
+
+
+def test_a_pass_that_leaves_dead_nodes_is_caught():
+    @register("_test_leave_dead", kind="exact")
+    def leave_dead(gm, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(out):
+            gm.graph.call_function(torch.sigmoid, (out.args[0],))
+        return 1
+
+    try:
+        with pytest.raises(PassError, match="left unused nodes behind"):
+            optimize(nn.Linear(2, 2).eval(), (torch.randn(1, 2),), passes=["_test_leave_dead"])
+    finally:
+        del REGISTRY["_test_leave_dead"]

@@ -49,3 +49,20 @@ def test_inplace_module_without_users_stays():
     gm = traced(m, x)
     assert apply(eliminate_dead_code, gm, x) == 0
     assert torch.equal(gm(x), m(x))
+
+
+def test_unobserved_inplace_write_goes_with_its_value():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            self.conv(x).tanh_()  # written, never read
+            return x * 2
+
+    m, x = M().eval(), torch.randn(1, 3, 4, 4)
+    gm = traced(m, x)
+    assert apply(eliminate_dead_code, gm, x) == 2
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_function", "output"]
+    assert torch.equal(gm(x), m(x))

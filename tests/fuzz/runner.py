@@ -1,0 +1,161 @@
+"""Run fuzz cases: each generated program through optimize(), save/load and each pass alone,
+against eager. A failure is bisected to the pass that causes it, shrunk to a small program and
+saved as JSON (spec + seed) under tests/fuzz/regressions/, which every CI run replays.
+
+    python tests/fuzz/runner.py --cases 500 --seed 1000      (or: graphopt fuzz --cases 500 --seed 1000)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from compiler import load, optimize  # noqa: E402
+from compiler.pass_manager import PassManager  # noqa: E402
+from passes import DEFAULT_PIPELINE, PassContext  # noqa: E402
+from tests.fuzz.generator import generate  # noqa: E402
+from tests.fuzz.spec_model import SpecModel  # noqa: E402
+
+REGRESSIONS = Path(__file__).resolve().parent / "regressions"
+
+
+def build(spec: dict, seed: int) -> tuple[SpecModel, torch.Tensor]:
+    """The model with BatchNorm statistics warmed in training mode, then eval; and an input."""
+    torch.manual_seed(seed)
+    model = SpecModel(spec)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn([4, *spec["input"][1:]]) * 2 + 0.5)  # BatchNorm needs a batch > 1 to train
+    return model.eval(), torch.randn(spec["input"])
+
+
+def _flat(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def _compare(got, want, what: str) -> None:
+    for g, w in zip(_flat(got), _flat(want), strict=True):
+        scale = float(w.abs().max()) if w.numel() else 1.0
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True,
+                                   msg=lambda m: f"{what}: {m}")
+
+
+def _state(model: torch.nn.Module) -> list:
+    return [(k, v.clone()) for k, v in model.state_dict().items()] + [m.training for m in model.modules()]
+
+
+def check_case(spec: dict, seed: int, each_pass: bool = True) -> list[str]:
+    """Failures of one program, as readable strings (empty: it passed)."""
+    model, x = build(spec, seed)
+    before = _state(model)
+    failures = []
+    bigger = torch.randn([spec["input"][0] + 2, *spec["input"][1:]])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want, want_bigger = model(x.clone()), model(bigger.clone())
+        try:
+            opt = optimize(model, (x,))
+            _compare(opt(x.clone()), want, "optimize()")
+            _compare(opt(bigger.clone()), want_bigger, "optimize() at another batch size")
+            assert optimize(model, (x,)).code == opt.code, "optimize() is not deterministic"
+            again = PassManager(DEFAULT_PIPELINE).run(opt.portable, PassContext((x,)))[1]
+            assert sum(r.rewrites for r in again) == 0, f"not idempotent: {[(r.name, r.rewrites) for r in again]}"
+            with tempfile.TemporaryDirectory() as tmp:
+                loaded = load(opt.save(tmp))
+                assert torch.equal(torch.cat([t.flatten() for t in _flat(loaded(x.clone()))]),
+                                   torch.cat([t.flatten() for t in _flat(opt(x.clone()))])), "reload changed bits"
+        except Exception as e:
+            failures.append(f"pipeline: {type(e).__name__}: {e}")
+        for name in DEFAULT_PIPELINE if each_pass else []:
+            try:
+                _compare(optimize(model, (x,), passes=[name])(x.clone()), want, f"pass {name} alone")
+            except Exception as e:
+                failures.append(f"{name}: {type(e).__name__}: {e}")
+    after = _state(model)
+    if any(not (torch.equal(a[1], b[1]) if isinstance(a, tuple) else a == b) for a, b in zip(before, after)):
+        failures.append("the user's model was modified")
+    return failures
+
+
+def _remove(spec: dict, i: int) -> dict | None:
+    """The program without op i (value i + 1), its readers reading op i's input instead; None if invalid."""
+    ops, removed = spec["ops"], spec["ops"][i]
+    replacement = removed["x"]
+    out = []
+    for j, op in enumerate(ops):
+        if j == i:
+            continue
+        op = dict(op)
+        for key in ("x", "y"):
+            if key in op:
+                v = op[key]
+                op[key] = replacement if v == i + 1 else (v - 1 if v > i + 1 else v)
+        out.append(op)
+    outputs = [replacement if v == i + 1 else (v - 1 if v > i + 1 else v) for v in spec["outputs"]]
+    candidate = {"input": spec["input"], "ops": out, "outputs": outputs}
+    try:
+        model, x = build(candidate, 0)
+        with torch.no_grad():
+            model(x)
+    except Exception:
+        return None
+    return candidate
+
+
+def shrink(spec: dict, seed: int, fails) -> dict:
+    """Remove ops one at a time while the program still fails (greedy delta debugging)."""
+    changed = True
+    while changed:
+        changed = False
+        for i in reversed(range(len(spec["ops"]))):
+            candidate = _remove(spec, i)
+            if candidate is not None and candidate["ops"] and fails(candidate):
+                spec, changed = candidate, True
+    return spec
+
+
+def record(spec: dict, seed: int, failures: list[str]) -> Path:
+    culprit = next((f.split(":")[0] for f in failures if not f.startswith("pipeline")), "pipeline")
+
+    def fails(candidate):
+        return any(f.split(":")[0] == culprit for f in check_case(candidate, seed))
+
+    small = shrink(spec, seed, fails)
+    data = {"seed": seed, "pass": culprit, "failures": check_case(small, seed)[:3], "spec": small}
+    digest = hashlib.sha256(json.dumps(small, sort_keys=True).encode()).hexdigest()[:12]
+    REGRESSIONS.mkdir(exist_ok=True)
+    path = REGRESSIONS / f"{culprit}-{digest}.json"
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="graphopt's differential fuzzer")
+    p.add_argument("--cases", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-record", action="store_true", help="do not write reproducers")
+    args = p.parse_args(argv)
+    bad = 0
+    for seed in range(args.seed, args.seed + args.cases):
+        spec = generate(seed)
+        failures = check_case(spec, seed)
+        if failures:
+            bad += 1
+            where = "" if args.no_record else f" -> {record(spec, seed, failures)}"
+            print(f"seed {seed}: FAILED {failures[0][:300]}{where}", flush=True)
+    print(f"fuzz: {args.cases - bad} passed, {bad} failed (seeds {args.seed}..{args.seed + args.cases - 1})")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
