@@ -1,4 +1,4 @@
-"""The ``graphopt`` command: optimize, export, run, bench, fuzz, demo."""
+"""The ``graphopt`` command: optimize, export, run, report, bench, fuzz, demo."""
 
 from __future__ import annotations
 
@@ -126,6 +126,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.run([sys.executable, str(script), *args.rest]).returncode
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from compiler.explorer import render
+
+    try:
+        page = render(args.dump_dir)
+    except FileNotFoundError as e:
+        print(f"graphopt: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {page}: open it in a browser (it works offline)")
+    return 0
+
+
 def cmd_fuzz(args: argparse.Namespace) -> int:
     script = Path(__file__).resolve().parents[1] / "tests" / "fuzz" / "runner.py"
     if not script.exists():
@@ -174,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite", choices=["models"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the suite, e.g. --quick")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("report", help="render a dump folder as one offline HTML page (DUMP_DIR/index.html)")
+    p.add_argument("dump_dir")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("fuzz", help="differential fuzzing: random programs against eager; failures saved as JSON")
     p.add_argument("--cases", type=int, default=100)

@@ -10,13 +10,14 @@
 from __future__ import annotations
 
 import difflib
+import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import torch.fx as fx
 
-from passes.graph import to_networkx
+from passes.graph import describe_target, tensor_meta, to_networkx
 
 _PRELUDE = "import operator\n\nimport torch\n\nimport kernels.ops  # noqa: F401  (registers torch.ops.graphopt)\n\n"
 
@@ -43,6 +44,32 @@ def _escape(s: str) -> str:
     return s.replace('"', '\\"')
 
 
+def kernel_of(node: fx.Node) -> str:
+    """Which implementation runs a node, for the explorer's kernel table."""
+    target = describe_target(node)
+    if "mkldnn" in target:
+        return "oneDNN (CPU)"
+    if "graphopt" in target:
+        return "graphopt op (CPU kernel: aten + in-place epilogue; reference elsewhere)"
+    if getattr(node.target, "__module__", "") == "kernels.reference":
+        return "reference (aten)"
+    return "aten"
+
+
+def graph_record(gm: fx.GraphModule) -> list[dict]:
+    """The graph as data for the explorer: one entry per node."""
+    out = []
+    for node in gm.graph.nodes:
+        meta = tensor_meta(node)
+        shape = "x".join(map(str, meta.shape)) if meta is not None and hasattr(meta, "shape") else ""
+        out.append({"name": node.name, "op": node.op, "target": describe_target(node),
+                    "inputs": [i.name for i in node.all_input_nodes], "shape": shape,
+                    "module": node.meta.get("module", ""), "replaces": node.meta.get("replaces", []),
+                    "fused": "graphopt" in describe_target(node) or "mkldnn" in describe_target(node),
+                    "kernel": kernel_of(node)})
+    return out
+
+
 class Dumper:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -52,7 +79,7 @@ class Dumper:
         self.index, self.previous = 0, ""
         self.records: list = []  # every pipeline's records, for one report
 
-    def _write(self, label: str, header: list[str], gm: fx.GraphModule) -> None:
+    def _write(self, label: str, header: list[str], gm: fx.GraphModule, stats: dict | None = None) -> None:
         stem = self.root / f"{self.index:02d}_{label}"
         source = graph_source(gm)
         text = "".join(f"# {h}\n" for h in header) + "\n" + _PRELUDE + source
@@ -61,6 +88,9 @@ class Dumper:
             diff = difflib.unified_diff(self.previous.splitlines(True), source.splitlines(True),
                                         f"{self.index - 1:02d}", f"{self.index:02d}_{label}")
             stem.with_suffix(".diff").write_text("".join(diff))
+        stem.with_suffix(".json").write_text(json.dumps({"index": self.index, "label": label, "header": header,
+                                                         "stats": stats or {}, "nodes": graph_record(gm),
+                                                         "code": source}))
         dot = stem.with_suffix(".dot")
         dot.write_text(to_dot(gm))
         if shutil.which("dot"):
@@ -77,7 +107,9 @@ class Dumper:
         err = "not checked" if error is None else f"{error:.3g}"
         self._write(info.name, [f"graphopt dump {self.index:02d}: after pass {info.name} ({info.kind})",
                                 f"rewrites: {rewrites}", f"time: {seconds * 1e3:.1f} ms",
-                                f"nodes: {before} -> {after}", f"max error against the captured model: {err}"], gm)
+                                f"nodes: {before} -> {after}", f"max error against the captured model: {err}"], gm,
+                    {"pass": info.name, "kind": info.kind, "rewrites": rewrites, "ms": seconds * 1e3,
+                     "nodes_before": before, "nodes_after": after, "max_error": error})
 
     def report(self, records: list) -> None:
         self.records += records
@@ -88,3 +120,7 @@ class Dumper:
             cells = [r.name, r.rewrites, f"{r.seconds * 1e3:.1f}", r.nodes_before, r.nodes_after, err]
             rows.append("| " + " | ".join(map(str, cells)) + " |")
         (self.root / "report.md").write_text("# graphopt pass report\n\n" + "\n".join(rows) + "\n")
+        (self.root / "report.json").write_text(json.dumps([r.as_dict() for r in records], indent=1))
+        from compiler.explorer import render
+
+        render(self.root)

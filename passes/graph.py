@@ -239,10 +239,18 @@ def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
 
 
 def describe_target(node: fx.Node) -> str:
+    """A short readable name for what a node calls: torch.conv2d, F.relu, mkldnn._convolution_pointwise, ..."""
     t = node.target
     if isinstance(t, str):
+        if node.op == "call_module" and node.graph.owning_module is not None:
+            return type(node.graph.owning_module.get_submodule(t)).__name__
         return t
-    return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or str(t)
+    if isinstance(t, torch._ops.OpOverload):
+        return f"{t.namespace}.{t._opname}" + ("" if t._overloadname == "default" else f".{t._overloadname}")
+    module = {"torch.nn.functional": "F", "_operator": "operator"}.get(getattr(t, "__module__", None) or "",
+                                                                    getattr(t, "__module__", None) or "")
+    name = getattr(t, "__name__", None) or str(t)
+    return f"{module}.{name}" if module else name
 
 
 def _shape(node: fx.Node) -> str:

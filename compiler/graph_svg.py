@@ -1,0 +1,110 @@
+"""Draw a dumped graph as SVG: with Graphviz's ``dot`` when it is installed, else with a small
+layered layout of our own (longest-path layers, one barycenter sweep). Both give one
+``<g class="node">`` per node with the node's name as its ``<title>``, which the explorer page
+uses to highlight, search and label nodes. Weight reads (get_attr) are not drawn.
+"""
+
+from __future__ import annotations
+
+import html
+import shutil
+import subprocess
+
+BOX_H, LAYER_GAP, NODE_GAP, CHAR_W = 34, 62, 18, 6.6
+COLORS = {"placeholder": "#dbeafe", "output": "#dbeafe", "call_module": "#fef3c7", "fused": "#bbf7d0",
+          "call_method": "#f5f5f4", "call_function": "#ffffff"}
+
+
+def _drawn(nodes: list[dict]) -> list[dict]:
+    return [n for n in nodes if n["op"] != "get_attr"]
+
+
+def _label(n: dict) -> tuple[str, str]:
+    target = "input" if n["op"] == "placeholder" else ("output" if n["op"] == "output" else n["target"])
+    target = target.replace("torch.ops.", "").replace("torch.nn.functional.", "F.")
+    second = target[:44] + (f"  {n['shape']}" if n["shape"] else "")
+    return n["name"][:40], second
+
+
+def _color(n: dict) -> str:
+    return COLORS["fused"] if n.get("fused") else COLORS.get(n["op"], "#ffffff")
+
+
+def layered_svg(nodes: list[dict]) -> str:
+    nodes = _drawn(nodes)
+    names = {n["name"] for n in nodes}
+    layer: dict[str, int] = {}
+    for n in nodes:  # graph order is topological
+        layer[n["name"]] = 1 + max((layer[i] for i in n["inputs"] if i in names), default=-1)
+    rows: dict[int, list[dict]] = {}
+    for n in nodes:
+        rows.setdefault(layer[n["name"]], []).append(n)
+    width = {n["name"]: max(len(s) for s in _label(n)) * CHAR_W + 16 for n in nodes}
+    x: dict[str, float] = {}
+    for depth in sorted(rows):
+        row = rows[depth]
+        if depth > 0:  # order by the mean position of each node's inputs
+            row.sort(key=lambda n: sum(x.get(i, 0) for i in n["inputs"]) / max(1, len(n["inputs"])))
+        pos = 0.0
+        for n in row:
+            x[n["name"]] = pos + width[n["name"]] / 2
+            pos += width[n["name"]] + NODE_GAP
+        shift = -pos / 2
+        for n in row:
+            x[n["name"]] += shift
+    left = min(x[n] - width[n] / 2 for n in x) - 10
+    right = max(x[n] + width[n] / 2 for n in x) + 10
+    height = (max(rows) + 1) * (BOX_H + LAYER_GAP)
+    y = {n["name"]: 10 + layer[n["name"]] * (BOX_H + LAYER_GAP) for n in nodes}
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="graph" viewBox="{left:.0f} 0 {right - left:.0f} '
+           f'{height:.0f}" font-family="monospace" font-size="11">',
+           '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="6" markerHeight="6" '
+           'orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#64748b"/></marker></defs><g class="edges">']
+    for n in nodes:
+        for i in n["inputs"]:
+            if i in names:
+                x1, y1, x2, y2 = x[i], y[i] + BOX_H, x[n["name"]], y[n["name"]]
+                mid = (y1 + y2) / 2
+                out.append(f'<path class="edge" d="M{x1:.1f},{y1:.1f} C{x1:.1f},{mid:.1f} {x2:.1f},{mid:.1f} '
+                           f'{x2:.1f},{y2:.1f}" fill="none" stroke="#94a3b8" marker-end="url(#arrow)"/>')
+    out.append("</g>")
+    for n in nodes:
+        first, second = _label(n)
+        w, cx, top = width[n["name"]], x[n["name"]], y[n["name"]]
+        out.append(f'<g class="node"><title>{html.escape(n["name"])}</title>'
+                   f'<rect x="{cx - w / 2:.1f}" y="{top}" width="{w:.1f}" height="{BOX_H}" rx="5" '
+                   f'fill="{_color(n)}" stroke="#475569"/>'
+                   f'<text x="{cx:.1f}" y="{top + 14}" text-anchor="middle" font-weight="bold">'
+                   f'{html.escape(first)}</text>'
+                   f'<text x="{cx:.1f}" y="{top + 27}" text-anchor="middle" fill="#334155">{html.escape(second)}'
+                   f'</text></g>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def graphviz_svg(nodes: list[dict]) -> str | None:
+    if not shutil.which("dot"):
+        return None
+    nodes = _drawn(nodes)
+    names = {n["name"] for n in nodes}
+    lines = ['digraph g { rankdir=TB; node [shape=box, style="rounded,filled", fontname="monospace", fontsize=10];']
+    for n in nodes:
+        first, second = _label(n)
+        label = f"{first}\\n{second}".replace('"', '\\"')
+        lines.append(f'"{n["name"]}" [label="{label}", fillcolor="{_color(n)}"];')
+        lines += [f'"{i}" -> "{n["name"]}";' for i in n["inputs"] if i in names]
+    lines.append("}")
+    try:
+        done = subprocess.run(["dot", "-Tsvg"], input="\n".join(lines), capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    svg = done.stdout[done.stdout.find("<svg"):]
+    return svg.replace("<svg", '<svg class="graph"', 1)
+
+
+def draw(nodes: list[dict]) -> tuple[str, str]:
+    """(svg, which layout drew it)."""
+    svg = graphviz_svg(nodes)
+    return (svg, "graphviz") if svg else (layered_svg(nodes), "layered")
