@@ -31,13 +31,23 @@ def _resolve_backend(backend: str, inputs: tuple) -> str:
         raise GraphoptError(f"unknown backend {backend!r}", hint=f"use one of {', '.join(BACKENDS)}")
     device = next((t.device.type for t in inputs if isinstance(t, torch.Tensor)), "cpu")
     if backend == "auto":
-        return "cpu" if device == "cpu" else "reference"
+        return "cpu" if device == "cpu" else ("triton" if device == "cuda" and _has_triton() else "reference")
     if backend == "triton":
-        raise GraphoptError("the triton backend is not available in this version",
-                            hint="use backend='auto' (oneDNN on the CPU, the aten reference elsewhere)")
+        if not _has_triton():
+            raise GraphoptError("backend='triton' needs the triton package", hint="pip install 'graphopt[triton]'")
+        if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise GraphoptError(f"backend='triton' runs on CUDA tensors, got {device} tensors",
+                                hint="move the model and inputs to a GPU, or set TRITON_INTERPRET=1 to run the "
+                                     "kernels in Triton's interpreter (slow; for testing)")
     if backend == "cpu" and device != "cpu":
         raise GraphoptError(f"backend='cpu' needs CPU inputs, got {device} tensors", hint="use backend='auto'")
     return backend
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,

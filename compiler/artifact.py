@@ -104,7 +104,7 @@ def _check_manifest(root: Path) -> dict:
         if _sha256(root / name) != hashes[name]:
             raise LoadError(f"{name} does not match its sha256 in manifest.json",
                             hint="the file was changed after it was saved; do not load it")
-    if manifest.get("backend") not in ("cpu", "reference") or not isinstance(manifest.get("inputs"), list):
+    if manifest.get("backend") not in ("cpu", "reference", "triton") or not isinstance(manifest.get("inputs"), list):
         raise LoadError("manifest.json has no valid backend or input specs")
     return manifest
 

@@ -63,7 +63,10 @@ def _compile(gm: fx.GraphModule, example_inputs: list) -> Callable:
     inputs = tuple(example_inputs[i] for i in kept)
     propagate(gm, inputs)
     device = next((t.device.type for t in inputs if isinstance(t, torch.Tensor)), "cpu")
-    ctx = PassContext(inputs, backend="cpu" if device == "cpu" else "reference")
+    from compiler import _has_triton
+
+    backend = "cpu" if device == "cpu" else ("triton" if device == "cuda" and _has_triton() else "reference")
+    ctx = PassContext(inputs, backend=backend)
     _, gm, _ = run_pipeline(gm, ctx, DEFAULT_PIPELINE, LOWERING[ctx.backend])
     finalize(gm)
 

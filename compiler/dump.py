@@ -51,8 +51,11 @@ def kernel_of(node: fx.Node) -> str:
         return "oneDNN (CPU)"
     if "graphopt" in target:
         return "graphopt op (CPU kernel: aten + in-place epilogue; reference elsewhere)"
-    if getattr(node.target, "__module__", "") == "kernels.reference":
+    module = getattr(node.target, "__module__", "") or ""
+    if module == "kernels.reference":
         return "reference (aten)"
+    if module.startswith("kernels.triton"):
+        return "Triton"
     return "aten"
 
 
@@ -65,7 +68,7 @@ def graph_record(gm: fx.GraphModule) -> list[dict]:
         out.append({"name": node.name, "op": node.op, "target": describe_target(node),
                     "inputs": [i.name for i in node.all_input_nodes], "shape": shape,
                     "module": node.meta.get("module", ""), "replaces": node.meta.get("replaces", []),
-                    "fused": "graphopt" in describe_target(node) or "mkldnn" in describe_target(node),
+                    "fused": kernel_of(node) != "aten",
                     "kernel": kernel_of(node)})
     return out
 

@@ -1,7 +1,7 @@
 """The fused ops as torch.library custom ops in the ``graphopt`` namespace.
 
-Each op has a fake (meta) impl for shape propagation, a CPU kernel (kernels/cpu.py) and the
-reference (kernels/reference.py) as the default for every other device. Graphs hold these
+Each op has a fake (meta) impl for shape propagation, a CPU kernel (kernels/cpu.py), a CUDA
+kernel (kernels/triton/) and the reference (kernels/reference.py) for every other device. Graphs hold these
 ops, so an optimized graph prints, saves and reloads like any fx graph.
 """
 
@@ -33,6 +33,13 @@ def _(x, weight, bias, stride, padding, dilation, groups, act, residual):
     return cpu.conv2d_act(x, weight, bias, stride, padding, dilation, groups, act, residual)
 
 
+@conv2d_act.register_kernel("cuda")
+def _(x, weight, bias, stride, padding, dilation, groups, act, residual):
+    from kernels import triton as triton_kernels  # imported on first CUDA use: triton is optional
+
+    return triton_kernels.conv2d_act(x, weight, bias, stride, padding, dilation, groups, act, residual)
+
+
 @conv2d_act.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, act, residual):
     n, _, h, w = x.shape
@@ -50,6 +57,13 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None, act: str) -> Tens
 @linear_act.register_kernel("cpu")
 def _(x, weight, bias, act):
     return cpu.linear_act(x, weight, bias, act)
+
+
+@linear_act.register_kernel("cuda")
+def _(x, weight, bias, act):
+    from kernels import triton as triton_kernels
+
+    return triton_kernels.linear_act(x, weight, bias, act)
 
 
 @linear_act.register_fake

@@ -60,6 +60,7 @@ from passes import (  # noqa: E402, F401  (each module registers itself)
     fuse_linear_act,
     lower_to_onednn,
     lower_to_reference,
+    lower_to_triton,
     plan_layout,
     remove_noops,
 )
@@ -80,6 +81,7 @@ DEFAULT_PIPELINE = [
 LOWERING = {
     "cpu": ["lower_to_onednn", "plan_layout"],
     "reference": ["lower_to_reference"],
+    "triton": ["lower_to_triton"],
 }
 
 __all__ = ["DEFAULT_PIPELINE", "LOWERING", "REGISTRY", "PassContext", "PassInfo", "register"]

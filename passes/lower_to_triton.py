@@ -1,0 +1,39 @@
+"""Lower the fused ops to graphopt's Triton kernels, with conv weights laid out for the GEMM once, now.
+
+    graphopt::conv2d_act(x, w, ...)  ->  kernels.triton.conv2d_act(x, w, ..., w_gemm=W)   W: (groups, R*S*Cg, K/groups)
+    graphopt::linear_act(x, w, ...)  ->  kernels.triton.linear_act(x, w, ...)
+
+On CUDA tensors; on CPU tensors too under TRITON_INTERPRET=1, which is how it is tested here.
+Without triton installed it does nothing (the custom ops still run).
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from kernels.ops import OPS
+from passes import PassContext, register
+from passes.graph import add_constant, calls, constant_value
+
+
+@register("lower_to_triton", kind="fp32")
+def lower_to_triton(gm: fx.GraphModule, ctx: PassContext) -> int:
+    try:
+        from kernels import triton as triton_kernels
+        from kernels.triton.conv2d_act import prepare_weight
+    except ImportError:
+        return 0
+    rewrites = 0
+    for node in calls(gm, OPS["conv2d_act"]):
+        weight = constant_value(gm, node.args[1])
+        if weight is None:
+            continue
+        name = add_constant(gm, f"{node.args[1].target}_gemm", prepare_weight(weight, node.args[6]), buffer=False)
+        with gm.graph.inserting_before(node):
+            w_gemm = gm.graph.get_attr(name)
+        node.target, node.kwargs = triton_kernels.conv2d_act, {"w_gemm": w_gemm}
+        rewrites += 1
+    for node in calls(gm, OPS["linear_act"]):
+        node.target = triton_kernels.linear_act
+        rewrites += 1
+    return rewrites
