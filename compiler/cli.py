@@ -182,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=20)
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("bench", help="run a benchmark suite from bench/ (models)")
-    p.add_argument("suite", choices=["models"])
+    p = sub.add_parser("bench", help="run a benchmark suite from bench/ (models, kernels)")
+    p.add_argument("suite", choices=["models", "kernels"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the suite, e.g. --quick")
     p.set_defaults(fn=cmd_bench)
 

@@ -73,3 +73,10 @@ def test_bench_models_quick(tmp_path, capsys):
     (row,) = result["results"]
     assert set(row["median_ms"]) == {"eager", "graphopt"}
     assert row["max_abs_diff_vs_eager"]["graphopt"] < 1e-3
+
+
+def test_bench_kernels_quick_on_the_cpu(tmp_path):
+    assert main(["bench", "kernels", "--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads(next(tmp_path.glob("kernels-cpu-*.json")).read_text())
+    assert {r["op"] for r in result["rows"]} == {"conv2d_act", "linear_act"}
+    assert all(r["graphopt_ms"] > 0 and r["reference_ms"] > 0 for r in result["rows"])
