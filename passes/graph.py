@@ -144,7 +144,8 @@ def alias_roots(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
         parent.setdefault(node, node)
         base = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         # views share storage with their base; in-place ops return their (mutated) input
-        module_alias = node.op == "call_module" and gm is not None and isinstance(module_of(gm, node), _ALIAS_MODULES)
+        module = module_of(gm, node) if node.op == "call_module" and gm is not None else None
+        module_alias = module is not None and (isinstance(module, _ALIAS_MODULES) or getattr(module, "inplace", False))
         if base is not None and (_is_view(node) or _returns_self(node) or module_alias):
             parent[find(node)] = find(base)
     return {n: find(n) for n in graph.nodes}

@@ -66,3 +66,20 @@ def test_unobserved_inplace_write_goes_with_its_value():
     assert apply(eliminate_dead_code, gm, x) == 2
     assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_function", "output"]
     assert torch.equal(gm(x), m(x))
+
+
+def test_write_through_an_inplace_module_output_stays():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            y = x * 1.0
+            self.act(y).add_(y)  # writes y through the module's output, which is y itself
+            return y
+
+    m, x = M().eval(), torch.randn(3, 4)
+    gm = traced(m, x)
+    assert apply(eliminate_dead_code, gm, x) == 0
+    assert torch.equal(gm(x), m(x))
