@@ -3,8 +3,8 @@ one self-contained page (no network: its script and style are inlined).
 
 For each pass that changed the graph: its numbers on a timeline, the graph before and after
 (removed nodes red, added green, changed amber; fused nodes labelled with what they replace),
-pan / zoom / search, and the code diff. Below: op counts before and after the whole pipeline,
-and the kernel each fused op runs on.
+pan / zoom / search, a view with one box per block (repeated blocks collapsed), and the code
+diff. Below: op counts before and after the whole pipeline, and the kernel each fused op runs on.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from compiler.graph_svg import draw
+from compiler.graph_svg import block_groups, collapse, draw
 
 PAGE = Path(__file__).with_name("explorer_page.html")
 
@@ -44,9 +44,11 @@ def render(dump_dir: str | Path) -> Path:
     steps = []
     for i, d in enumerate(dumps):
         svg, layout = draw(d["nodes"])
+        blocks_svg, _ = draw(collapse(d["nodes"]))
         diff = root / f"{d['index']:02d}_{d['label']}.diff"
         prev = dumps[i - 1]["nodes"] if i else []
         steps.append({"index": d["index"], "label": d["label"], "stats": d.get("stats", {}), "svg": svg,
+                      "blocks_svg": blocks_svg, "groups": block_groups(d["nodes"]),
                       "layout": layout, "diff": diff.read_text() if diff.exists() else "", "code": d.get("code", ""),
                       "changes": _changes(prev, d["nodes"]) if i else {"removed": [], "added": [], "changed": []},
                       "fused": _fused_labels(prev, d["nodes"]) if i else {}})

@@ -10,6 +10,8 @@ import html
 import shutil
 import subprocess
 
+import networkx as nx
+
 BOX_H, LAYER_GAP, NODE_GAP, CHAR_W = 34, 62, 18, 6.6
 COLORS = {"placeholder": "#dbeafe", "output": "#dbeafe", "call_module": "#fef3c7", "fused": "#bbf7d0",
           "call_method": "#f5f5f4", "call_function": "#ffffff"}
@@ -30,12 +32,23 @@ def _color(n: dict) -> str:
     return COLORS["fused"] if n.get("fused") else COLORS.get(n["op"], "#ffffff")
 
 
+def _layers(nodes: list[dict], names: set[str]) -> dict[str, int]:
+    """Longest-path layers. A collapsed graph can have cycles between blocks: each strongly
+    connected component shares one layer (networkx's condensation makes the rest a DAG)."""
+    g = nx.DiGraph()
+    g.add_nodes_from(n["name"] for n in nodes)
+    g.add_edges_from((i, n["name"]) for n in nodes for i in n["inputs"] if i in names and i != n["name"])
+    dag = nx.condensation(g)
+    depth: dict[int, int] = {}
+    for c in nx.topological_sort(dag):
+        depth[c] = 1 + max((depth[p] for p in dag.predecessors(c)), default=-1)
+    return {name: depth[dag.graph["mapping"][name]] for name in g.nodes}
+
+
 def layered_svg(nodes: list[dict]) -> str:
     nodes = _drawn(nodes)
     names = {n["name"] for n in nodes}
-    layer: dict[str, int] = {}
-    for n in nodes:  # graph order is topological
-        layer[n["name"]] = 1 + max((layer[i] for i in n["inputs"] if i in names), default=-1)
+    layer = _layers(nodes, names)
     rows: dict[int, list[dict]] = {}
     for n in nodes:
         rows.setdefault(layer[n["name"]], []).append(n)
@@ -102,6 +115,40 @@ def graphviz_svg(nodes: list[dict]) -> str | None:
         return None
     svg = done.stdout[done.stdout.find("<svg"):]
     return svg.replace("<svg", '<svg class="graph"', 1)
+
+
+def block_groups(nodes: list[dict], depth: int = 2) -> dict[str, str]:
+    """Node name -> the block it belongs to: the deepest module (at most ``depth`` levels down) on
+    its module path that contains other modules (layer1, layer1.0), or the node itself."""
+    paths = {n.get("module") or "" for n in nodes} - {""}
+    blocks = {".".join(p.split(".")[:k]) for p in paths for k in range(1, len(p.split(".")))}
+    out = {}
+    for n in nodes:
+        parts = (n.get("module") or "").split(".") if n.get("module") else []
+        prefixes = [".".join(parts[:k]) for k in range(1, min(depth, len(parts)) + 1)]
+        out[n["name"]] = next((p for p in reversed(prefixes) if p in blocks), n["name"])
+    return out
+
+
+def collapse(nodes: list[dict]) -> list[dict]:
+    """One node per block: repeated blocks (layer1.0, layer1.1, ...) become one box each."""
+    nodes = _drawn(nodes)
+    owner = block_groups(nodes)
+    groups: dict[str, dict] = {}
+    for n in nodes:
+        key = owner[n["name"]]
+        g = groups.setdefault(key, {"name": key, "op": n["op"] if key == n["name"] else "call_module",
+                                    "target": n["target"], "inputs": [], "shape": n["shape"], "members": 0,
+                                    "fused": False})
+        g["members"] += 1
+        g["shape"] = n["shape"]  # the block's last node's shape: its output
+        for i in n["inputs"]:
+            if i in owner and owner[i] != key and owner[i] not in g["inputs"]:
+                g["inputs"].append(owner[i])
+    for g in groups.values():
+        if g["members"] > 1:
+            g["target"] = f"block of {g['members']} ops"
+    return list(groups.values())
 
 
 def draw(nodes: list[dict]) -> tuple[str, str]:

@@ -66,6 +66,11 @@ def test_page_renders_and_each_pass_shows_its_graph_and_diff(browser, name, tmp_
     page.press("#search", "Enter")
     assert page.locator("#after g.node.found").count() == 1
     assert page.locator("#ops tr").count() > 3 and page.locator("#kernels tr").count() > 1
+    page.check("#blocks")                                                    # one box per block
+    blocks = page.locator("#after g.node").count()
+    page.uncheck("#blocks")
+    full = page.locator("#after g.node").count()
+    assert 0 < blocks < full if name == "resnet_blocks" else 0 < blocks <= full  # the ConvNet has no blocks
     shot = tmp_path / f"{name}.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 20_000
