@@ -51,10 +51,10 @@ def save(portable: fx.GraphModule, path: str | Path, *, backend: str, input_spec
 
     from compiler.pass_manager import clone
 
+    gm = inline_modules(clone(portable))  # (raises before anything is written, if it cannot)
+    graph = graph_to_json(gm)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    gm = inline_modules(clone(portable))
-    graph = graph_to_json(gm)
     tensors = {n.target: _get(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     (out / "graph.json").write_text(json.dumps(graph, indent=1) + "\n")
     save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(out / "weights.safetensors"))

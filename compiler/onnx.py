@@ -20,14 +20,22 @@ from compiler.errors import GraphoptError
 
 
 def _portable_reference(model: nn.Module) -> nn.Module:
+    """The graph to export: plain aten, leaf modules inlined (attention through its functional path,
+    which the exporter can write; its fused fast path it cannot)."""
     from compiler.codegen import OptimizedModule, finalize
     from compiler.pass_manager import clone
+    from compiler.serialize import inline_modules
     from passes.lower_to_reference import lower_to_reference
 
     if not isinstance(model, OptimizedModule):
         return model
     gm = clone(model.portable)
     lower_to_reference(gm, None)
+    try:
+        inline_modules(gm, attention=True)
+    except GraphoptError:
+        gm = clone(model.portable)  # a module that does not inline: export it as it is
+        lower_to_reference(gm, None)
     return finalize(gm)
 
 

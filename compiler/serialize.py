@@ -150,8 +150,40 @@ def _batch_norm(gm: fx.GraphModule, node: fx.Node, module: torch.nn.Module) -> f
     return gm.graph.call_function(torch.nn.functional.batch_norm, args)
 
 
-def inline_modules(gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace each call_module by the functional graph of that module's forward."""
+def _attention(gm: fx.GraphModule, node: fx.Node, module: torch.nn.MultiheadAttention) -> bool:
+    """nn.MultiheadAttention as F.multi_head_attention_forward (its forward branches on the inputs).
+
+    Its numbers are the functional path's, close to but not bitwise those of the module's fused
+    fast path: used for ONNX export, where the check is a tolerance, not for saved modules."""
+    q, k, v = (node.args + (None, None, None))[:3]
+    plain = (module._qkv_same_embed_dim and module.bias_k is None and set(node.kwargs) <= {"need_weights"}
+             and all(isinstance(t, fx.Node) for t in (q, k, v)) and not module.training
+             and all(u.op == "call_function" and u.target is operator.getitem for u in node.users))
+    if not plain:
+        return False
+    g = gm.graph
+    with g.inserting_before(node):
+        if module.batch_first:
+            q, k, v = (g.call_method("transpose", (t, 1, 0)) for t in (q, k, v))
+        attr = lambda name: g.get_attr(f"{node.target}.{name}")  # noqa: E731
+        out = g.call_function(torch.nn.functional.multi_head_attention_forward, (
+            q, k, v, module.embed_dim, module.num_heads, attr("in_proj_weight"), attr("in_proj_bias"), None, None,
+            module.add_zero_attn, module.dropout, attr("out_proj.weight"), attr("out_proj.bias")),
+            {"training": False, "need_weights": node.kwargs.get("need_weights", True)})
+        result = g.call_function(operator.getitem, (out, 0))
+        if module.batch_first:
+            result = g.call_method("transpose", (result, 1, 0))
+        weights = g.call_function(operator.getitem, (out, 1))
+    for user in list(node.users):
+        user.replace_all_uses_with(result if user.args[1] == 0 else weights)
+        g.erase_node(user)
+    g.erase_node(node)
+    return True
+
+
+def inline_modules(gm: fx.GraphModule, attention: bool = False) -> fx.GraphModule:
+    """Replace each call_module by the functional graph of that module's forward
+    (``attention=True``: nn.MultiheadAttention too, through its functional path)."""
     for node in [n for n in gm.graph.nodes if n.op == "call_module"]:
         module = gm.get_submodule(node.target)
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not module.training \
@@ -159,6 +191,8 @@ def inline_modules(gm: fx.GraphModule) -> fx.GraphModule:
             with gm.graph.inserting_before(node):
                 node.replace_all_uses_with(_batch_norm(gm, node, module))
             gm.graph.erase_node(node)
+            continue
+        if attention and isinstance(module, torch.nn.MultiheadAttention) and _attention(gm, node, module):
             continue
         try:
             sub = _InlineTracer().trace(module)

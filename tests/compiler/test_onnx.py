@@ -34,3 +34,30 @@ def test_plain_models_export_too(tmp_path):
     make, inputs = ZOO["seed_convnet"]
     result = export_onnx(make().eval(), (inputs(1),), tmp_path / "plain.onnx")
     assert result["ops_after"]["Conv"] == 2
+
+
+class _Encoder(torch.nn.Module):
+    """A pre-norm transformer block: attention exports through its functional path."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.attn = torch.nn.MultiheadAttention(d, 4, batch_first=True)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 64), torch.nn.GELU(), torch.nn.Linear(64, d))
+
+    def forward(self, x):
+        y = self.ln1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+def test_attention_exports_and_saving_it_is_refused_clearly(tmp_path):
+    from compiler import GraphoptError
+
+    model, x = _Encoder().eval(), torch.randn(2, 7, 32)
+    opt = optimize(model, (x,))
+    result = export_onnx(opt, (x,), tmp_path / "enc.onnx")
+    assert result["max_abs_error"] < 1e-3 and "MatMul" in result["ops_after"]
+    with pytest.raises(GraphoptError, match="MultiheadAttention"):
+        opt.save(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()                                  # nothing half-written
