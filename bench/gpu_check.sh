@@ -23,7 +23,8 @@ device = torch.cuda.get_device_name().replace(" ", "-")
 bench = json.loads((out / f"kernels-{device}-{day}.json").read_text())
 log = (out / f"gpu-tests-{day}.log").read_text().strip().splitlines()
 result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tests_exit_code": rc,
-          "tests_summary": log[-1] if log else "", "kernels": bench["rows"], "table": bench["table"]}
+          "tests_summary": log[-1] if log else "", "kernels": bench["rows"], "int8": bench.get("int8", []),
+          "table": bench["table"]}
 (out / f"gpu-{day}.json").write_text(json.dumps(result, indent=1) + "\n")
 print(f"wrote {out / f'gpu-{day}.json'}; tests: {result['tests_summary']}")
 PYEOF

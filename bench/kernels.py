@@ -156,6 +156,27 @@ def gpu_rows(dtype: torch.dtype, quick: bool) -> list[dict]:
     return rows
 
 
+def gpu_int8_rows() -> list[dict]:
+    """graphopt's int8 GEMM (int32 accumulation, requantizing epilogue) against fp16 cuBLAS."""
+    import triton.testing
+
+    import kernels.triton as kt
+
+    rows = []
+    for m, k, n in ((4096, 4096, 4096), (8192, 8192, 8192), (16384, 1024, 4096), (512, 512, 2048)):
+        xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
+        wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+        scale, bias = torch.full((n,), 1e-4, device="cuda"), torch.zeros(n, device="cuda")
+        xh, wh = xq.half(), wq.half()
+        times = {"triton_int8": triton.testing.do_bench(lambda: kt.qlinear_act(xq, 0.02, 0, wq, scale, bias, "relu",
+                                                                               0.05, 0)),
+                 "cublas_fp16": triton.testing.do_bench(lambda: torch.relu(xh @ wh.t()))}
+        rows.append({"op": "qlinear_act", "shape": f"{m}x{k}x{n}", "ms": times,
+                     "int8_tops": 2.0 * m * k * n / (times["triton_int8"] * 1e-3) / 1e12,
+                     "fp16_over_int8": times["cublas_fp16"] / times["triton_int8"]})
+    return rows
+
+
 def _gpu_row(op, shape, dtype, flops, times, peak) -> dict:
     tflops = flops / (times["triton"] * 1e-3) / 1e12
     return {"op": op, "shape": shape, "dtype": str(dtype).removeprefix("torch."), "ms": times,
@@ -191,16 +212,20 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         dtypes = [torch.float32, torch.float16, torch.bfloat16] if args.dtype == "all" else [getattr(torch, args.dtype)]
         rows = [row for d in dtypes for row in gpu_rows(d, args.quick)]
+        int8 = gpu_int8_rows()
         device = torch.cuda.get_device_name().replace(" ", "-")
     else:
-        rows, device = cpu_rows(args.quick), "cpu"
+        rows, int8, device = cpu_rows(args.quick), [], "cpu"
     text = table(rows)
     print(text)
+    for r in int8:
+        print(f"int8 GEMM {r['shape']}: {r['ms']['triton_int8']:.3f} ms ({r['int8_tops']:.0f} TOP/s), "
+              f"fp16 cuBLAS {r['ms']['cublas_fp16']:.3f} ms: {r['fp16_over_int8']:.2f}x")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"kernels-{device}-{datetime.date.today().isoformat()}"
     stem.with_suffix(".json").write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows,
-                                                     "table": text}, indent=1) + "\n")
+                                                     "int8": int8, "table": text}, indent=1) + "\n")
     try:
         _plot(rows, stem.with_suffix(".png"))
     except ImportError:

@@ -85,3 +85,41 @@ def conv2d_act(
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
     return apply_act(F.linear(x, weight, bias), act)
+
+
+# ---------------------------------------------------------------- int8
+#
+# The quantization scheme every int8 implementation follows (CPU and Triton alike):
+#   activations  int8, per tensor:   x = (q - zero_point) * scale
+#   weights      int8, per output channel, symmetric:   w[n] = q[n] * w_scale[n]
+#   accumulate   int32:  acc[n] = sum_k (xq_k - x_zp) * wq[n, k]           (exact)
+#   epilogue     fp32:   y = act(acc * (x_scale * w_scale[n]) + bias[n] [+ residual])
+#   output       fp32, or int8:  clamp(round_half_even(y / out_scale) + out_zp, -128, 127)
+
+
+def requantize(y: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """fp32 -> int8: round half to even, add the zero point, saturate to [-128, 127]."""
+    return torch.clamp(torch.round(y / scale) + zero_point, -128, 127).to(torch.int8)
+
+
+def qlinear_act(x: torch.Tensor, x_scale: float, x_zp: int, weight: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, act: str, out_scale: float | None = None, out_zp: int = 0) -> torch.Tensor:
+    acc = (x.long() - x_zp) @ weight.long().T  # (..., N), exact
+    y = acc.to(torch.float32) * (x_scale * w_scale.float())
+    y = apply_act(y + bias.float() if bias is not None else y, act)
+    return y if out_scale is None else requantize(y, out_scale, out_zp)
+
+
+def qconv2d_act(x: torch.Tensor, x_scale: float, x_zp: int, weight: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                act: str, residual: torch.Tensor | None = None, out_scale: float | None = None,
+                out_zp: int = 0) -> torch.Tensor:
+    # integer sums in float64 are exact (well below 2**53), and aten has no integer convolution
+    acc = F.conv2d(x.double() - x_zp, weight.double(), None, stride, padding, dilation, groups)
+    y = acc.to(torch.float32) * (x_scale * w_scale.float()).view(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.float().view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual
+    y = apply_act(y, act)
+    return y if out_scale is None else requantize(y, out_scale, out_zp)

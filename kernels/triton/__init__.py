@@ -5,5 +5,7 @@ tests run without a GPU."""
 
 from kernels.triton.conv2d_act import conv2d_act
 from kernels.triton.linear_act import linear_act
+from kernels.triton.qconv2d_act import qconv2d_act
+from kernels.triton.qlinear_act import qlinear_act
 
-__all__ = ["conv2d_act", "linear_act"]
+__all__ = ["conv2d_act", "linear_act", "qconv2d_act", "qlinear_act"]

@@ -56,3 +56,16 @@ def apply_act(y, ACT: tl.constexpr, P0, P1):
     elif ACT == 9:  # leaky relu, slope P0
         y = tl.where(y < 0.0, y * P0, y)
     return y
+
+
+@triton.jit
+def requantize(y, OUT_SCALE, OUT_ZP):
+    """fp32 -> int8 like kernels.reference.requantize: round half to even, zero point, saturate."""
+    v = y / OUT_SCALE
+    r = tl.floor(v + 0.5)
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    r = tl.where(((r - v) == 0.5) & odd, r - 1.0, r)  # a tie rounds to the even neighbour
+    q = r + OUT_ZP
+    q = tl.where(q < -128.0, -128.0, q)
+    q = tl.where(q > 127.0, 127.0, q)
+    return q.to(tl.int8)

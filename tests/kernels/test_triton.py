@@ -100,3 +100,58 @@ def test_optimize_with_the_triton_backend_end_to_end():
     with torch.no_grad():
         torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-4)
     assert any(r.name == "lower_to_triton" and r.rewrites == 11 for r in opt.report)
+
+
+# ---------------------------------------------------------------- int8
+
+def _q(shape, g, lo=-128, hi=128):
+    return torch.randint(lo, hi, shape, dtype=torch.int8, generator=g)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 7, 17), (17, 33, 16), (2, 5, 40, 9)])
+@pytest.mark.parametrize("act", ["none", "relu", "relu6", "silu", "gelu"])
+@pytest.mark.parametrize("out_scale", [None, 0.05])
+def test_qlinear_act_is_exact_against_the_integer_reference(shape, act, out_scale):
+    *lead, k, n = shape
+    g = torch.Generator().manual_seed(2)
+    x, w = _q((*lead, k), g), _q((n, k), g, -127)
+    w_scale, bias = torch.rand(n, generator=g) * 0.01 + 1e-3, torch.randn(n, generator=g)
+    got = kt.qlinear_act(x, 0.02, 5, w, w_scale, bias, act, out_scale, -3)
+    want = reference.qlinear_act(x, 0.02, 5, w, w_scale, bias, act, out_scale, -3)
+    if out_scale is None:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert got.dtype == torch.int8 and (got.int() - want.int()).abs().max() <= 1   # +-1 LSB
+
+
+@pytest.mark.parametrize("case", CONVS[1:4])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("out_scale", [None, 0.1])
+def test_qconv2d_act_is_exact_against_the_integer_reference(case, with_residual, out_scale):
+    n, c, h, w, k, (r, s), stride, padding, dilation, groups = case
+    g = torch.Generator().manual_seed(3)
+    x, weight = _q((n, c, h, w), g), _q((k, c // groups, r, s), g, -127)
+    w_scale, bias = torch.rand(k, generator=g) * 0.01 + 1e-3, torch.randn(k, generator=g)
+    args = (list(stride), list(padding), list(dilation), groups)
+    y = reference.qconv2d_act(x, 0.03, -9, weight, w_scale, bias, *args, "none")
+    residual = torch.randn(y.shape, generator=g) if with_residual else None
+    got = kt.qconv2d_act(x, 0.03, -9, weight, w_scale, bias, *args, "relu", residual, out_scale, 2)
+    want = reference.qconv2d_act(x, 0.03, -9, weight, w_scale, bias, *args, "relu", residual, out_scale, 2)
+    if out_scale is None:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert (got.int() - want.int()).abs().max() <= 1
+
+
+def test_int8_saturation_zero_channel_constant_input_and_ties():
+    g = torch.Generator().manual_seed(4)
+    x, w = _q((4, 16), g), _q((8, 16), g, -127)
+    w[3] = 0                                                         # an all-zero weight channel
+    w_scale, bias = torch.full((8,), 0.5), torch.zeros(8)
+    tiny = kt.qlinear_act(x, 1.0, 0, w, w_scale, bias, "none", 1e-3, 0)  # everything saturates
+    assert set(tiny[:, [0, 1, 2, 4]].unique().tolist()) <= {-128, 127} and (tiny[:, 3] == 0).all()
+    const = torch.full((4, 16), 7, dtype=torch.int8)                  # a constant input
+    torch.testing.assert_close(kt.qlinear_act(const, 0.1, 7, w, w_scale, bias, "none"), torch.zeros(4, 8))
+    ints = torch.arange(-9, 10, dtype=torch.int8).reshape(-1, 1)      # y / 2 lands on every .5 tie
+    got = kt.qlinear_act(ints, 1.0, 0, torch.ones(1, 1, dtype=torch.int8), torch.ones(1), None, "none", 2.0, 0)
+    assert torch.equal(got, torch.round(ints.float() / 2).to(torch.int8))  # round half to even, as torch

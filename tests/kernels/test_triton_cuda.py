@@ -64,3 +64,29 @@ def test_custom_ops_dispatch_cuda_tensors_to_triton():
     assert opt.backend == "triton"
     with torch.no_grad():
         torch.testing.assert_close(opt(x), model(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 512, 1000), (512, 2048, 512), (4096, 4096, 4096)])
+def test_qlinear_act_on_cuda(m, k, n):
+    import kernels.triton as kt
+    from kernels import reference
+
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+    w_scale, bias = torch.rand(n, device="cuda") * 1e-3 + 1e-4, torch.randn(n, device="cuda")
+    got = kt.qlinear_act(x, 0.02, 3, w, w_scale, bias, "relu", 0.05, -2)
+    want = reference.qlinear_act(x.cpu(), 0.02, 3, w.cpu(), w_scale.cpu(), bias.cpu(), "relu", 0.05, -2)
+    assert (got.cpu().int() - want.int()).abs().max() <= 1
+
+
+def test_qconv2d_act_on_cuda():
+    import kernels.triton as kt
+    from kernels import reference
+
+    x = torch.randint(-128, 128, (2, 64, 28, 28), dtype=torch.int8, device="cuda")
+    w = torch.randint(-127, 128, (64, 64, 3, 3), dtype=torch.int8, device="cuda")
+    w_scale, bias = torch.rand(64, device="cuda") * 1e-3 + 1e-4, torch.randn(64, device="cuda")
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    got = kt.qconv2d_act(x, 0.02, -4, w, w_scale, bias, *args, "relu", None, 0.05, 0)
+    want = reference.qconv2d_act(x.cpu(), 0.02, -4, w.cpu(), w_scale.cpu(), bias.cpu(), *args, "relu", None, 0.05, 0)
+    assert (got.cpu().int() - want.int()).abs().max() <= 1
