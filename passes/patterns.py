@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from kernels.reference import format_act
 from passes.graph import arg, constant_value, get_attr, module_of, tensor_meta
 
-Ref = "fx.Node | str"  # a graph value, or the attribute path of a module's parameter
+# A "ref" below is a graph value (fx.Node) or, for a module's parameter, its attribute path (str).
 
 
 @dataclass
@@ -29,8 +29,8 @@ class Conv:
     node: fx.Node
     input: fx.Node
     dim: int
-    weight: Any  # Ref
-    bias: Any  # Ref | None
+    weight: Any  # ref
+    bias: Any  # ref or None
     stride: list[int]
     padding: list[int]
     dilation: list[int]
@@ -86,7 +86,7 @@ def _tensor(gm: fx.GraphModule, ref: Any) -> torch.Tensor | None:
 
 
 def as_node(gm: fx.GraphModule, ref: Any) -> Any:
-    """A graph value for a Ref; call inside ``graph.inserting_before``."""
+    """A graph value for a ref; call inside ``graph.inserting_before``."""
     return gm.graph.get_attr(ref) if isinstance(ref, str) else ref
 
 
