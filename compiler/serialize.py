@@ -150,6 +150,22 @@ def _batch_norm(gm: fx.GraphModule, node: fx.Node, module: torch.nn.Module) -> f
     return gm.graph.call_function(torch.nn.functional.batch_norm, args)
 
 
+_CONV_TRANSPOSE = {torch.nn.ConvTranspose1d: torch.conv_transpose1d, torch.nn.ConvTranspose2d: torch.conv_transpose2d,
+                   torch.nn.ConvTranspose3d: torch.conv_transpose3d}
+
+
+def _conv_transpose(gm: fx.GraphModule, node: fx.Node, module: torch.nn.Module) -> fx.Node | None:
+    """A transposed convolution without output_size as torch.conv_transposeNd (its forward checks
+    the input's rank, which does not trace)."""
+    if len(node.args) != 1 or node.kwargs or module.padding_mode != "zeros":
+        return None
+    weight = gm.graph.get_attr(f"{node.target}.weight")
+    bias = gm.graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+    args = (node.args[0], weight, bias, module.stride, module.padding, module.output_padding, module.groups,
+            module.dilation)
+    return gm.graph.call_function(_CONV_TRANSPOSE[type(module)], args)
+
+
 def _attention(gm: fx.GraphModule, node: fx.Node, module: torch.nn.MultiheadAttention) -> bool:
     """nn.MultiheadAttention as F.multi_head_attention_forward (its forward branches on the inputs).
 
@@ -194,6 +210,13 @@ def inline_modules(gm: fx.GraphModule, attention: bool = False) -> fx.GraphModul
             continue
         if attention and isinstance(module, torch.nn.MultiheadAttention) and _attention(gm, node, module):
             continue
+        if type(module) in _CONV_TRANSPOSE:
+            with gm.graph.inserting_before(node):
+                functional = _conv_transpose(gm, node, module)
+            if functional is not None:
+                node.replace_all_uses_with(functional)
+                gm.graph.erase_node(node)
+                continue
         try:
             sub = _InlineTracer().trace(module)
         except Exception as e:

@@ -164,3 +164,15 @@ def test_code_py_is_never_run(tmp_path):
 def test_not_a_folder(tmp_path):
     with pytest.raises(LoadError, match="not a folder"):
         load(tmp_path / "nothing-here")
+
+
+def test_leaf_modules_that_do_not_trace_are_saved_through_their_functional_form(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), torch.nn.LayerNorm(8),
+                                torch.nn.ConvTranspose2d(8, 4, 2, 2), torch.nn.Upsample(scale_factor=2)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    opt = optimize(model, (x,))
+    loaded = load(opt.save(tmp_path / "saved"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), opt(x))
+    ops = json.loads((tmp_path / "saved" / "manifest.json").read_text())["ops"]
+    assert "torch.conv_transpose2d" in ops
