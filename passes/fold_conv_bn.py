@@ -60,7 +60,8 @@ def fold_conv_bn(gm: fx.GraphModule, ctx: PassContext) -> int:
             continue
 
         def make_call(w, b, c=conv):
-            return gm.graph.call_function(_CONV[c.dim], (c.input, w, b, c.stride, c.padding, c.dilation, c.groups))
+            x = c.padded_input(gm)
+            return gm.graph.call_function(_CONV[c.dim], (x, w, b, c.stride, c.padding, c.dilation, c.groups))
 
         fold_into(gm, conv, bn, weight, bias, make_call)
         rewrites += 1

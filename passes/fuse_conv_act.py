@@ -33,7 +33,7 @@ def fuse_conv_act(gm: fx.GraphModule, ctx: PassContext) -> int:
         if not inputs_stable(gm, ep, [conv.input, conv.weight, conv.bias, ep.residual]):
             continue
         with gm.graph.inserting_before(ep.last):
-            args = (conv.input, as_node(gm, conv.weight), as_node(gm, conv.bias), conv.stride, conv.padding,
+            args = (conv.padded_input(gm), as_node(gm, conv.weight), as_node(gm, conv.bias), conv.stride, conv.padding,
                     conv.dilation, conv.groups, ep.act, ep.residual)
             fused = gm.graph.call_function(OPS["conv2d_act"], args)
         copy_meta(fused, ep.last, ep.nodes)

@@ -36,6 +36,14 @@ class Conv:
     dilation: list[int]
     groups: int
     owner: str | None  # the module's target for call_module, the weight's attribute for get_attr
+    pad_mode: str = "zeros"  # reflect / replicate / circular: F.pad(input, pad, pad_mode) first, then padding 0
+    pad: list[int] | None = None
+
+    def padded_input(self, gm: fx.GraphModule) -> fx.Node:
+        """The conv's input, padded as its module pads it; call inside ``graph.inserting_before``."""
+        if self.pad_mode == "zeros":
+            return self.input
+        return gm.graph.call_function(F.pad, (self.input, self.pad, self.pad_mode))
 
     def weight_tensor(self, gm: fx.GraphModule) -> torch.Tensor | None:
         return _tensor(gm, self.weight)
@@ -115,10 +123,10 @@ def match_conv(gm: fx.GraphModule, node: fx.Node) -> Conv | None:
     if node.op == "call_module":
         m = module_of(gm, node)
         dim = next((d for cls, d in _CONV_MODULES.items() if type(m) is cls), None)
-        if dim is None or m.padding_mode != "zeros" or not isinstance(node.args[0], fx.Node) or len(node.args) != 1:
+        if dim is None or not isinstance(node.args[0], fx.Node) or len(node.args) != 1:
             return None
         weight, bias = f"{node.target}.weight", (f"{node.target}.bias" if m.bias is not None else None)
-        raw = (m.stride, m.padding, m.dilation, m.groups)
+        raw = (m.stride, m.padding if m.padding_mode == "zeros" else 0, m.dilation, m.groups)
         kernel, owner, x = list(m.kernel_size), node.target, node.args[0]
     elif node.op == "call_function" and node.target in _CONV_FUNCTIONS:
         dim = _CONV_FUNCTIONS[node.target]
@@ -139,6 +147,9 @@ def match_conv(gm: fx.GraphModule, node: fx.Node) -> Conv | None:
     padding = _padding(raw[1], kernel, dilation, dim)
     if padding is None:
         return None
+    if node.op == "call_module" and m.padding_mode != "zeros":
+        return Conv(node, x, dim, weight, bias, stride, padding, dilation, groups, owner, m.padding_mode,
+                    list(m._reversed_padding_repeated_twice))
     return Conv(node, x, dim, weight, bias, stride, padding, dilation, groups, owner)
 
 

@@ -51,7 +51,8 @@ def generate(seed: int, max_ops: int = 12) -> dict:
         s = list(values[x]["shape"])
         if kind == "conv":
             reuse = [m for m in modules.values() if m["kind"] == "conv" and m["cin"] == s[1]
-                     and s[2] + 2 * m["padding"] >= m["k"] and s[3] + 2 * m["padding"] >= m["k"]]
+                     and s[2] + 2 * m["padding"] >= m["k"] and s[3] + 2 * m["padding"] >= m["k"]
+                     and ("padding_mode" not in m or m["padding"] < min(s[2], s[3]))]
             if reuse and rng.random() < 0.25:
                 op = dict(reuse[0], x=x)                              # one conv module, two call sites
             else:
@@ -62,6 +63,8 @@ def generate(seed: int, max_ops: int = 12) -> dict:
                 op = {"kind": "conv", "x": x, "module": new_name("conv"), "cin": s[1], "cout": cout, "k": k,
                       "stride": rng.choice([1, 1, 2]), "padding": padding, "groups": groups,
                       "bias": rng.random() < 0.5}
+                if 0 < padding < min(s[2], s[3]) and rng.random() < 0.15:
+                    op["padding_mode"] = rng.choice(["reflect", "replicate", "circular"])
                 modules[op["module"]] = op
             h = (s[2] + 2 * op["padding"] - op["k"]) // op["stride"] + 1
             w = (s[3] + 2 * op["padding"] - op["k"]) // op["stride"] + 1

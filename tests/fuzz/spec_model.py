@@ -27,7 +27,7 @@ def _module(op: dict) -> nn.Module:
     kind = op["kind"]
     if kind == "conv":
         return nn.Conv2d(op["cin"], op["cout"], op["k"], op["stride"], op["padding"], groups=op["groups"],
-                         bias=op["bias"])
+                         bias=op["bias"], padding_mode=op.get("padding_mode", "zeros"))
     if kind == "bn2d":
         return nn.BatchNorm2d(op["c"])
     if kind == "bn1d":

@@ -121,3 +121,18 @@ def test_the_users_module_is_untouched():
     apply(fold_conv_bn, gm, x)
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_padding_modes_fold_through_an_explicit_pad(mode):
+    class M(ConvBN):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 8, 3, padding=1, padding_mode=mode)
+
+    m, x = randomize_bn(M()).eval(), torch.randn(2, 4, 7, 6)
+    gm = traced(m, x)
+    assert apply(fold_conv_bn, gm, x) == 1
+    assert count(gm, *BN) == 0 and count(gm, F.pad) == 1
+    close(gm(x), m(x))
+    assert apply(fold_conv_bn, gm, x) == 0

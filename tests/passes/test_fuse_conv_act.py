@@ -198,3 +198,15 @@ def test_conv1d_and_asymmetric_same_padding_are_left_alone():
     m, x = M().eval(), torch.randn(2, 3, 6, 6)
     gm = traced(m, x)
     assert apply(fuse_conv_act, gm, x) == 0
+
+
+def test_reflect_padded_conv_fuses_after_its_pad():
+    m = ConvAct(nn.ReLU())
+    m.conv = nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect")
+    m, x = m.eval(), torch.randn(2, 4, 9, 7)
+    gm = traced(m, x)
+    assert apply(fuse_conv_act, gm, x) == 1
+    (fused,) = graphopt_calls(gm, "conv2d_act")
+    assert fused.args[0].target is F.pad and fused.args[4] == [0, 0]
+    close(gm(x), m(x))
+    assert apply(fuse_conv_act, gm, x) == 0
