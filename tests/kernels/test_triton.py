@@ -25,6 +25,7 @@ CONVS = [
     (1, 6, 13, 6, 15, (3, 1), (1, 2), (1, 0), (2, 1), 3),     # grouped, dilated, non-square filter
     (1, 17, 4, 4, 16, (1, 1), (1, 1), (0, 0), (1, 1), 1),     # reduction of 17 = tile + 1
     (3, 5, 3, 17, 7, (5, 5), (1, 1), (2, 2), (1, 1), 1),      # 5x5, output rows 3*3*17 = 153
+    (1, 2, 127, 3, 3, (3, 3), (1, 1), (1, 1), (1, 1), 1),     # 127 rows: many tiles, a ragged last one
 ]
 
 
@@ -56,7 +57,7 @@ def test_conv2d_act_without_bias_and_in_float64():
     torch.testing.assert_close(got, want, **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 7, 17), (2, 5, 16, 15), (17, 33, 1), (16, 16, 16)])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 7, 17), (2, 5, 16, 15), (17, 33, 1), (16, 16, 16), (2, 127, 3)])
 @pytest.mark.parametrize("act", ACTS)
 def test_linear_act_matches_reference(shape, act):
     *lead, k, n = shape
