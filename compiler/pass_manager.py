@@ -101,6 +101,8 @@ class PassManager:
                                          f"passes=[...] without {info.name!r} works around it") from e
                 if rewrites:
                     error = self._verify(gm, work, info, ctx, oracle, history)
+                    if self.check:
+                        self._check_deterministic(gm, work, info, ctx, history)
                     gm, changed = work, True
                     record.max_error = error if record.max_error is None else max(record.max_error, error or 0.0)
                 record.seconds += time.perf_counter() - start
@@ -120,6 +122,17 @@ class PassManager:
             dumper.report(report)
         return gm, report
 
+
+    def _check_deterministic(self, before: fx.GraphModule, after: fx.GraphModule, info: PassInfo, ctx: PassContext,
+                             history: list[str]) -> None:
+        """The same pass on the same graph must write the same code (no dict-order or id-based choices)."""
+        twin = clone(before)
+        info.fn(twin, ctx)
+        twin.recompile()
+        if twin.code != after.code:
+            raise PassError(f"pass {info.name} is not deterministic: two runs on the same graph wrote different code; "
+                            "the graph was rolled back to before it", pass_name=info.name,
+                            passes_before=list(history), hint="this is a graphopt bug: please report it with the model")
 
     def _verify(self, before: fx.GraphModule, after: fx.GraphModule, info: PassInfo, ctx: PassContext,
                 oracle: Oracle | None, history: list[str]) -> float | None:

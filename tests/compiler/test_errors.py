@@ -214,3 +214,24 @@ def test_int8_is_refused_clearly_in_this_version():
     with pytest.raises(GraphoptError, match="not available in this version") as info:
         optimize(nn.Linear(3, 3).eval(), (torch.randn(2, 3),), quantize="int8", calibration=[])
     assert "quantize=None" in str(info.value)
+
+
+def test_a_nondeterministic_pass_is_caught():
+    import itertools
+
+    counter = itertools.count()
+
+    @register("_test_flaky", kind="exact")
+    def flaky(gm, ctx):  # names its new node differently on every run
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(out):
+            node = gm.graph.call_function(torch.mul, (out.args[0], 1.0))
+        node.name = f"copy_{next(counter)}"
+        out.replace_input_with(out.args[0], node)
+        return 1
+
+    try:
+        with pytest.raises(PassError, match="not deterministic"):
+            optimize(nn.Linear(2, 2).eval(), (torch.randn(1, 2),), passes=["_test_flaky"])
+    finally:
+        del REGISTRY["_test_flaky"]
