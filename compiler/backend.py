@@ -4,12 +4,14 @@ torch.compile hands its backends parameters and buffers as graph inputs. Like In
 freezing, graphopt turns them back into constants of the graph (by reference, not copied),
 so that BatchNorm folding and weight-constant passes apply; change the weights, and compile
 again. A graph that must stay differentiable (grad enabled and a parameter that requires it)
-runs as torch.compile captured it.
+runs as torch.compile captured it. ``GRAPHOPT_DUMP=dir`` dumps each graph into dir/graph_NNN/.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -67,13 +69,22 @@ def _compile(gm: fx.GraphModule, example_inputs: list) -> Callable:
 
     backend = "cpu" if device == "cpu" else ("triton" if device == "cuda" and _has_triton() else "reference")
     ctx = PassContext(inputs, backend=backend)
-    _, gm, _ = run_pipeline(gm, ctx, DEFAULT_PIPELINE, LOWERING[ctx.backend])
+    dump_root = os.environ.get("GRAPHOPT_DUMP")
+    dump_dir = _next_dump_dir(dump_root) if dump_root else None  # one folder per graph torch.compile hands us
+    _, gm, _ = run_pipeline(gm, ctx, DEFAULT_PIPELINE, LOWERING[ctx.backend], dump_dir=dump_dir)
     finalize(gm)
 
     def run(*args: Any) -> Any:
         return gm(*[args[i] for i in kept])
 
     return run
+
+
+def _next_dump_dir(root: str) -> str:
+    base = Path(root)
+    base.mkdir(parents=True, exist_ok=True)
+    n = sum(1 for p in base.glob("graph_*") if p.is_dir())
+    return str(base / f"graph_{n:03d}")
 
 
 def register() -> None:

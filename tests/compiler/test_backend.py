@@ -54,3 +54,16 @@ def test_freeze_keeps_user_inputs_only():
     gm = fx.symbolic_trace(M())
     gm, kept = freeze(gm, [torch.nn.Parameter(torch.ones(3)), torch.randn(3)])
     assert kept == [1] and sum(n.op == "placeholder" for n in gm.graph.nodes) == 1
+
+
+def test_dumps_one_folder_per_compiled_graph(tmp_path, monkeypatch):
+    from tests.compiler.test_errors import DataDependent
+
+    monkeypatch.setenv("GRAPHOPT_DUMP", str(tmp_path))
+    torch._dynamo.reset()
+    model, x = DataDependent().eval(), torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        close(torch.compile(model, backend="graphopt")(x), model(x))
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    assert folders and folders[0] == "graph_000"
+    assert (tmp_path / "graph_000" / "index.html").exists() and (tmp_path / "graph_000" / "00_captured.py").exists()
