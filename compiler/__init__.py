@@ -20,7 +20,7 @@ from compiler.capture import capture, normalize_inputs
 from compiler.codegen import OptimizedModule, finalize, input_specs
 from compiler.errors import CaptureError, GraphoptError, InputError, LoadError, PassError
 from compiler.onnx import export_onnx
-from compiler.pass_manager import PassManager, PassRecord, run_pipeline
+from compiler.pass_manager import PassManager, PassRecord, lower, run_pipeline
 from passes import DEFAULT_PIPELINE, LOWERING, PassContext
 
 BACKENDS = ("auto", "cpu", "triton", "reference")
@@ -52,24 +52,47 @@ def _has_triton() -> bool:
 
 def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
              calibration: Iterable | None = None, passes: list[str] | None = None, backend: str = "auto",
-             dump_dir: str | os.PathLike | None = None, check: bool = True) -> OptimizedModule:
+             dump_dir: str | os.PathLike | None = None, check: bool = True, *,
+             calibration_method: str = "histogram", accuracy_budget: Any = None,
+             progress: bool = True) -> OptimizedModule:
     """Trace ``model`` on ``example_inputs``, optimize its graph and return a module with the same answers.
 
     The model is never modified. Every pass that changes the graph is checked against the
     captured model (``check=True``); ``dump_dir`` (or ``GRAPHOPT_DUMP``) keeps a dump per pass.
+
+    ``quantize="int8"`` calibrates on ``calibration`` (an iterable of input tuples) with
+    ``calibration_method`` ("minmax", "percentile" or "histogram") and runs convolutions and
+    linears in int8; ``accuracy_budget`` (an output SQNR floor in dB, or ``(metric, tolerance)``)
+    returns the most sensitive layers to fp32 until it holds. ``opt.int8_report`` says what happened.
     """
-    if quantize is not None:
-        raise GraphoptError(f"quantize={quantize!r} is not available in this version",
-                            hint="optimize in fp32 (quantize=None)")
+    if quantize not in (None, "int8"):
+        raise GraphoptError(f"unknown quantize={quantize!r}", hint="use quantize='int8', or None for fp32")
     inputs = normalize_inputs(example_inputs)
     backend = _resolve_backend(backend, inputs)
+    if quantize is not None:
+        from compiler.quantize import check_batches
+
+        calibration = check_batches(calibration, inputs)  # before any work: bad data fails fast
     gm = capture(model, inputs)
     ctx = PassContext(inputs, backend=backend, calibration=calibration)
     dump_dir = dump_dir or os.environ.get("GRAPHOPT_DUMP") or None
-    portable, lowered, report = run_pipeline(gm, ctx, list(DEFAULT_PIPELINE if passes is None else passes),
-                                             LOWERING[backend], check=check,
-                                             dump_dir=str(dump_dir) if dump_dir else None)
-    return OptimizedModule(finalize(lowered), report, input_specs(inputs), backend, portable=finalize(portable))
+    manager = PassManager(list(DEFAULT_PIPELINE if passes is None else passes), check=check,
+                          dump_dir=str(dump_dir) if dump_dir else None)
+    portable, report = manager.run(gm, ctx)
+    int8_report = None
+    if quantize == "int8":
+        from compiler.quantize import quantize as quantize_int8
+
+        portable, records, int8_report = quantize_int8(portable, ctx, manager, calibration, calibration_method,
+                                                       accuracy_budget, progress=progress)
+        report += records
+        if manager.dumper:
+            (manager.dumper.root / "int8.md").write_text(int8_report.table() + "\n")
+    lowered, lowering_report = lower(portable, ctx, LOWERING[backend], check=check, manager=manager)
+    opt = OptimizedModule(finalize(lowered), report + lowering_report, input_specs(inputs), backend,
+                          portable=finalize(portable))
+    opt.int8_report = int8_report
+    return opt
 
 
 _register_backend()

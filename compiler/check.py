@@ -4,11 +4,13 @@
     fp32    against a float64 run of the captured model:  |y - y64| <= 3 * |y_eager - y64| + 4 * eps * max|y64|
             per output, over the positions where eager's output is finite; where eager's output
             is NaN or +-inf the new one must be the same non-finite value.
+    int8    signal-to-quantization-noise ratio against a reference run, per output, at least a floor (dB)
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,8 +100,31 @@ class Oracle:
                         f"(3x eager's {err_eager:.3g})")
         return None
 
+    def int8_error(self, outputs: list, floor_db: float, reference: list | None = None) -> str | None:
+        """Each floating output's SQNR against ``reference`` (default: the captured model's) must reach the floor."""
+        for i, (new, old) in enumerate(zip(outputs, reference or self.eager)):
+            if isinstance(old, torch.Tensor) and old.is_floating_point():
+                db = sqnr(old, new)
+                if db < floor_db:
+                    return f"output {i}: SQNR {db:.1f} dB against the reference is below the floor of {floor_db:.1f} dB"
+            elif not same_bits(new, old):
+                return f"output {i} (not floating point) changed"
+        return None
+
     def max_error(self, outputs: list) -> float:
         return max((max_abs_diff(n, o) for n, o in zip(outputs, self.eager)), default=0.0)
+
+
+def sqnr(reference: torch.Tensor, value: torch.Tensor) -> float:
+    """10 log10(sum ref^2 / sum (ref - value)^2) in dB over the positions finite in both; inf when equal."""
+    ref, val = reference.detach().double().flatten(), value.detach().double().flatten()
+    finite = ref.isfinite() & val.isfinite()
+    if not bool(torch.equal(finite, ref.isfinite())):
+        return float("-inf")  # a value went non-finite where the reference is finite
+    signal, noise = float((ref[finite] ** 2).sum()), float(((ref[finite] - val[finite]) ** 2).sum())
+    if noise == 0.0:
+        return float("inf")
+    return 10.0 * math.log10(max(signal, 1e-30) / noise)
 
 
 class _Recording(fx.Interpreter):

@@ -27,6 +27,11 @@ from passes.graph import is_impure
 
 log = logging.getLogger("graphopt")
 
+# The SQNR floors of the int8 checks: quantizing must not wreck the outputs (the accuracy budget is
+# the user's, compiler/quantize.py), and lowering an int8 graph may differ from it by rounding only.
+INT8_PASS_FLOOR_DB = 10.0
+INT8_LOWERING_FLOOR_DB = 30.0
+
 
 @dataclass
 class PassRecord:
@@ -58,13 +63,16 @@ def count_nodes(gm: fx.GraphModule) -> int:
 
 class PassManager:
     def __init__(self, passes: list[str], *, check: bool = True, dump_dir: str | None = None,
-                 dumper: Dumper | None = None, max_iterations: int = 4):
+                 dumper: Dumper | None = None, max_iterations: int = 4, int8_reference: list | None = None,
+                 int8_floor_db: float = INT8_PASS_FLOOR_DB):
         unknown = [p for p in passes if p not in REGISTRY]
         if unknown:
             raise GraphoptError(f"unknown pass(es): {', '.join(unknown)}",
                                 hint=f"available passes: {', '.join(sorted(REGISTRY))}")
         self.passes: list[PassInfo] = [REGISTRY[p] for p in passes]
         self.check, self.max_iterations = check, max_iterations
+        # int8 graphs: every pass is checked by SQNR, against these outputs (default: the captured model's)
+        self.int8_reference, self.int8_floor_db = int8_reference, int8_floor_db
         self.dumper = dumper or (Dumper(dump_dir) if dump_dir else None)
         self.oracle: Oracle | None = None
 
@@ -164,7 +172,9 @@ class PassManager:
         if problem is None and info.kind == "exact":
             if not all(same_bits(a, b) for a, b in zip(flat, self._previous)):
                 problem = "changed the outputs of a pass that must keep them bitwise equal"
-        if problem is None and info.kind == "fp32":
+        if problem is None and (info.kind == "int8" or self.int8_reference is not None):
+            problem = oracle.int8_error(flat, self.int8_floor_db, self.int8_reference)
+        elif problem is None and info.kind == "fp32":
             problem = oracle.fp32_error(flat)
         if problem is not None:
             node = first_divergence(before, after, ctx.example_inputs, exact=info.kind == "exact")
@@ -173,11 +183,29 @@ class PassManager:
         return oracle.max_error(flat)
 
 
+def is_quantized(gm: fx.GraphModule) -> bool:
+    from kernels.ops import INT8_OPS, OPS
+
+    targets = {OPS[name] for name in INT8_OPS}
+    return any(n.op == "call_function" and n.target in targets for n in gm.graph.nodes)
+
+
+def lower(portable: fx.GraphModule, ctx: PassContext, lowering: list[str], *, check: bool = True,
+          manager: PassManager | None = None) -> tuple[fx.GraphModule, list]:
+    """The backend's lowering on a copy of ``portable`` (an int8 graph is checked against itself, by SQNR)."""
+    reference = None
+    if check and is_quantized(portable):
+        with torch.no_grad():
+            reference = tree_flatten(portable(*fresh(ctx.example_inputs)))[0]
+    lowering_manager = PassManager(lowering, check=check, dumper=manager.dumper if manager else None,
+                                   int8_reference=reference, int8_floor_db=INT8_LOWERING_FLOOR_DB)
+    return lowering_manager.run(clone(portable), ctx, oracle=manager.oracle if manager else None)
+
+
 def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: list[str], lowering: list[str], *,
                  check: bool = True, dump_dir: str | None = None) -> tuple[fx.GraphModule, fx.GraphModule, list]:
     """The pipeline, then the backend's lowering on a copy: (portable graph, lowered graph, report)."""
     manager = PassManager(passes, check=check, dump_dir=dump_dir)
     portable, report = manager.run(gm, ctx)
-    lowering_manager = PassManager(lowering, check=check, dumper=manager.dumper)
-    lowered, lowering_report = lowering_manager.run(clone(portable), ctx, oracle=manager.oracle)
+    lowered, lowering_report = lower(portable, ctx, lowering, check=check, manager=manager)
     return portable, lowered, report + lowering_report

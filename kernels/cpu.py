@@ -88,3 +88,75 @@ def conv2d_act(x, weight, bias, stride, padding, dilation, groups, act, residual
 
 def linear_act(x, weight, bias, act):
     return _epilogue(F.linear(x, weight, bias), act)
+
+
+# ---------------------------------------------------------------- int8
+#
+# oneDNN's int8 primitives read activations as uint8: the lowering runs every int8 tensor of the
+# scheme (kernels/reference.py) shifted by 128, q_u8 = q_i8 + 128 with zero point zp + 128, which
+# is the same number on the same grid. Weights stay int8, symmetric, per output channel.
+
+U8_SHIFT = 128
+
+# act name -> oneDNN int8 post-op (attr, scalars, algorithm), per primitive; int8 inputs carry no
+# NaN, so relu and clip are exact here
+_QCONV_POSTOPS = {"none": lambda p: ("none", [], ""), "relu": lambda p: ("relu", [], ""),
+                  "relu6": lambda p: ("hardtanh", [0.0, 6.0], ""),
+                  "hardtanh": lambda p: ("hardtanh", [float(p[0]), float(p[1])], ""),
+                  "hardswish": lambda p: ("hardswish", [], ""), "silu": lambda p: ("swish", [], "")}
+_QLINEAR_POSTOPS = {**_QCONV_POSTOPS, "tanh": lambda p: ("tanh", [], ""),
+                    "gelu": lambda p: ("gelu", [], p[0] if p else "none"),
+                    "leaky_relu": lambda p: ("leaky_relu", [float(p[0])], "")}
+
+
+def int8_postop(act: str, linear: bool) -> tuple[str, list, str] | None:
+    """oneDNN's int8 post-op for ``act`` (conv or linear primitive); None where it has none."""
+    name, params = parse_act(act)
+    rule = (_QLINEAR_POSTOPS if linear else _QCONV_POSTOPS).get(name)
+    return rule(params) if rule else None
+
+
+def has_vnni() -> bool:
+    """Does this CPU have int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX)?"""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") and _cpu_flags() & {
+        "avx512_vnni", "avx_vnni", "amx_int8"} != set()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def quantize_u8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """fp32 -> uint8 (zero_point already shifted); round half to even, saturate. Keeps x's layout."""
+    y = torch.round(x / scale)
+    return y.add_(zero_point).clamp_(0, 255).to(torch.uint8)
+
+
+def dequantize_u8(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    return q.to(torch.float32).sub_(zero_point).mul_(scale)
+
+
+def max_pool2d_u8(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                  return_indices=False) -> torch.Tensor:
+    """Max pooling on uint8 in any layout (aten's rejects channels-last uint8): the maximum over the
+    kernel's shifted strided slices. 0 is uint8's least value, so it pads like -inf does."""
+    (kh, kw), (ph, pw), (dh, dw) = (_pair(kernel_size), _pair(padding), _pair(dilation))
+    sh, sw = _pair(stride if stride not in (None, []) else kernel_size)
+    n, c, h, w = x.shape
+    p = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    q = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            window = xp[:, :, i * dh: i * dh + sh * (p - 1) + 1: sh, j * dw: j * dw + sw * (q - 1) + 1: sw]
+            out = window.clone() if out is None else torch.maximum(out, window, out=out)
+    return out
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[-1]))

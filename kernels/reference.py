@@ -123,3 +123,13 @@ def qconv2d_act(x: torch.Tensor, x_scale: float, x_zp: int, weight: torch.Tensor
         y = y + residual
     y = apply_act(y, act)
     return y if out_scale is None else requantize(y, out_scale, out_zp)
+
+
+def quantize(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """fp32 -> int8 on the activation scheme (the graph's entry into int8)."""
+    return requantize(x.float(), scale, zero_point)
+
+
+def dequantize(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """int8 -> fp32: (q - zero_point) * scale."""
+    return (q.float() - zero_point) * scale

@@ -5,6 +5,8 @@ numerics oracle the driver checks it with:
 
     exact   the pass moves or removes work but computes nothing new: outputs are bitwise equal
     fp32    the pass changes floating-point arithmetic: outputs within the fp32 tolerance rule
+    int8    the pass quantizes: outputs within an SQNR floor of the fp32 ones (the accuracy budget
+            itself is the driver's: compiler/quantize.py)
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class PassInfo:
 
 
 REGISTRY: dict[str, PassInfo] = {}
-KINDS = ("exact", "fp32")
+KINDS = ("exact", "fp32", "int8")
 
 
 def register(name: str, kind: str) -> Callable[[PassFn], PassFn]:
@@ -58,10 +60,12 @@ from passes import (  # noqa: E402, F401  (each module registers itself)
     fold_linear_bn,
     fuse_conv_act,
     fuse_linear_act,
+    lower_int8_onednn,
     lower_to_onednn,
     lower_to_reference,
     lower_to_triton,
     plan_layout,
+    quantize_int8,
     remove_noops,
 )
 
@@ -79,7 +83,7 @@ DEFAULT_PIPELINE = [
 # After the pipeline, the graph is lowered for the backend it will run on; the pipeline's own
 # result (graphopt ops, plain weights) stays the portable form that is saved and exported.
 LOWERING = {
-    "cpu": ["lower_to_onednn", "plan_layout"],
+    "cpu": ["lower_int8_onednn", "lower_to_onednn", "plan_layout"],
     "reference": ["lower_to_reference"],
     "triton": ["lower_to_triton"],
 }

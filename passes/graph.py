@@ -228,6 +228,11 @@ def copy_meta(new: fx.Node, old: fx.Node, replaced: list[fx.Node]) -> None:
         if key not in new.meta and key in replaced[0].meta:
             new.meta[key] = replaced[0].meta[key]
     new.meta["replaces"] = [r.name for r in replaced]
+    # the module the fused op is named after: the first op's (the conv of conv + bn + relu)
+    first = replaced[0]
+    layer = first.meta.get("layer") or first.meta.get("module") or old.meta.get("layer")
+    if layer:
+        new.meta["layer"] = layer
 
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:

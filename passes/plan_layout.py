@@ -19,6 +19,7 @@ import torch.fx as fx
 from passes import PassContext, register
 from passes.graph import alias_roots, mutated_roots
 from passes.layout import convert, is_4d_float, is_conversion, layout_changes_aliasing
+from passes.lower_int8_onednn import QCONV, QCONV_SUM
 from passes.lower_to_onednn import CONV, CONV_ADD
 
 
@@ -26,7 +27,7 @@ def _reaches_conv(node: fx.Node) -> bool:
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
-        if n.op == "call_function" and n.target in (CONV, CONV_ADD):
+        if n.op == "call_function" and n.target in (CONV, CONV_ADD, QCONV, QCONV_SUM):
             return True
         for u in n.users:
             if u not in seen:

@@ -1,0 +1,283 @@
+"""int8: calibrate, quantize, measure each layer, and hold the accuracy budget.
+
+    ranges  = calibrate(fp32 graph, batches, method)          passes/observers.py, over the user's batches
+    int8    = quantize_int8 pass (checked like every pass)    passes/quantize_int8.py
+    report  = SQNR of every quantized layer and of the output, against the fp32 graph, on the
+              first EVAL_BATCHES calibration batches
+    budget  = while the budget fails: return the most sensitive int8 layer to fp32, where a
+              layer's sensitivity is the output SQNR gained by keeping it (alone) in fp32, measured
+
+``accuracy_budget`` is an output SQNR floor in dB, or ``(metric, tolerance)`` where
+``metric(module) -> float`` is higher-is-better (say, accuracy on held-out data) and the int8
+module may lose at most ``tolerance`` of the fp32 module's score.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+
+from compiler.capture import fresh
+from compiler.check import record_values, sqnr
+from compiler.errors import GraphoptError, InputError
+from compiler.pass_manager import PassManager, clone, lower
+from passes import LOWERING, PassContext
+from passes.observers import METHODS, collect, value_range
+from passes.quantize_int8 import candidates
+
+EVAL_BATCHES = 4
+
+
+@dataclass
+class Int8Report:
+    method: str
+    batches: int
+    calibration_seconds: float
+    vnni: bool
+    budget: str | None
+    output_sqnr_db: float = float("nan")
+    layers: list[dict] = field(default_factory=list)  # name, node, op, int8, sqnr_db, reason
+    fallback: list[str] = field(default_factory=list)  # layer names returned to fp32, in order
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def table(self) -> str:
+        rows = [f"int8: {self.method} calibration on {self.batches} batches ({self.calibration_seconds:.1f} s); "
+                f"output SQNR {self.output_sqnr_db:.1f} dB" + (f"; budget {self.budget}" if self.budget else ""),
+                "", "| layer | op | runs in | SQNR dB | why fp32 |", "|---|---|---|---:|---|"]
+        for layer in self.layers:
+            rows.append(f"| {layer['name']} | {layer['op']} | {'int8' if layer['int8'] else 'fp32'} | "
+                        f"{layer['sqnr_db']:.1f} | {layer['reason'] or ''} |")
+        return "\n".join(rows)
+
+
+def check_batches(calibration: Iterable | None, example_inputs: tuple) -> list[tuple]:
+    """The calibration batches as a list of input tuples like the example inputs, or a clear error."""
+    if calibration is None:
+        raise GraphoptError("quantize='int8' needs calibration data",
+                            hint="pass calibration=[(x1,), (x2,), ...]: a few dozen batches like the real inputs")
+    try:
+        batches = [b if isinstance(b, (tuple, list)) else (b,) for b in calibration]
+    except TypeError as e:
+        raise GraphoptError(f"calibration must be an iterable of input tuples, got {type(calibration).__name__}",
+                            hint="pass calibration=[(x1,), (x2,), ...]") from e
+    if not batches:
+        raise GraphoptError("calibration is empty", hint="pass at least one batch; a few dozen is typical")
+    for i, batch in enumerate(batches):
+        if len(batch) != len(example_inputs):
+            raise InputError(f"calibration batch {i} has {len(batch)} inputs, the example inputs {len(example_inputs)}",
+                             hint="each batch is a tuple of the model's inputs, like example_inputs")
+        for j, (t, ex) in enumerate(zip(batch, example_inputs)):
+            if not isinstance(ex, torch.Tensor):
+                continue
+            if not isinstance(t, torch.Tensor) or t.dim() != ex.dim() or t.dtype != ex.dtype \
+                    or t.device != ex.device or t.shape[1:] != ex.shape[1:]:
+                got = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise InputError(f"calibration batch {i}, input {j}: expected {tuple(ex.shape)} {ex.dtype} on "
+                                 f"{ex.device} (any batch size), got {got}",
+                                 hint="calibration batches must look like the example inputs")
+            if t.is_floating_point() and not bool(t.isfinite().all()):
+                raise InputError(f"calibration batch {i}, input {j} holds NaN or inf",
+                                 hint="calibrate on real, finite data: a NaN would make every range meaningless")
+    return batches
+
+
+def observed_nodes(gm: fx.GraphModule) -> set[str]:
+    """What calibration measures: the input and the output of every op the int8 pass can quantize."""
+    names = set()
+    for node in candidates(gm):
+        names |= {node.name, node.args[0].name}
+    return names
+
+
+def calibrate(gm: fx.GraphModule, batches: list[tuple], method: str, progress: bool = True
+              ) -> dict[str, tuple[float, float]]:
+    """{node name: (lo, hi)} for the nodes the int8 pass needs, over ``batches``."""
+    if method not in METHODS:
+        raise GraphoptError(f"unknown calibration_method {method!r}", hint=f"use one of {', '.join(METHODS)}")
+    names = observed_nodes(gm)
+    passes = 1 if method == "minmax" else 2
+    with _progress(progress, f"calibrating ({method})", passes * len(batches)) as advance:
+        stats = collect(gm, batches, names, method, progress=advance)
+    ranges = {}
+    for name in sorted(names):
+        found = value_range(stats, name, method)
+        if found is not None:
+            ranges[name] = found
+    return ranges
+
+
+class _progress:
+    """A rich progress bar on stderr (nothing when ``show`` is false); ``with`` gives the advance function."""
+
+    def __init__(self, show: bool, label: str, total: int):
+        self.show, self.label, self.total = show, label, total
+
+    def __enter__(self) -> Callable[[], None] | None:
+        if not self.show:
+            return None
+        from rich.console import Console
+        from rich.progress import Progress
+
+        self.bar = Progress(console=Console(stderr=True), transient=True)
+        self.bar.start()
+        task = self.bar.add_task(self.label, total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.show:
+            self.bar.stop()
+
+
+def _budget_text(budget: Any) -> str | None:
+    if budget is None:
+        return None
+    if isinstance(budget, (int, float)):
+        return f"output SQNR >= {float(budget):.1f} dB"
+    return f"metric within {budget[1]} of fp32"
+
+
+def _output_sqnr(reference: list[list], module: Callable, batches: list[tuple]) -> float:
+    signal = noise = 0.0
+    with torch.no_grad():
+        for ref, batch in zip(reference, batches):
+            out = module(*fresh(batch))
+            out = out if isinstance(out, (tuple, list)) else (out,)
+            for r, o in zip(ref, out):
+                if isinstance(r, torch.Tensor) and r.is_floating_point():
+                    r, o = r.double(), o.double()
+                    signal += float((r ** 2).sum())
+                    noise += float(((r - o) ** 2).sum())
+    return float("inf") if noise == 0 else 10 * torch.log10(torch.tensor(max(signal, 1e-30) / noise)).item()
+
+
+class Quantizer:
+    """Builds int8 graphs from one calibrated fp32 graph, with any set of layers kept in fp32."""
+
+    def __init__(self, fp32: fx.GraphModule, ctx: PassContext, ranges: dict, batches: list[tuple]):
+        self.fp32, self.ctx, self.ranges = fp32, ctx, ranges
+        self.eval = batches[:EVAL_BATCHES]
+        with torch.no_grad():
+            self.reference = [_as_list(fp32(*fresh(b))) for b in self.eval]
+        self.layers = [n for n in candidates(fp32) if n.name in ranges and n.args[0].name in ranges]
+
+    def build(self, skip: set[str], *, check: bool = False, manager: PassManager | None = None) -> fx.GraphModule:
+        ctx = PassContext(self.ctx.example_inputs, backend=self.ctx.backend,
+                          options={**self.ctx.options, "int8_ranges": self.ranges, "int8_skip": sorted(skip)})
+        pm = manager or PassManager(["quantize_int8"], check=check)
+        gm, records = pm.run(clone(self.fp32), ctx, oracle=pm.oracle)
+        self.records = records
+        return gm
+
+    def runnable(self, gm: fx.GraphModule) -> fx.GraphModule:
+        """The graph lowered to the backend (unchecked): what the budget and the user's metric run."""
+        return lower(gm, self.ctx, LOWERING[self.ctx.backend], check=False)[0]
+
+    def output_sqnr(self, module: Callable) -> float:
+        return _output_sqnr(self.reference, module, self.eval)
+
+    def layer_sqnr(self, gm: fx.GraphModule) -> dict[str, float]:
+        """{fp32 node name: SQNR of that layer's output in ``gm`` against the fp32 graph}, over the eval batches."""
+        signal: dict[str, float] = {}
+        noise: dict[str, float] = {}
+        for batch in self.eval:
+            old, new = record_values(self.fp32, batch), record_values(gm, batch)
+            for node in gm.graph.nodes:
+                replaced = node.meta.get("replaces") or []
+                if not replaced or replaced[-1] not in old or node.name not in new:
+                    continue
+                ref, val = old[replaced[-1]], new[node.name]
+                if not isinstance(ref, torch.Tensor) or not isinstance(val, torch.Tensor):
+                    continue
+                if val.dtype == torch.int8:
+                    scale, zp = node.args[-2], node.args[-1]
+                    val = (val.float() - zp) * scale
+                r, v = ref.double(), val.double()
+                signal[replaced[-1]] = signal.get(replaced[-1], 0.0) + float((r ** 2).sum())
+                noise[replaced[-1]] = noise.get(replaced[-1], 0.0) + float(((r - v) ** 2).sum())
+        return {k: (float("inf") if noise[k] == 0 else 10 * torch.log10(
+            torch.tensor(max(signal[k], 1e-30) / noise[k])).item()) for k in signal}
+
+
+def _as_list(out: Any) -> list:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def quantize(fp32: fx.GraphModule, ctx: PassContext, manager: PassManager, calibration: Iterable | None,
+             method: str, budget: Any, progress: bool = True) -> tuple[fx.GraphModule, list, Int8Report]:
+    """The int8 graph of ``fp32`` (the optimized fp32 graph), its pass records and the int8 report."""
+    batches = check_batches(calibration, ctx.example_inputs)
+    if ctx.backend == "cpu":
+        from kernels.cpu import has_vnni
+
+        vnni = has_vnni()
+        if not vnni:
+            warnings.warn("this CPU has no int8 dot-product instructions (VNNI / AMX): int8 may run slower than "
+                          "fp32 here", stacklevel=3)
+    else:
+        vnni = False
+    start = time.perf_counter()
+    ranges = calibrate(fp32, batches, method, progress=progress)
+    report = Int8Report(method, len(batches), time.perf_counter() - start, vnni, _budget_text(budget))
+    q = Quantizer(fp32, ctx, ranges, batches)
+    skip: set[str] = set()
+    reasons: dict[str, str] = {}
+    if budget is not None:
+        skip, reasons = _hold_budget(q, budget, report)
+    final = PassManager(["quantize_int8"], check=manager.check, dumper=manager.dumper)
+    gm = q.build(skip, manager=final)
+    layer_db = q.layer_sqnr(gm)
+    names = {n.name: n.meta.get("layer") or n.meta.get("module") or n.name for n in q.layers}
+    for node in q.layers:
+        report.layers.append({"name": names[node.name], "node": node.name, "op": _op_name(node),
+                              "int8": node.name not in skip, "sqnr_db": layer_db.get(node.name, float("nan")),
+                              "reason": reasons.get(node.name)})
+    report.fallback = [names[n] for n in reasons]
+    report.output_sqnr_db = q.output_sqnr(q.runnable(gm))
+    return gm, q.records, report
+
+
+def _op_name(node: fx.Node) -> str:
+    return str(getattr(node.target, "_opname", node.target)).removesuffix("_act")
+
+
+def _hold_budget(q: Quantizer, budget: Any, report: Int8Report) -> tuple[set[str], dict[str, str]]:
+    """Return layers to fp32, most sensitive first, until the budget holds (or nothing is left in int8)."""
+    if isinstance(budget, (int, float)):
+        floor = float(budget)
+
+        def score(module) -> float:
+            return q.output_sqnr(module)
+        unit = "dB output SQNR"
+    elif isinstance(budget, (tuple, list)) and len(budget) == 2 and callable(budget[0]):
+        metric, tolerance = budget
+        floor = float(metric(q.fp32)) - float(tolerance)
+        score, unit = metric, "metric"
+    else:
+        raise GraphoptError(f"accuracy_budget must be an SQNR floor in dB or (metric, tolerance), got {budget!r}",
+                            hint="accuracy_budget=35.0, or accuracy_budget=(accuracy_on_my_data, 0.01)")
+    skip: set[str] = set()
+    current = score(q.runnable(q.build(skip)))
+    if current >= floor:
+        return skip, {}
+    gains = {}
+    for node in q.layers:
+        gains[node.name] = score(q.runnable(q.build({node.name}))) - current
+    order = sorted(gains, key=lambda n: (-gains[n], n))
+    reasons = {}
+    for name in order:
+        skip.add(name)
+        before, current = current, score(q.runnable(q.build(skip)))
+        reasons[name] = (f"budget: {unit} {before:.3g} < {floor:.3g} with it in int8 "
+                         f"(keeping it fp32 alone gains {gains[name]:+.3g})")
+        if current >= floor:
+            break
+    else:
+        warnings.warn(f"the accuracy budget ({report.budget}) is not met even with every layer in fp32", stacklevel=4)
+    return skip, reasons

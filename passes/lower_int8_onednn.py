@@ -1,0 +1,183 @@
+"""Lower the int8 ops to oneDNN's int8 primitives (VNNI / AMX integer arithmetic), weights prepacked now.
+
+    graphopt::quantize(x, s, z)          ->  cpu.quantize_u8(x, s, z + 128)
+    graphopt::dequantize(q, s, z)        ->  cpu.dequantize_u8(q, s, z + 128)
+    graphopt::qconv2d_act(xq, ..., r)    ->  onednn::qconv2d_pointwise(xq, ..., W, ...)          (act as post-op)
+                                             onednn::qconv2d_pointwise.binary(xq, ..., accum, ...)  (with a residual:
+                                             oneDNN's sum post-op; an int8 residual is summed as int8)
+    graphopt::qlinear_act(xq, ...)       ->  onednn::qlinear_pointwise(xq, ..., W, ...)
+    max_pool2d on an int8 tensor         ->  cpu.max_pool2d_u8
+
+Every int8 tensor of the graph becomes uint8 shifted by 128 (kernels/cpu.py); requantization
+happens inside the primitive. An activation oneDNN has no int8 post-op for runs after the
+primitive in fp32 (then ``quantize_u8`` if the op writes int8). The summed tensor is written in
+place by oneDNN, so it is copied first unless this op is its last reader.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import cpu
+from kernels.ops import OPS
+from passes import PassContext, register
+from passes.graph import add_constant, calls, constant_value, copy_meta, tensor_meta
+from passes.layout import layout_changes_aliasing, restore_default_layout
+
+QCONV = torch.ops.onednn.qconv2d_pointwise.default
+QCONV_SUM = torch.ops.onednn.qconv2d_pointwise.binary
+QLINEAR = torch.ops.onednn.qlinear_pointwise.default
+_SHIFT = cpu.U8_SHIFT
+
+
+def _last_reader(node: fx.Node, value: fx.Node) -> bool:
+    """Is ``node`` the last op to read ``value``, which nothing else can see (not an input or output)?"""
+    if value.op in ("placeholder", "get_attr") or any(u.op == "output" for u in value.users):
+        return False
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return all(order[u] <= order[node] for u in value.users)
+
+
+def _accumulator(gm: fx.GraphModule, node: fx.Node, residual: fx.Node, out_int8: bool):
+    """(tensor to sum into, its scale, its zero point) for a residual, or None when the primitive can't."""
+    if out_int8:  # oneDNN sums an int8 tensor into an int8 result: take the residual before its dequantize
+        if residual.op != "call_function" or residual.target is not cpu.dequantize_u8:
+            return None
+        value, scale, zp = residual.args
+    else:
+        value, scale, zp = residual, 1.0, 0
+    if not _last_reader(node, value):
+        with gm.graph.inserting_before(node):
+            value = gm.graph.call_method("clone", (value,))
+    return value, scale, zp
+
+
+def _lower_qconv(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    (x, x_scale, x_zp, w, w_scale, b, stride, padding, dilation, groups, act, residual, out_scale,
+     out_zp) = node.args
+    weight, scales, meta = constant_value(gm, w), constant_value(gm, w_scale), tensor_meta(x)
+    if weight is None or scales is None or meta is None:
+        return None
+    out_int8 = out_scale is not None
+    packed = torch.ops.onednn.qconv_prepack(weight, scales, x_scale, x_zp + _SHIFT, stride, padding, dilation,
+                                            groups, list(meta.shape))
+    postop = cpu.int8_postop(act, linear=False)
+    acc = _accumulator(gm, node, residual, out_int8) if residual is not None and postop is not None \
+        and postop[0] in ("none", "relu") else None
+    fused = postop is not None and (residual is None or acc is not None)
+    # what the primitive writes: int8 when the act (and residual) fuse; else fp32, finished below
+    prim_int8 = out_int8 and fused
+    o_scale, o_zp, o_dtype = (out_scale, out_zp + _SHIFT, None) if prim_int8 else (1.0, 0, torch.float32)
+    with gm.graph.inserting_before(node):
+        wp = gm.graph.get_attr(add_constant(gm, f"{w.target}_onednn", packed, buffer=False))
+        wz = gm.graph.get_attr(add_constant(gm, f"{w.target}_zp", torch.zeros(weight.shape[0], dtype=torch.int64),
+                                            buffer=False))
+        head = (x, x_scale, x_zp + _SHIFT, wp, w_scale, wz)
+        geometry = (stride, padding, dilation, groups, o_scale, o_zp, o_dtype)
+        if fused and acc is not None:
+            value, a_scale, a_zp = acc
+            new = gm.graph.call_function(QCONV_SUM, (*head, value, b, *geometry, float(a_scale), int(a_zp), "sum",
+                                                     1.0, postop[0], [], ""))
+        elif fused:
+            new = gm.graph.call_function(QCONV, (*head, b, *geometry, *postop))
+        else:
+            new = gm.graph.call_function(QCONV, (*head, b, *geometry, "none", [], ""))
+            new = _fp32_epilogue(gm, new, act, residual, out_scale, out_zp)
+    return new
+
+
+def _fp32_epilogue(gm: fx.GraphModule, y: fx.Node, act: str, residual: fx.Node | None, out_scale: float | None,
+                   out_zp: int) -> fx.Node:
+    """The residual add and the activation in fp32 after the primitive, then quantize if the op writes int8."""
+    if residual is not None:
+        y = gm.graph.call_method("add_", (y, residual))
+    found = cpu.inplace_act(act)
+    if found is not None:
+        fn, args, kwargs = found
+        y = gm.graph.call_function(fn, (y, *args), kwargs)
+    if out_scale is not None:
+        y = gm.graph.call_function(cpu.quantize_u8, (y, out_scale, out_zp + _SHIFT))
+    return y
+
+
+def _lower_qlinear(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    x, x_scale, x_zp, w, w_scale, b, act, out_scale, out_zp = node.args
+    weight, meta = constant_value(gm, w), tensor_meta(x)
+    if weight is None or meta is None:
+        return None
+    postop = cpu.int8_postop(act, linear=True)
+    prim_int8 = out_scale is not None and postop is not None
+    o_scale, o_zp, o_dtype = (out_scale, out_zp + _SHIFT, None) if prim_int8 else (1.0, 0, torch.float32)
+    packed = torch.ops.onednn.qlinear_prepack(weight, None)
+    with gm.graph.inserting_before(node):
+        wp = gm.graph.get_attr(add_constant(gm, f"{w.target}_onednn", packed, buffer=False))
+        wz = gm.graph.get_attr(add_constant(gm, f"{w.target}_zp", torch.zeros(weight.shape[0], dtype=torch.int64),
+                                            buffer=False))
+        new = gm.graph.call_function(QLINEAR, (x, x_scale, x_zp + _SHIFT, wp, w_scale, wz, b, o_scale, o_zp, o_dtype,
+                                               *(postop or ("none", [], ""))))
+        if postop is None:
+            new = _fp32_epilogue(gm, new, act, None, out_scale, out_zp)
+    return new
+
+
+def _is_int8(node) -> bool:
+    meta = tensor_meta(node)
+    return meta is not None and getattr(meta, "dtype", None) == torch.int8
+
+
+def _max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Rewrite a max pooling of an int8 tensor to the uint8 kernel (aten's has no channels-last uint8)."""
+    if node.op == "call_function" and node.target is F.max_pool2d and _is_int8(node.args[0]):
+        node.target = cpu.max_pool2d_u8
+        return True
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MaxPool2d) \
+            and _is_int8(node.args[0]):
+        m = gm.get_submodule(node.target)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(cpu.max_pool2d_u8, (node.args[0], m.kernel_size, m.stride, m.padding,
+                                                             m.dilation))
+        copy_meta(new, node, [node])
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        return True
+    return False
+
+
+@register("lower_int8_onednn", kind="fp32")
+def lower_int8_onednn(gm: fx.GraphModule, ctx: PassContext) -> int:
+    if not torch.backends.mkldnn.is_available() or layout_changes_aliasing(gm):
+        return 0
+    rewrites = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            rewrites += _max_pool(gm, node)
+            continue
+        if node.target is OPS["quantize"]:
+            x, scale, zp = node.args
+            node.target, node.args = cpu.quantize_u8, (x, scale, zp + _SHIFT)
+        elif node.target is OPS["dequantize"]:
+            q, scale, zp = node.args
+            node.target, node.args = cpu.dequantize_u8, (q, scale, zp + _SHIFT)
+        elif node.target in (OPS["qconv2d_act"], OPS["qlinear_act"]):
+            lower = _lower_qconv if node.target is OPS["qconv2d_act"] else _lower_qlinear
+            w = node.args[3]
+            new = lower(gm, node)
+            if new is None:
+                continue
+            copy_meta(new, node, [node])
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            if not w.users:
+                gm.graph.erase_node(w)
+        elif not _max_pool(gm, node):
+            continue
+        rewrites += 1
+    for node in calls(gm, cpu.dequantize_u8):
+        if not node.users:
+            gm.graph.erase_node(node)
+    if rewrites:
+        restore_default_layout(gm)
+    return rewrites
