@@ -20,7 +20,7 @@ from compiler.capture import capture, normalize_inputs
 from compiler.codegen import OptimizedModule, finalize, input_specs
 from compiler.errors import CaptureError, GraphoptError, InputError, LoadError, PassError
 from compiler.onnx import export_onnx
-from compiler.pass_manager import PassManager, PassRecord, lower, run_pipeline
+from compiler.pass_manager import PassManager, PassRecord, lower
 from passes import DEFAULT_PIPELINE, LOWERING, PassContext
 
 BACKENDS = ("auto", "cpu", "triton", "reference")

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from compiler.capture import fresh
-from compiler.check import record_values, sqnr
+from compiler.check import record_values
 from compiler.errors import GraphoptError, InputError
 from compiler.pass_manager import PassManager, clone, lower
 from passes import LOWERING, PassContext

@@ -160,3 +160,44 @@ def max_pool2d_u8(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation
 
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[-1]))
+
+
+def _u8(x: torch.Tensor) -> torch.Tensor:
+    return (x.to(torch.int16) + U8_SHIFT).to(torch.uint8)
+
+
+def _from_u8(y: torch.Tensor) -> torch.Tensor:
+    return (y.to(torch.int16) - U8_SHIFT).to(torch.int8) if y.dtype == torch.uint8 else y
+
+
+def qconv2d_act(x, x_scale, x_zp, weight, w_scale, bias, stride, padding, dilation, groups, act, residual=None,
+                out_scale=None, out_zp=0):
+    """The int8 scheme's conv on oneDNN, weights packed per call (the lowering packs them once instead)."""
+    xu = _u8(x).contiguous(memory_format=torch.channels_last)
+    packed = torch.ops.onednn.qconv_prepack(weight, w_scale.float(), x_scale, x_zp + U8_SHIFT, stride, padding,
+                                            dilation, groups, list(x.shape))
+    zeros = torch.zeros(weight.shape[0], dtype=torch.int64)
+    postop = int8_postop(act, linear=False)
+    if residual is None and postop is not None and out_scale is not None:
+        y = torch.ops.onednn.qconv2d_pointwise(xu, x_scale, x_zp + U8_SHIFT, packed, w_scale.float(), zeros, bias,
+                                               stride, padding, dilation, groups, out_scale, out_zp + U8_SHIFT, None,
+                                               *postop)
+        return _from_u8(y).contiguous()
+    y = torch.ops.onednn.qconv2d_pointwise(xu, x_scale, x_zp + U8_SHIFT, packed, w_scale.float(), zeros, bias, stride,
+                                           padding, dilation, groups, 1.0, 0, torch.float32, "none", [], "")
+    y = _epilogue(y, act, residual).contiguous()
+    return y if out_scale is None else torch.clamp(torch.round(y / out_scale) + out_zp, -128, 127).to(torch.int8)
+
+
+def qlinear_act(x, x_scale, x_zp, weight, w_scale, bias, act, out_scale=None, out_zp=0):
+    packed = torch.ops.onednn.qlinear_prepack(weight, None)
+    zeros = torch.zeros(weight.shape[0], dtype=torch.int64)
+    postop = int8_postop(act, linear=True)
+    if postop is not None and out_scale is not None:
+        y = torch.ops.onednn.qlinear_pointwise(_u8(x), x_scale, x_zp + U8_SHIFT, packed, w_scale.float(), zeros, bias,
+                                               out_scale, out_zp + U8_SHIFT, None, *postop)
+        return _from_u8(y)
+    y = torch.ops.onednn.qlinear_pointwise(_u8(x), x_scale, x_zp + U8_SHIFT, packed, w_scale.float(), zeros, bias,
+                                           1.0, 0, torch.float32, "none", [], "")
+    y = _epilogue(y, act)
+    return y if out_scale is None else torch.clamp(torch.round(y / out_scale) + out_zp, -128, 127).to(torch.int8)

@@ -102,6 +102,12 @@ def qconv2d_act(x: Tensor, x_scale: float, x_zp: int, weight: Tensor, w_scale: T
                                  residual, out_scale, out_zp)
 
 
+@qconv2d_act.register_kernel("cpu")
+def _(x, x_scale, x_zp, weight, w_scale, bias, stride, padding, dilation, groups, act, residual, out_scale, out_zp):
+    return cpu.qconv2d_act(x, x_scale, x_zp, weight, w_scale, bias, stride, padding, dilation, groups, act, residual,
+                           out_scale, out_zp)
+
+
 @qconv2d_act.register_kernel("cuda")
 def _(x, x_scale, x_zp, weight, w_scale, bias, stride, padding, dilation, groups, act, residual, out_scale, out_zp):
     from kernels import triton as triton_kernels
@@ -123,6 +129,11 @@ def _(x, x_scale, x_zp, weight, w_scale, bias, stride, padding, dilation, groups
 def qlinear_act(x: Tensor, x_scale: float, x_zp: int, weight: Tensor, w_scale: Tensor, bias: Tensor | None,
                 act: str, out_scale: float | None, out_zp: int) -> Tensor:
     return reference.qlinear_act(x, x_scale, x_zp, weight, w_scale, bias, act, out_scale, out_zp)
+
+
+@qlinear_act.register_kernel("cpu")
+def _(x, x_scale, x_zp, weight, w_scale, bias, act, out_scale, out_zp):
+    return cpu.qlinear_act(x, x_scale, x_zp, weight, w_scale, bias, act, out_scale, out_zp)
 
 
 @qlinear_act.register_kernel("cuda")

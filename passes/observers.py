@@ -13,7 +13,8 @@ Range from the statistics, by ``method``:
     minmax      [min, max]
     percentile  the PERCENTILE-th and (100 - PERCENTILE)-th percentiles, read off the histogram
     histogram   the [lo, hi] that minimizes the expected squared error of int8 quantization over
-                the histogram: clipping error outside, step^2 / 12 inside (step = (hi - lo) / 255)
+                the histogram: each bin's center quantized and clipped on that grid (step^2 / 12
+                instead for a bin as wide as a step), searched over ends pulled towards 0
 
 Every range is widened to contain 0 (zero padding must stay exact) and never collapses to a
 zero width, so no scale is ever 0.
@@ -30,7 +31,7 @@ import torch.fx as fx
 METHODS = ("minmax", "percentile", "histogram")
 BINS = 2048
 PERCENTILE = 99.99
-_CANDIDATES = 48  # per side, for the histogram search
+_CANDIDATES = 64  # per side, for the histogram search
 
 
 @dataclass
@@ -132,14 +133,16 @@ def _mse_range(lo: float, hi: float, counts: torch.Tensor) -> tuple[float, float
     width = (hi - lo) / counts.numel()
     centers = lo + width * (torch.arange(counts.numel(), dtype=torch.float64) + 0.5)
     n = counts.double()
-    cut = torch.linspace(0.0, 0.5, _CANDIDATES, dtype=torch.float64) * (hi - lo)
-    los, his = (lo + cut)[:, None, None], (hi - cut)[None, :, None]  # (L, 1, 1), (1, H, 1)
-    # a side whose end is 0 stays at 0 (post-ReLU activations): nothing to gain from moving it
-    los = torch.where(torch.tensor(lo >= 0.0), torch.full_like(los, lo), los)
-    his = torch.where(torch.tensor(hi <= 0.0), torch.full_like(his, hi), his)
-    step = (his - los).clamp_min(1e-12) / 255.0
+    # candidates: each end pulled towards 0 (always inside the quantized range) by a log-spaced factor
+    keep = torch.logspace(0.0, -3.0, _CANDIDATES, dtype=torch.float64)
+    los, his = (min(lo, 0.0) * keep)[:, None, None], (max(hi, 0.0) * keep)[None, :, None]  # (L, 1, 1), (1, H, 1)
+    step = (his - los).clamp_min(1e-30) / 255.0
     c = centers[None, None, :]
-    err = torch.where(c < los, (los - c) ** 2, torch.where(c > his, (c - his) ** 2, step ** 2 / 12.0))
+    zp = torch.round(-128.0 - los / step).clamp(-128, 127)
+    exact = (c - (torch.clamp(torch.round(c / step) + zp, -128, 127) - zp) * step) ** 2  # clipping included
+    # a bin much narrower than a step: its center's own rounding error; else the uniform step^2 / 12
+    inside = (c >= los) & (c <= his)
+    err = torch.where(inside & (4 * width >= step), step ** 2 / 12.0, exact)
     total = (err * n).sum(-1)  # (L, H)
     best = int(torch.argmin(total))
     i, j = divmod(best, total.shape[1])

@@ -101,12 +101,13 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> int:
     qparams: dict[fx.Node, tuple[float, int]] = {}  # the int8 values so far, with their scale and zero point
     quantized: dict[fx.Node, fx.Node] = {}  # fp32 value -> its graphopt::quantize
     dequantized: dict[fx.Node, fx.Node] = {}  # int8 value -> its graphopt::dequantize
+    calibrated: dict[fx.Node, str] = {}  # a quantized op writing fp32 -> the name its range was measured under
     rewrites = 0
 
     def as_int8(x: fx.Node, before: fx.Node) -> tuple[fx.Node, float, int]:
         if x in qparams:
             return (x, *qparams[x])
-        scale, zp = activation_qparams(*ranges[x.name])
+        scale, zp = activation_qparams(*ranges[calibrated.get(x, x.name)])
         if x not in quantized:
             with gm.graph.inserting_before(before):
                 quantized[x] = gm.graph.call_function(OPS["quantize"], (x, scale, zp))
@@ -145,6 +146,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> int:
                 gm.graph.erase_node(w)
             if out_scale is not None:
                 qparams[new] = (out_scale, out_zp)
+            else:
+                calibrated[new] = node.name
             rewrites += 1
         elif node in plan:
             qparams[node] = qparams[node.args[0]]

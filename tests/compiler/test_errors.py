@@ -210,12 +210,6 @@ def test_a_pass_that_leaves_dead_nodes_is_caught():
         del REGISTRY["_test_leave_dead"]
 
 
-def test_int8_is_refused_clearly_in_this_version():
-    with pytest.raises(GraphoptError, match="not available in this version") as info:
-        optimize(nn.Linear(3, 3).eval(), (torch.randn(2, 3),), quantize="int8", calibration=[])
-    assert "quantize=None" in str(info.value)
-
-
 def test_a_nondeterministic_pass_is_caught():
     import itertools
 

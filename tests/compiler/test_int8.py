@@ -1,0 +1,174 @@
+"""optimize(quantize="int8"): accuracy on the zoo, the report, the budget, calibration, deployment."""
+
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+from compiler import GraphoptError, InputError, load, optimize
+from compiler.check import sqnr
+from tests.helpers import randomize_bn
+from tests.zoo import ZOO
+
+
+def _batches(make, n, batch=4, seed=0):
+    torch.manual_seed(seed)
+    return [(make(batch),) for _ in range(n)]
+
+
+def _int8(name, **kw):
+    factory, make = ZOO[name]
+    torch.manual_seed(0)
+    model = randomize_bn(factory()).eval()
+    kw.setdefault("calibration", _batches(make, 24))
+    return model, make, optimize(model, (make(2),), quantize="int8", progress=False, **kw)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_int8_model_against_fp32_on_the_zoo(name):
+    model, make, opt = _int8(name)
+    state = copy.deepcopy(model.state_dict())
+    x = _batches(make, 1, batch=3, seed=7)[0][0]
+    with torch.no_grad():
+        expected, got = model(x), opt(x)
+    assert sqnr(expected, got) >= 30.0
+    counts = opt.op_counts
+    assert any(k.startswith("onednn.q") for k in counts), counts  # real int8 primitives, not fake-quant float
+    report = opt.int8_report
+    assert report.layers and all(layer["int8"] for layer in report.layers)
+    assert all(layer["sqnr_db"] > 20.0 for layer in report.layers), report.table()
+    assert report.output_sqnr_db >= 30.0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # the user's model is untouched
+
+
+def test_consecutive_int8_ops_hand_int8_to_each_other():
+    _, _, opt = _int8("resnet_blocks")
+    code = opt.code
+    counts = opt.op_counts
+    assert counts["kernels.cpu.quantize_u8"] <= 2  # the input, and the classifier after the fp32 pooling
+    assert counts.get("onednn.qconv2d_pointwise.binary", 0) >= 2  # residual adds fused as int8 sums
+    assert "conv2d_act" not in code
+
+
+def test_lowered_int8_agrees_with_the_portable_graph():
+    model, make, opt = _int8("mobilenet_v2_blocks")
+    x = make(3)
+    with torch.no_grad():
+        assert sqnr(opt.portable(x), opt(x)) >= 35.0
+
+
+def test_save_and_load_an_int8_module_bitwise(tmp_path):
+    _, make, opt = _int8("resnet_blocks")
+    opt.save(tmp_path / "m")
+    back = load(tmp_path / "m")
+    for n in (1, 5):
+        x = make(n)
+        assert torch.equal(back(x), opt(x))
+
+
+def test_calibration_statistics_same_one_at_a_time_or_all_at_once():
+    factory, make = ZOO["resnet_blocks"]
+    model = randomize_bn(factory()).eval()
+    torch.manual_seed(3)
+    data = make(12)
+    ones = optimize(model, (data[:2],), quantize="int8", calibration=[(row[None],) for row in data], progress=False)
+    whole = optimize(model, (data[:2],), quantize="int8", calibration=[(data,)], progress=False)
+    # every scale and zero point is a literal in the code; the statistics themselves are batch-exact
+    # (tests/passes/test_observers.py), the model's own fp32 values differ by rounding between batch sizes
+    pattern = re.compile(r"-?\d+\.\d+(?:e-?\d+)?")
+    a, b = pattern.findall(ones.portable.code), pattern.findall(whole.portable.code)
+    assert len(a) == len(b) > 10
+    torch.testing.assert_close(torch.tensor([float(v) for v in a], dtype=torch.float64),
+                               torch.tensor([float(v) for v in b], dtype=torch.float64), rtol=1e-5, atol=0)
+    assert re.sub(pattern, "#", ones.portable.code) == re.sub(pattern, "#", whole.portable.code)
+
+
+def test_budget_in_db_is_reached_by_falling_back_the_most_sensitive_layers():
+    _, make, plain = _int8("resnet_blocks")
+    target = plain.int8_report.output_sqnr_db + 4.0
+    _, _, opt = _int8("resnet_blocks", accuracy_budget=target)
+    report = opt.int8_report
+    assert report.fallback, report.table()
+    assert report.output_sqnr_db >= target
+    fp32_layers = [layer for layer in report.layers if not layer["int8"]]
+    assert [layer["name"] for layer in fp32_layers] == sorted(report.fallback, key=[
+        layer["name"] for layer in fp32_layers].index)
+    assert all(layer["reason"].startswith("budget") for layer in fp32_layers)
+    assert "budget" in report.table()
+
+
+def test_budget_as_a_user_metric_with_a_tolerance():
+    factory, make = ZOO["seed_convnet"]
+    torch.manual_seed(0)
+    model = randomize_bn(factory()).eval()
+    held_out = make(16)
+    with torch.no_grad():
+        labels = model(held_out).argmax(1)
+
+    def agreement(m):
+        with torch.no_grad():
+            return float((m(held_out).argmax(1) == labels).float().mean())
+
+    opt = optimize(model, (make(2),), quantize="int8", calibration=_batches(make, 8), progress=False,
+                   accuracy_budget=(agreement, 0.0))
+    assert agreement(opt) == 1.0
+
+
+def test_a_met_budget_changes_nothing():
+    _, _, opt = _int8("seed_convnet", accuracy_budget=5.0)
+    assert opt.int8_report.fallback == [] and all(layer["int8"] for layer in opt.int8_report.layers)
+
+
+@pytest.mark.parametrize("calibration, error, match", [
+    (None, GraphoptError, "needs calibration data"),
+    ([], GraphoptError, "calibration is empty"),
+    (5, GraphoptError, "iterable of input tuples"),
+    ([(torch.randn(2, 1, 31, 32),)], InputError, "batch 0, input 0"),
+    ([(torch.randn(2, 1, 32, 32),), (torch.randn(2, 1, 32, 32), torch.randn(1))], InputError, "batch 1 has 2 inputs"),
+    ([(torch.full((2, 1, 32, 32), float("nan")),)], InputError, "NaN"),
+    ([(torch.randn(2, 1, 32, 32).double(),)], InputError, "float64"),
+])
+def test_bad_calibration_data_gets_a_clear_error(calibration, error, match):
+    factory, make = ZOO["seed_convnet"]
+    with pytest.raises(error, match=match) as info:
+        optimize(factory().eval(), (make(2),), quantize="int8", calibration=calibration, progress=False)
+    assert info.value.hint
+
+
+def test_unknown_quantize_and_method_are_refused():
+    factory, make = ZOO["seed_convnet"]
+    with pytest.raises(GraphoptError, match="unknown quantize"):
+        optimize(factory().eval(), (make(2),), quantize="int4")
+    with pytest.raises(GraphoptError, match="calibration_method"):
+        optimize(factory().eval(), (make(2),), quantize="int8", calibration=_batches(make, 1),
+                 calibration_method="entropy", progress=False)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "histogram"])
+def test_every_calibration_method_gives_a_usable_model(method):
+    model, make, opt = _int8("resnet_blocks", calibration_method=method)
+    x = make(2)
+    with torch.no_grad():
+        assert sqnr(model(x), opt(x)) >= 28.0
+    assert opt.int8_report.method == method
+
+
+def test_dumps_show_the_int8_graph(tmp_path):
+    _int8("seed_convnet", dump_dir=tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert any(n.endswith("_quantize_int8.py") for n in names), names
+    assert any(n.endswith("_lower_int8_onednn.py") for n in names), names
+    assert "qconv2d_act" in next(tmp_path.glob("*_quantize_int8.py")).read_text()
+    assert "| conv" in (tmp_path / "int8.md").read_text()
+
+
+def test_a_constant_input_quantizes_without_a_zero_scale():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 1)).eval()
+    x = torch.zeros(1, 2, 6, 6)
+    opt = optimize(model, (x,), quantize="int8", calibration=[(x,)] * 3, progress=False)
+    with torch.no_grad():
+        got, expected = opt(x), model(x)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, expected, atol=float(expected.abs().max()) / 50 + 1e-6, rtol=0)

@@ -1,0 +1,64 @@
+"""Calibration statistics: batch-invariant, mergeable, and the three range methods."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from passes.observers import METHODS, activation_qparams, collect, value_range
+from tests.helpers import traced
+
+
+class Two(nn.Module):
+    def forward(self, x):
+        return torch.relu(x * 2.0) - 1.0
+
+
+def _ranges(gm, batches, method):
+    names = {n.name for n in gm.graph.nodes if n.op != "output"}
+    stats = collect(gm, batches, names, method)
+    return {n: value_range(stats, n, method) for n in sorted(names)}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_statistics_do_not_depend_on_batching(method):
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(24, 7, generator=g) * torch.linspace(0.1, 3.0, 7)
+    data[5, 3] = 40.0  # an outlier
+    gm = traced(Two(), data[:1])
+    one_at_a_time = _ranges(gm, [(row[None],) for row in data], method)
+    all_at_once = _ranges(gm, [(data,)], method)
+    uneven = _ranges(gm, [(data[:5],), (data[5:17],), (data[17:],)], method)
+    assert one_at_a_time == all_at_once == uneven
+
+
+def test_minmax_is_the_observed_range_and_percentile_clips_a_rare_outlier():
+    data = torch.cat([torch.linspace(-1, 1, 100001), torch.tensor([50.0])])
+    gm = traced(Two(), data[None])
+    assert _ranges(gm, [(data[None],)], "minmax")["x"] == (-1.0, 50.0)
+    lo, hi = _ranges(gm, [(data[None],)], "percentile")["x"]
+    assert -1.05 <= lo <= -0.9 and 0.9 <= hi < 1.1, (lo, hi)
+
+
+def test_histogram_range_minimizes_error_better_than_minmax():
+    torch.manual_seed(1)
+    data = torch.distributions.Laplace(0.0, 1.0).sample((200000,))  # many samples: a long, smooth tail
+    gm = traced(Two(), data[None])
+
+    def mse(lo, hi):
+        s, z = activation_qparams(lo, hi)
+        q = torch.clamp(torch.round(data / s) + z, -128, 127)
+        return float(((q - z) * s - data).pow(2).mean())
+
+    assert mse(*_ranges(gm, [(data[None],)], "histogram")["x"]) < mse(*_ranges(gm, [(data[None],)], "minmax")["x"])
+
+
+def test_non_finite_values_are_ignored_not_propagated():
+    data = torch.tensor([[1.0, float("nan"), -2.0, float("inf")]])
+    gm = traced(Two(), data)
+    assert _ranges(gm, [(data,)], "minmax")["x"] == (-2.0, 1.0)
+
+
+def test_unknown_method_is_refused():
+    gm = traced(Two(), torch.randn(1, 3))
+    with pytest.raises(ValueError, match="minmax"):
+        collect(gm, [(torch.randn(1, 3),)], {"x"}, "entropy")
