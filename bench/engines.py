@@ -62,3 +62,70 @@ def onnxruntime(model: nn.Module, x: torch.Tensor) -> tuple[Callable, float]:
 
 
 ENGINES = {"eager": eager, "inductor": inductor, "onnxruntime": onnxruntime, "graphopt": graphopt}
+
+
+# ---------------------------------------------------------------- int8: each builder also gets the calibration
+# batches (a list of input tensors), the same for every engine
+
+
+def graphopt_int8(model: nn.Module, x: torch.Tensor, calibration: list) -> tuple[Callable, float]:
+    from compiler import optimize
+
+    start = time.perf_counter()
+    opt = optimize(model, (x,), quantize="int8", calibration=[(c,) for c in calibration], progress=False)
+    elapsed = time.perf_counter() - start
+    opt.bench_note = {"calibration_s": opt.int8_report.calibration_seconds}
+    return opt, elapsed
+
+
+def torchao_fx_int8(model: nn.Module, x: torch.Tensor, calibration: list) -> tuple[Callable, float]:
+    """torch.ao FX graph mode post-training static int8 with the x86 backend's default qconfig (oneDNN / FBGEMM)."""
+    import copy
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    start = time.perf_counter()
+    prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x,))
+    with torch.no_grad():
+        for batch in calibration:
+            prepared(batch)
+    return convert_fx(prepared), time.perf_counter() - start
+
+
+def onnxruntime_int8(model: nn.Module, x: torch.Tensor, calibration: list) -> tuple[Callable, float]:
+    """ONNX Runtime static QDQ int8: per-channel int8 weights, uint8 activations, MinMax calibration."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"x": c.numpy()} for c in calibration])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    start = time.perf_counter()
+    folder = tempfile.mkdtemp(prefix="graphopt-bench-")
+    fp32, int8 = os.path.join(folder, "model.onnx"), os.path.join(folder, "model.int8.onnx")
+    with torch.no_grad():
+        torch.onnx.export(model, (x,), fp32, input_names=["x"], output_names=["y"], dynamo=False, opset_version=17,
+                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    quantize_static(fp32, int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(int8, options, providers=["CPUExecutionProvider"])
+
+    def run(inp: torch.Tensor):
+        return session.run(None, {"x": inp.numpy()})[0]
+
+    return run, time.perf_counter() - start
+
+
+INT8_ENGINES = {"graphopt": graphopt, "graphopt_int8": graphopt_int8, "torchao_fx_int8": torchao_fx_int8,
+                "onnxruntime_int8": onnxruntime_int8}

@@ -1,6 +1,7 @@
 """End-to-end fp32 latency of graphopt against the peers, on the CPU.
 
     python bench/models.py [--quick] [--models a,b] [--engines eager,graphopt,...]
+    python bench/models.py --int8 ...   int8: graphopt vs torch.ao FX x86 and ONNX Runtime QDQ, with SQNR
     graphopt bench models ...          (the same)
 
 For each model, every engine runs in one process (a fresh one per model, so that one model's
@@ -29,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engines import ENGINES  # noqa: E402
+from bench.engines import ENGINES, INT8_ENGINES  # noqa: E402
 from bench.machine import cpu_features  # noqa: E402
 from bench.zoo import MODELS, randomize_bn  # noqa: E402
 
@@ -41,18 +42,35 @@ def _max_diff(a, b) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
+def _sqnr(reference, value) -> float:
+    from compiler.check import sqnr
+
+    return sqnr(torch.as_tensor(reference), torch.as_tensor(value))
+
+
+CALIBRATION_BATCHES = 32
+
+
 @torch.no_grad()
-def bench_model(name: str, engines: list[str], rounds: int, per_round: int) -> dict:
+def bench_model(name: str, engines: list[str], rounds: int, per_round: int, int8: bool = False) -> dict:
     make, shape = MODELS[name]
     torch.manual_seed(0)
     model = randomize_bn(make()).eval()
     x = torch.randn(shape)
     reference = model(x)
-    built, build_s, errors, skipped = {}, {}, {}, {}
+    # int8: every engine calibrates on the same batches (batch size 1), none of them the timed input
+    calibration = [torch.randn((1, *shape[1:])) for _ in range(CALIBRATION_BATCHES)] if int8 else None
+    table = INT8_ENGINES if int8 else ENGINES
+    built, build_s, errors, skipped, sqnr_db, notes = {}, {}, {}, {}, {}, {}
     for engine in engines:
         try:
-            built[engine], build_s[engine] = ENGINES[engine](model, x)
-            errors[engine] = _max_diff(built[engine](x), reference)
+            if engine.endswith("_int8"):
+                built[engine], build_s[engine] = table[engine](model, x, calibration)
+            else:
+                built[engine], build_s[engine] = table[engine](model, x)
+            out = built[engine](x)
+            errors[engine], sqnr_db[engine] = _max_diff(out, reference), _sqnr(reference, out)
+            notes[engine] = getattr(built[engine], "bench_note", None)
         except Exception as e:  # a peer that cannot run this model here: reported, not faked
             skipped[engine] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             built.pop(engine, None)
@@ -67,6 +85,20 @@ def bench_model(name: str, engines: list[str], rounds: int, per_round: int) -> d
                 fn(x)
                 times[engine].append(time.perf_counter() - start)
     median_ms = {e: statistics.median(t) * 1e3 for e, t in times.items()}
+    if int8:
+        peers = {e: v for e, v in median_ms.items() if e.endswith("_int8") and e != "graphopt_int8"}
+        fastest = min(peers, key=peers.get) if peers else None
+        ours = median_ms.get("graphopt_int8")
+        best_peer_db = max((sqnr_db[e] for e in peers), default=None)
+        return {
+            "model": name, "input_shape": list(shape), "median_ms": median_ms, "build_s": build_s,
+            "sqnr_db_vs_fp32": sqnr_db, "skipped": skipped, "notes": notes, "fastest_peer": fastest,
+            "calibration_batches": CALIBRATION_BATCHES,
+            "int8_vs_fastest_int8_peer": ours / peers[fastest] if fastest and ours else None,
+            "int8_vs_graphopt_fp32": ours / median_ms["graphopt"] if ours and "graphopt" in median_ms else None,
+            "sqnr_gap_db_vs_best_peer": sqnr_db["graphopt_int8"] - best_peer_db
+            if best_peer_db is not None and "graphopt_int8" in sqnr_db else None,
+        }
     peers = {e: v for e, v in median_ms.items() if e not in ("graphopt", "eager")}
     fastest = min(peers, key=peers.get) if peers else None
     return {
@@ -97,6 +129,29 @@ def markdown(results: list[dict], engines: list[str]) -> str:
     return "\n".join(rows)
 
 
+def markdown_int8(results: list[dict], engines: list[str]) -> str:
+    head = (["model"] + [f"{e} ms" for e in engines] + [f"{e} SQNR dB" for e in engines if e.endswith("_int8")]
+            + ["int8 / fastest int8 peer", "int8 / graphopt fp32", "SQNR vs best peer dB", "calibration s"])
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [r["model"]] + [f"{r['median_ms'][e]:.3f}" if e in r["median_ms"] else "n/a" for e in engines]
+        cells += [f"{r['sqnr_db_vs_fp32'][e]:.1f}" if e in r["sqnr_db_vs_fp32"] else "n/a"
+                  for e in engines if e.endswith("_int8")]
+        ratio = r["int8_vs_fastest_int8_peer"]
+        cells.append(f"{ratio:.2f} ({r['fastest_peer']})" if ratio else "n/a")
+        cells.append(f"{r['int8_vs_graphopt_fp32']:.2f}" if r["int8_vs_graphopt_fp32"] else "n/a")
+        gap = r["sqnr_gap_db_vs_best_peer"]
+        cells.append(f"{gap:+.1f}" if gap is not None else "n/a")
+        note = (r.get("notes") or {}).get("graphopt_int8") or {}
+        cells.append(f"{note['calibration_s']:.1f}" if "calibration_s" in note else "n/a")
+        rows.append("| " + " | ".join(cells) + " |")
+    ratios = [r["int8_vs_fastest_int8_peer"] for r in results if r["int8_vs_fastest_int8_peer"]]
+    if ratios:
+        geo = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
+        rows.append(f"\ngeomean graphopt int8 / fastest int8 peer: {geo:.2f}")
+    return "\n".join(rows)
+
+
 def plot(results: list[dict], engines: list[str], path: Path) -> None:
     import matplotlib
 
@@ -119,37 +174,42 @@ def plot(results: list[dict], engines: list[str], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--engines", default=None, help="default: every engine of the mode")
+    p.add_argument("--int8", action="store_true", help="int8 engines (graphopt fp32 as the baseline), with SQNR")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--per-round", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="two rounds of two calls")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: bench one model, write its JSON here
     args = p.parse_args(argv)
+    args.engines = args.engines or ",".join(INT8_ENGINES if args.int8 else ENGINES)
     models, engines = args.models.split(","), args.engines.split(",")
     rounds, per_round = (2, 2) if args.quick else (args.rounds, args.per_round)
     if args.one:
-        Path(args.one).write_text(json.dumps(bench_model(models[0], engines, rounds, per_round)))
+        Path(args.one).write_text(json.dumps(bench_model(models[0], engines, rounds, per_round, args.int8)))
         return 0
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             one = Path(tmp) / f"{name}.json"
             subprocess.run([sys.executable, __file__, "--models", name, "--engines", args.engines, "--rounds",
-                            str(rounds), "--per-round", str(per_round), "--one", str(one)], check=True)
+                            str(rounds), "--per-round", str(per_round), "--one", str(one)]
+                           + (["--int8"] if args.int8 else []), check=True)
             results.append(json.loads(one.read_text()))
             print(f"{name}: " + ", ".join(f"{e} {v:.3f} ms" for e, v in results[-1]["median_ms"].items())
                   + "".join(f"; {e} skipped ({why})" for e, why in results[-1]["skipped"].items()), flush=True)
-    table = markdown(results, engines)
+    table = markdown_int8(results, engines) if args.int8 else markdown(results, engines)
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.date.today().isoformat()
+    stamp = ("models-int8-" if args.int8 else "models-") + datetime.date.today().isoformat()
     payload = {"machine": cpu_features(), "rounds": rounds, "per_round": per_round, "results": results,
                "table": table}
-    (out / f"models-{stamp}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / f"{stamp}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    if args.int8:
+        return 0
     try:
-        plot(results, engines, out / f"models-{stamp}.png")
+        plot(results, engines, out / f"{stamp}.png")
     except ImportError:
         print("matplotlib not installed: no chart")
     return 0

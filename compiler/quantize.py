@@ -31,6 +31,27 @@ from passes.observers import METHODS, collect, value_range
 from passes.quantize_int8 import candidates
 
 EVAL_BATCHES = 4
+# On the CPU, an oneDNN int8 call costs about 20 us more than its fp32 counterpart whatever its size
+# (measured: bench/results/), so a layer below this many multiply-adds per call (at the traced
+# shape) runs faster in fp32 and stays there. Deterministic on purpose: no timing decides a graph.
+# 0 quantizes every layer.
+MIN_INT8_MACS = 1 << 20
+
+
+def macs(node: fx.Node) -> int:
+    """Multiply-adds of one call of a fused conv / linear, from the traced shapes."""
+    x, w = node.args[0].meta.get("tensor_meta"), node.meta.get("tensor_meta")
+    weight_shape = node.args[1].meta.get("tensor_meta")
+    if x is None or w is None or weight_shape is None:
+        return 0
+    out, kernel = w.shape, weight_shape.shape  # conv: (N, K, P, Q) and (K, C/g, R, S); linear: (..., N), (N, K)
+    per_output = 1
+    for d in kernel[1:]:
+        per_output *= d
+    total = 1
+    for d in out:
+        total *= d
+    return total * per_output
 
 
 @dataclass
@@ -226,10 +247,17 @@ def quantize(fp32: fx.GraphModule, ctx: PassContext, manager: PassManager, calib
     ranges = calibrate(fp32, batches, method, progress=progress)
     report = Int8Report(method, len(batches), time.perf_counter() - start, vnni, _budget_text(budget))
     q = Quantizer(fp32, ctx, ranges, batches)
-    skip: set[str] = set()
     reasons: dict[str, str] = {}
+    if ctx.backend == "cpu":
+        for node in q.layers:
+            if macs(node) < MIN_INT8_MACS:
+                reasons[node.name] = (f"small: {macs(node):,} multiply-adds per call; int8's fixed cost per call "
+                                      "outweighs its savings below {:,}".format(MIN_INT8_MACS))
+    skip = set(reasons)
     if budget is not None:
-        skip, reasons = _hold_budget(q, budget, report)
+        budget_skip, budget_reasons = _hold_budget(q, budget, report, skip)
+        skip |= budget_skip
+        reasons.update(budget_reasons)
     final = PassManager(["quantize_int8"], check=manager.check, dumper=manager.dumper)
     gm = q.build(skip, manager=final)
     layer_db = q.layer_sqnr(gm)
@@ -238,7 +266,7 @@ def quantize(fp32: fx.GraphModule, ctx: PassContext, manager: PassManager, calib
         report.layers.append({"name": names[node.name], "node": node.name, "op": _op_name(node),
                               "int8": node.name not in skip, "sqnr_db": layer_db.get(node.name, float("nan")),
                               "reason": reasons.get(node.name)})
-    report.fallback = [names[n] for n in reasons]
+    report.fallback = [names[n] for n in reasons if reasons[n].startswith("budget")]
     report.output_sqnr_db = q.output_sqnr(q.runnable(gm))
     return gm, q.records, report
 
@@ -247,7 +275,7 @@ def _op_name(node: fx.Node) -> str:
     return str(getattr(node.target, "_opname", node.target)).removesuffix("_act")
 
 
-def _hold_budget(q: Quantizer, budget: Any, report: Int8Report) -> tuple[set[str], dict[str, str]]:
+def _hold_budget(q: Quantizer, budget: Any, report: Int8Report, fixed: set[str]) -> tuple[set[str], dict[str, str]]:
     """Return layers to fp32, most sensitive first, until the budget holds (or nothing is left in int8)."""
     if isinstance(budget, (int, float)):
         floor = float(budget)
@@ -263,17 +291,18 @@ def _hold_budget(q: Quantizer, budget: Any, report: Int8Report) -> tuple[set[str
         raise GraphoptError(f"accuracy_budget must be an SQNR floor in dB or (metric, tolerance), got {budget!r}",
                             hint="accuracy_budget=35.0, or accuracy_budget=(accuracy_on_my_data, 0.01)")
     skip: set[str] = set()
-    current = score(q.runnable(q.build(skip)))
+    current = score(q.runnable(q.build(fixed)))
     if current >= floor:
         return skip, {}
     gains = {}
     for node in q.layers:
-        gains[node.name] = score(q.runnable(q.build({node.name}))) - current
+        if node.name not in fixed:
+            gains[node.name] = score(q.runnable(q.build(fixed | {node.name}))) - current
     order = sorted(gains, key=lambda n: (-gains[n], n))
     reasons = {}
     for name in order:
         skip.add(name)
-        before, current = current, score(q.runnable(q.build(skip)))
+        before, current = current, score(q.runnable(q.build(fixed | skip)))
         reasons[name] = (f"budget: {unit} {before:.3g} < {floor:.3g} with it in int8 "
                          f"(keeping it fp32 alone gains {gains[name]:+.3g})")
         if current >= floor:

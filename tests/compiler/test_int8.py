@@ -13,6 +13,12 @@ from tests.helpers import randomize_bn
 from tests.zoo import ZOO
 
 
+@pytest.fixture(autouse=True)
+def quantize_every_layer(monkeypatch):
+    """The zoo's layers are small: quantize them all anyway (the size rule has its own test)."""
+    monkeypatch.setattr("compiler.quantize.MIN_INT8_MACS", 0)
+
+
 def _batches(make, n, batch=4, seed=0):
     torch.manual_seed(seed)
     return [(make(batch),) for _ in range(n)]
@@ -172,3 +178,22 @@ def test_a_constant_input_quantizes_without_a_zero_scale():
         got, expected = opt(x), model(x)
     assert got.isfinite().all()
     torch.testing.assert_close(got, expected, atol=float(expected.abs().max()) / 50 + 1e-6, rtol=0)
+
+
+def test_small_layers_stay_fp32_on_the_cpu_and_the_report_says_why(monkeypatch):
+    monkeypatch.setattr("compiler.quantize.MIN_INT8_MACS", 1 << 20)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.Flatten(), nn.Linear(64 * 16 * 16, 10)).eval()
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 16, 16)
+    opt = optimize(model, (x,), quantize="int8", calibration=[(torch.randn(1, 1, 16, 16),) for _ in range(4)],
+                   progress=False)
+    runs = {layer["node"]: layer for layer in opt.int8_report.layers}
+    small = [layer for layer in runs.values() if not layer["int8"]]
+    big = [layer for layer in runs.values() if layer["int8"]]
+    # 1x8x16x16x9 = 18k and 64x16x16x72 = 1.2M (int8), 64x64x9x256 = 9.4M (int8), 10x16384 = 164k
+    assert len(small) == 2 and len(big) == 2, opt.int8_report.table()
+    assert all(layer["reason"].startswith("small") for layer in small)
+    assert opt.int8_report.fallback == []
+    with torch.no_grad():
+        assert sqnr(model(x), opt(x)) >= 30.0
