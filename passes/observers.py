@@ -22,6 +22,7 @@ zero width, so no scale is ever 0.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -95,10 +96,14 @@ def collect(gm: fx.GraphModule, batches: list, names: set[str], method: str,
     stats = Stats()
 
     def see_range(name: str, t: torch.Tensor) -> None:
-        finite = t[t.isfinite()]
-        if finite.numel() == 0:
+        if t.numel() == 0:
             return
-        lo, hi = float(finite.min()), float(finite.max())
+        lo, hi = (float(v) for v in torch.aminmax(t))
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # (NaN or inf somewhere: look at the finite values only)
+            finite = t[t.isfinite()]
+            if finite.numel() == 0:
+                return
+            lo, hi = float(finite.min()), float(finite.max())
         stats.lo[name] = min(stats.lo.get(name, lo), lo)
         stats.hi[name] = max(stats.hi.get(name, hi), hi)
 
@@ -112,7 +117,8 @@ def collect(gm: fx.GraphModule, batches: list, names: set[str], method: str,
         if name not in stats.lo:
             return
         lo, hi = stats.lo[name], stats.hi[name]
-        counts = torch.histc(t[t.isfinite()].double(), BINS, lo, hi if hi > lo else lo + 1.0).long()
+        values = t if bool(t.isfinite().all()) else t[t.isfinite()]
+        counts = torch.histc(values.float(), BINS, lo, hi if hi > lo else lo + 1.0).long()
         stats.hist[name] = stats.hist[name] + counts if name in stats.hist else counts
 
     _run(gm, batches, names, see_hist, progress)
