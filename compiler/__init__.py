@@ -54,7 +54,7 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
              calibration: Iterable | None = None, passes: list[str] | None = None, backend: str = "auto",
              dump_dir: str | os.PathLike | None = None, check: bool = True, *,
              calibration_method: str = "histogram", accuracy_budget: Any = None,
-             progress: bool = True) -> OptimizedModule:
+             fp32_layers: Iterable[str] = (), progress: bool = True) -> OptimizedModule:
     """Trace ``model`` on ``example_inputs``, optimize its graph and return a module with the same answers.
 
     The model is never modified. Every pass that changes the graph is checked against the
@@ -63,7 +63,8 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
     ``quantize="int8"`` calibrates on ``calibration`` (an iterable of input tuples) with
     ``calibration_method`` ("minmax", "percentile" or "histogram") and runs convolutions and
     linears in int8; ``accuracy_budget`` (an output SQNR floor in dB, or ``(metric, tolerance)``)
-    returns the most sensitive layers to fp32 until it holds. ``opt.int8_report`` says what happened.
+    returns the most sensitive layers to fp32 until it holds; ``fp32_layers`` (module names) stay
+    fp32 regardless. ``opt.int8_report`` says what happened, layer by layer.
     """
     if quantize not in (None, "int8"):
         raise GraphoptError(f"unknown quantize={quantize!r}", hint="use quantize='int8', or None for fp32")
@@ -84,7 +85,7 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
         from compiler.quantize import quantize as quantize_int8
 
         portable, records, int8_report = quantize_int8(portable, ctx, manager, calibration, calibration_method,
-                                                       accuracy_budget, progress=progress)
+                                                       accuracy_budget, progress=progress, fp32_layers=fp32_layers)
         report += records
         if manager.dumper:
             (manager.dumper.root / "int8.md").write_text(int8_report.table() + "\n")

@@ -1,4 +1,4 @@
-"""The ``graphopt`` command: optimize, export, run, report, bench, fuzz, demo."""
+"""The ``graphopt`` command: optimize, export, run, report, bench, fuzz, demo, finetune."""
 
 from __future__ import annotations
 
@@ -151,7 +151,28 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from compiler.demo import run_demo
 
-    run_demo(args.out, epochs=args.epochs, quick=args.quick, seed=args.seed)
+    run_demo(args.out, epochs=args.epochs, quick=args.quick, seed=args.seed, nproc=args.nproc, trials=args.trials)
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Train (or prune and fine-tune) the seed ConvNet on digits, data-parallel; works under torchrun too."""
+    from compiler.demo import ConvNet, accuracy, load_digits
+    from compiler.finetune import finetune, load_state
+    from compiler.prune import prune
+
+    x_train, y_train, x_test, y_test = load_digits(args.seed)
+    model = ConvNet()
+    if args.init:
+        load_state(model, Path(args.init))
+    if args.prune:
+        model = prune(model.eval(), (x_test[:1],), ratio=args.prune)
+    tuned = finetune(model, (x_train, y_train), epochs=args.epochs, lr=args.lr, nproc=args.nproc, seed=args.seed,
+                     out=args.out, held_out=(x_test, y_test))
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"test accuracy {accuracy(tuned, x_test, y_test):.4f}; checkpoints and metrics.json in {args.out}")
     return 0
 
 
@@ -201,7 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="a small, fast run (for tests)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nproc", type=int, default=2, help="processes for the data-parallel fine-tune")
+    p.add_argument("--trials", type=int, default=8, help="Optuna trials for the tuned stage")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("finetune", help="train / fine-tune the seed ConvNet on digits with DDP (gloo or NCCL)")
+    p.add_argument("--nproc", type=int, default=2, help="local processes (under torchrun: the launched ones)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--prune", type=float, default=0.0, help="prune this ratio of channels first")
+    p.add_argument("--init", help="start from these weights (a .safetensors checkpoint)")
+    p.add_argument("--out", default="finetune-out", help="checkpoints and metrics.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_finetune)
     return parser
 
 

@@ -20,6 +20,12 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Drop the submodules and tensors the final graph no longer reads, and regenerate its code."""
     gm.delete_all_unused_submodules()
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    # tensors of submodules the graph only reads some tensors of (fc.bias read, fc.weight replaced by its int8 copy)
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        if owner and name not in used and not any(owner == c or owner.startswith(c + ".") for c in called):
+            delattr(gm.get_submodule(owner), leaf)
     for name in [b for b, _ in gm.named_buffers(recurse=False) if b not in used]:
         delattr(gm, name)
     for name in [a for a, v in vars(gm).items() if isinstance(v, torch.Tensor) and a not in used]:

@@ -230,8 +230,14 @@ def _as_list(out: Any) -> list:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
+def layer_name(node: fx.Node) -> str:
+    """The name a quantizable op goes by in reports and in ``fp32_layers``: its module's, else the node's."""
+    return node.meta.get("layer") or node.meta.get("module") or node.name
+
+
 def quantize(fp32: fx.GraphModule, ctx: PassContext, manager: PassManager, calibration: Iterable | None,
-             method: str, budget: Any, progress: bool = True) -> tuple[fx.GraphModule, list, Int8Report]:
+             method: str, budget: Any, progress: bool = True, fp32_layers: Iterable[str] = ()
+             ) -> tuple[fx.GraphModule, list, Int8Report]:
     """The int8 graph of ``fp32`` (the optimized fp32 graph), its pass records and the int8 report."""
     batches = check_batches(calibration, ctx.example_inputs)
     if ctx.backend == "cpu":
@@ -248,9 +254,18 @@ def quantize(fp32: fx.GraphModule, ctx: PassContext, manager: PassManager, calib
     report = Int8Report(method, len(batches), time.perf_counter() - start, vnni, _budget_text(budget))
     q = Quantizer(fp32, ctx, ranges, batches)
     reasons: dict[str, str] = {}
+    asked = set(fp32_layers)
+    unknown = asked - {layer_name(n) for n in q.layers}
+    if unknown:
+        raise GraphoptError(f"fp32_layers names no quantizable layer: {', '.join(sorted(unknown))}",
+                            hint="use the names in opt.int8_report.layers: "
+                                 + ", ".join(sorted({layer_name(n) for n in q.layers})))
+    for node in q.layers:
+        if layer_name(node) in asked:
+            reasons[node.name] = "asked: fp32_layers"
     if ctx.backend == "cpu":
         for node in q.layers:
-            if macs(node) < MIN_INT8_MACS:
+            if node.name not in reasons and macs(node) < MIN_INT8_MACS:
                 reasons[node.name] = (f"small: {macs(node):,} multiply-adds per call; int8's fixed cost per call "
                                       "outweighs its savings below {:,}".format(MIN_INT8_MACS))
     skip = set(reasons)
@@ -261,7 +276,7 @@ def quantize(fp32: fx.GraphModule, ctx: PassContext, manager: PassManager, calib
     final = PassManager(["quantize_int8"], check=manager.check, dumper=manager.dumper)
     gm = q.build(skip, manager=final)
     layer_db = q.layer_sqnr(gm)
-    names = {n.name: n.meta.get("layer") or n.meta.get("module") or n.name for n in q.layers}
+    names = {n.name: layer_name(n) for n in q.layers}
     for node in q.layers:
         report.layers.append({"name": names[node.name], "node": node.name, "op": _op_name(node),
                               "int8": node.name not in skip, "sqnr_db": layer_db.get(node.name, float("nan")),

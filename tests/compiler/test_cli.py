@@ -46,10 +46,22 @@ def test_console_script_runs_the_quick_demo(tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads((out / "demo.json").read_text())
     names = [s["name"] for s in result["stages"]]
-    assert names == ["fp32", "optimized"]
-    fp32, opt = result["stages"]
+    assert names == ["fp32", "optimized", "int8", "pruned", "tuned"]
+    fp32, opt, int8, pruned, tuned = result["stages"]
     assert opt["accuracy"] == pytest.approx(fp32["accuracy"], abs=1e-9)   # same answers
-    assert 0.0 <= fp32["accuracy"] <= 1.0 and fp32["latency_ms"] > 0 and fp32["params"] > 1_000_000
+    for stage in result["stages"]:
+        assert 0.0 <= stage["accuracy"] <= 1.0 and stage["latency_ms"] > 0 and stage["params"] > 0
+    assert fp32["params"] > 1_000_000 and int8["params"] == pytest.approx(opt["params"], rel=0.01)
+    assert abs(int8["accuracy"] - fp32["accuracy"]) <= 0.05 and int8["output_sqnr_db"] > 20
+    assert pruned["world_size"] == 2 and pruned["params"] <= 0.6 * fp32["params"]
+    assert (out / "finetune" / "metrics.json").exists() and (out / "demo.png").stat().st_size > 1000
+    assert tuned["trials"] == 2 and (out / "tune" / "tune.db").exists()
+    if tuned["path"] is not None:  # a recipe met the budget: the saved model loads and runs (no pickle)
+        from compiler import load
+
+        import torch
+
+        assert load(out / tuned["path"])(torch.randn(1, 1, 32, 32)).shape == (1, 10)
 
 
 def test_optimize_out_then_run_then_export(tmp_path, capsys):

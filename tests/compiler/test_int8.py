@@ -197,3 +197,14 @@ def test_small_layers_stay_fp32_on_the_cpu_and_the_report_says_why(monkeypatch):
     assert opt.int8_report.fallback == []
     with torch.no_grad():
         assert sqnr(model(x), opt(x)) >= 30.0
+
+
+def test_fp32_layers_stay_fp32_and_unknown_names_are_refused():
+    _, make, plain = _int8("resnet_blocks")
+    names = [layer["name"] for layer in plain.int8_report.layers]
+    _, _, opt = _int8("resnet_blocks", fp32_layers=[names[0], names[-1]])
+    kept = {layer["name"]: layer for layer in opt.int8_report.layers}
+    assert not kept[names[0]]["int8"] and kept[names[0]]["reason"] == "asked: fp32_layers"
+    assert kept[names[1]]["int8"]
+    with pytest.raises(GraphoptError, match="no quantizable layer: nope"):
+        _int8("resnet_blocks", fp32_layers=["nope"])
