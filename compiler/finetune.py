@@ -33,7 +33,6 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from compiler.errors import GraphoptError
 
-
 # Adam is the seed's; its first steps move each weight by about lr * sign(gradient), so rounding
 # differences between 1 and N processes flip a few near-zero gradients' steps. SGD shows the
 # data-parallel equivalence to the last bits (tests/compiler/test_finetune.py).

@@ -57,9 +57,9 @@ def test_console_script_runs_the_quick_demo(tmp_path):
     assert (out / "finetune" / "metrics.json").exists() and (out / "demo.png").stat().st_size > 1000
     assert tuned["trials"] == 2 and (out / "tune" / "tune.db").exists()
     if tuned["path"] is not None:  # a recipe met the budget: the saved model loads and runs (no pickle)
-        from compiler import load
-
         import torch
+
+        from compiler import load
 
         assert load(out / tuned["path"])(torch.randn(1, 1, 32, 32)).shape == (1, 10)
 
