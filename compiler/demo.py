@@ -95,10 +95,10 @@ def _plot(stages: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for stage in stages:
+    for i, stage in enumerate(stages):
         ax.scatter(stage["latency_ms"], stage["accuracy"] * 100, s=40)
         ax.annotate(stage["name"], (stage["latency_ms"], stage["accuracy"] * 100), textcoords="offset points",
-                    xytext=(6, 4))
+                    xytext=(6, 6 if i % 2 == 0 else -12))  # alternate above / below: neighbours often overlap
     ax.set_xlabel("latency, batch 1, median (ms)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("graphopt demo: seed ConvNet on digits, per stage")

@@ -26,11 +26,13 @@ from compiler.capture import fresh
 from compiler.check import record_values
 from compiler.errors import GraphoptError, InputError
 from compiler.pass_manager import PassManager, clone, lower
+from kernels.ops import OPS
 from passes import LOWERING, PassContext
 from passes.observers import METHODS, collect, value_range
 from passes.quantize_int8 import candidates
 
 EVAL_BATCHES = 4
+_LAYER_OPS = {OPS[name] for name in ("conv2d_act", "linear_act", "qconv2d_act", "qlinear_act")}
 # On the CPU, an oneDNN int8 call costs about 20 us more than its fp32 counterpart whatever its size
 # (measured: bench/results/), so a layer below this many multiply-adds per call (at the traced
 # shape) runs faster in fp32 and stays there. Deterministic on purpose: no timing decides a graph.
@@ -210,18 +212,21 @@ class Quantizer:
         for batch in self.eval:
             old, new = record_values(self.fp32, batch), record_values(gm, batch)
             for node in gm.graph.nodes:
-                replaced = node.meta.get("replaces") or []
-                if not replaced or replaced[-1] not in old or node.name not in new:
+                # a layer kept in fp32 has its own name; a quantized one replaces the fp32 node
+                key = node.name if node.name in old else (node.meta.get("replaces") or [None])[-1]
+                if key not in old or node.name not in new or node.target not in _LAYER_OPS:
                     continue
-                ref, val = old[replaced[-1]], new[node.name]
+                ref, val = old[key], new[node.name]
                 if not isinstance(ref, torch.Tensor) or not isinstance(val, torch.Tensor):
                     continue
                 if val.dtype == torch.int8:
                     scale, zp = node.args[-2], node.args[-1]
                     val = (val.float() - zp) * scale
+                if ref.shape != val.shape or not ref.is_floating_point():
+                    continue
                 r, v = ref.double(), val.double()
-                signal[replaced[-1]] = signal.get(replaced[-1], 0.0) + float((r ** 2).sum())
-                noise[replaced[-1]] = noise.get(replaced[-1], 0.0) + float(((r - v) ** 2).sum())
+                signal[key] = signal.get(key, 0.0) + float((r ** 2).sum())
+                noise[key] = noise.get(key, 0.0) + float(((r - v) ** 2).sum())
         return {k: (float("inf") if noise[k] == 0 else 10 * torch.log10(
             torch.tensor(max(signal[k], 1e-30) / noise[k])).item()) for k in signal}
 

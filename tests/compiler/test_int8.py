@@ -1,6 +1,7 @@
 """optimize(quantize="int8"): accuracy on the zoo, the report, the budget, calibration, deployment."""
 
 import copy
+import math
 import re
 
 import pytest
@@ -194,6 +195,7 @@ def test_small_layers_stay_fp32_on_the_cpu_and_the_report_says_why(monkeypatch):
     # 1x8x16x16x9 = 18k and 64x16x16x72 = 1.2M (int8), 64x64x9x256 = 9.4M (int8), 10x16384 = 164k
     assert len(small) == 2 and len(big) == 2, opt.int8_report.table()
     assert all(layer["reason"].startswith("small") for layer in small)
+    assert not any(math.isnan(layer["sqnr_db"]) for layer in runs.values())  # fp32 layers are measured too
     assert opt.int8_report.fallback == []
     with torch.no_grad():
         assert sqnr(model(x), opt(x)) >= 30.0
