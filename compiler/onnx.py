@@ -3,6 +3,12 @@ run in ONNX Runtime against PyTorch before the file is kept.
 
 graphopt's fused ops export as the standard ops they stand for (Conv + Add + Relu, Gemm + ...):
 the portable graph is lowered to kernels/reference.py first, which is plain aten.
+
+An int8 graph exports in ONNX's QDQ form, which ONNX Runtime runs as int8 kernels: every int8
+value becomes QuantizeLinear -> DequantizeLinear with its scale and zero point, every int8
+weight an int8 initializer (per-channel scales) read through DequantizeLinear, and the float
+op between them the fused op's reference. It is checked against the same QDQ graph in PyTorch by
+SQNR (ONNX Runtime's integer kernels may round a requantization the other way).
 """
 
 from __future__ import annotations
@@ -23,13 +29,15 @@ def _portable_reference(model: nn.Module) -> nn.Module:
     """The graph to export: plain aten, leaf modules inlined (attention through its functional path,
     which the exporter can write; its fused fast path it cannot)."""
     from compiler.codegen import OptimizedModule, finalize
-    from compiler.pass_manager import clone
+    from compiler.pass_manager import clone, is_quantized
     from compiler.serialize import inline_modules
     from passes.lower_to_reference import lower_to_reference
 
     if not isinstance(model, OptimizedModule):
         return model
     gm = clone(model.portable)
+    if is_quantized(gm):
+        _fake_quantized(gm)
     lower_to_reference(gm, None)
     try:
         inline_modules(gm, attention=True)
@@ -37,6 +45,95 @@ def _portable_reference(model: nn.Module) -> nn.Module:
         gm = clone(model.portable)  # a module that does not inline: export it as it is
         lower_to_reference(gm, None)
     return finalize(gm)
+
+
+def _fake_quantized(gm) -> None:
+    """int8 ops -> fake quantization around the float ops (what ONNX's QDQ form says), in place."""
+    from kernels.ops import OPS
+    from passes.graph import add_constant, constant_value
+
+    def fq(x, scale, zp):
+        return gm.graph.call_function(torch.fake_quantize_per_tensor_affine, (x, float(scale), int(zp), -128, 127))
+
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is OPS["quantize"]:
+            with gm.graph.inserting_before(node):
+                node.replace_all_uses_with(fq(*node.args))
+        elif node.target is OPS["dequantize"]:
+            node.replace_all_uses_with(node.args[0])
+        elif node.target in (OPS["qconv2d_act"], OPS["qlinear_act"]):
+            x, _, _, w, w_scale, b = node.args[:6]
+            wq, scale = constant_value(gm, w), constant_value(gm, w_scale)
+            shape = (-1,) + (1,) * (wq.dim() - 1)
+            with gm.graph.inserting_before(node):
+                wf = gm.graph.get_attr(add_constant(gm, f"{w.target}_dq", wq.float() * scale.view(shape)))
+                sc = gm.graph.get_attr(add_constant(gm, f"{w.target}_dq_scale", scale.float()))
+                zp = gm.graph.get_attr(add_constant(gm, f"{w.target}_dq_zp", torch.zeros(len(scale),
+                                                                                         dtype=torch.int32)))
+                wfq = gm.graph.call_function(torch.fake_quantize_per_channel_affine, (wf, sc, zp, 0, -128, 127))
+                if node.target is OPS["qconv2d_act"]:
+                    stride, padding, dilation, groups, act, residual, out_scale, out_zp = node.args[6:]
+                    y = gm.graph.call_function(OPS["conv2d_act"], (x, wfq, b, stride, padding, dilation, groups, act,
+                                                                   residual))
+                else:
+                    act, out_scale, out_zp = node.args[6:]
+                    y = gm.graph.call_function(OPS["linear_act"], (x, wfq, b, act))
+                if out_scale is not None:
+                    y = fq(y, out_scale, out_zp)
+            node.replace_all_uses_with(y)
+        else:
+            continue
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+def _int8_initializers(proto) -> int:
+    """QuantizeLinear of a constant weight -> the int8 initializer it computes (what QDQ models carry)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    init = {t.name: t for t in proto.graph.initializer}
+    producers = {n.output[0]: n for n in proto.graph.node if n.output}
+
+    def value(name):
+        """A tensor known before run time: an initializer, a Constant, or an Identity / Cast of one."""
+        if name in init:
+            return numpy_helper.to_array(init[name])
+        node = producers.get(name)
+        if node is not None and node.op_type == "Constant":
+            return numpy_helper.to_array(node.attribute[0].t)
+        if node is not None and node.op_type == "Identity":
+            return value(node.input[0])
+        if node is not None and node.op_type == "Cast":
+            source = value(node.input[0])
+            return None if source is None else source.astype(
+                onnx.helper.tensor_dtype_to_np_dtype(next(a.i for a in node.attribute if a.name == "to")))
+        return None
+
+    done = 0
+    for node in [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]:
+        w, scale, zp = (value(i) for i in node.input[:3])
+        if w is None or scale is None or zp is None or scale.ndim != 1:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        q = np.clip(np.rint(w / scale.reshape(shape)) + zp.reshape(shape), -128, 127).astype(np.int8)
+        proto.graph.initializer.append(numpy_helper.from_array(q, node.output[0] + "_int8"))
+        for other in proto.graph.node:
+            for i, name in enumerate(other.input):
+                if name == node.output[0]:
+                    other.input[i] = node.output[0] + "_int8"
+        proto.graph.node.remove(node)
+        done += 1
+    return done
+
+
+INT8_EXPORT_FLOOR_DB = 30.0
 
 
 class _Exportable(nn.Module):
@@ -66,7 +163,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, simplif
     import onnx
     import onnxruntime as ort
 
+    from compiler.codegen import OptimizedModule
+    from compiler.pass_manager import is_quantized
+
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    quantized = isinstance(model, OptimizedModule) and is_quantized(model.portable)
     module = _Exportable(_portable_reference(model)).eval()
     path = Path(path)
     names = [f"input_{i}" for i in range(len(inputs))]
@@ -80,11 +181,15 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, simplif
         torch.onnx.export(module, inputs, str(path), input_names=names, output_names=out_names, dynamic_axes=axes,
                           opset_version=opset, dynamo=False)
     proto = onnx.load(str(path))
+    if quantized:
+        _int8_initializers(proto)
+        onnx.save(proto, str(path))
     before = Counter(n.op_type for n in proto.graph.node)
     if simplify:
         import onnxsim
 
-        proto, ok = onnxsim.simplify(proto)
+        # (folding constants would turn the int8 weights' DequantizeLinear back into float weights)
+        proto, ok = onnxsim.simplify(proto, skip_constant_folding=quantized)
         if not ok:
             raise GraphoptError("onnx-simplifier could not validate the simplified model", hint="simplify=False")
         onnx.save(proto, str(path))
@@ -99,7 +204,15 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, simplif
             want = tree_flatten(module(*case))[0]
         got = session.run(None, {n: t.numpy() for n, t in zip(names, case)})
         for w, o in zip(want, got):
-            torch.testing.assert_close(torch.from_numpy(o), w.detach(), rtol=rtol, atol=atol * max(1.0, float(
-                w.abs().max())), msg=lambda m: f"ONNX Runtime disagrees with PyTorch on {path.name}: {m}")
+            if quantized:
+                from compiler.check import sqnr
+
+                db = sqnr(w.detach(), torch.from_numpy(o))
+                if db < INT8_EXPORT_FLOOR_DB:
+                    raise GraphoptError(f"ONNX Runtime disagrees with PyTorch on {path.name}: SQNR {db:.1f} dB < "
+                                        f"{INT8_EXPORT_FLOOR_DB} dB", hint="please report this model")
+            else:
+                torch.testing.assert_close(torch.from_numpy(o), w.detach(), rtol=rtol, atol=atol * max(1.0, float(
+                    w.abs().max())), msg=lambda m: f"ONNX Runtime disagrees with PyTorch on {path.name}: {m}")
             errors.append(float((torch.from_numpy(o) - w).abs().max()))
     return {"path": str(path), "ops_before": dict(before), "ops_after": dict(after), "max_abs_error": max(errors)}

@@ -61,3 +61,33 @@ def test_attention_exports_and_saving_it_is_refused_clearly(tmp_path):
     with pytest.raises(GraphoptError, match="MultiheadAttention"):
         opt.save(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()                                  # nothing half-written
+
+
+@pytest.mark.parametrize("name", ["resnet_blocks", "mobilenet_v2_blocks", "seed_convnet"])
+def test_int8_exports_as_qdq_with_int8_weights(name, tmp_path, monkeypatch):
+    import onnx
+    import onnxruntime as ort
+
+    from compiler.check import sqnr
+
+    monkeypatch.setattr("compiler.quantize.MIN_INT8_MACS", 0)
+    make, inputs = ZOO[name]
+    torch.manual_seed(0)
+    model = randomize_bn(make()).eval()
+    opt = optimize(model, (inputs(2),), quantize="int8", calibration=[(inputs(4),) for _ in range(8)], progress=False)
+    result = export_onnx(opt, (inputs(2),), tmp_path / "q.onnx")
+    ops = result["ops_after"]
+    layers = sum(layer["int8"] for layer in opt.int8_report.layers)
+    assert ops["DequantizeLinear"] >= 2 * layers and ops["QuantizeLinear"] >= layers  # activations and weights
+    proto = onnx.load(str(tmp_path / "q.onnx"))
+    int8 = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
+    assert len(int8) == layers  # every int8 weight is stored as int8 (4x smaller), read through DequantizeLinear
+    assert all(n.input[0] not in {t.name for t in proto.graph.initializer} for n in proto.graph.node
+               if n.op_type == "QuantizeLinear")  # no weight is quantized at run time
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    for n in (2, 5):
+        x = inputs(n)
+        got = torch.from_numpy(session.run(None, {"input_0": x.numpy()})[0])
+        with torch.no_grad():
+            assert sqnr(opt(x), got) >= 35.0  # graphopt's int8 and ONNX Runtime's agree
+            assert sqnr(model(x), got) >= 30.0
