@@ -34,10 +34,27 @@ from passes.quantize_int8 import candidates
 EVAL_BATCHES = 4
 _LAYER_OPS = {OPS[name] for name in ("conv2d_act", "linear_act", "qconv2d_act", "qlinear_act")}
 # On the CPU, an oneDNN int8 call costs about 20 us more than its fp32 counterpart whatever its size
-# (measured: bench/results/), so a layer below this many multiply-adds per call (at the traced
-# shape) runs faster in fp32 and stays there. Deterministic on purpose: no timing decides a graph.
-# 0 quantizes every layer.
+# (README: int8), so a layer below MIN_INT8_MACS multiply-adds per call (at the traced shape) runs
+# faster in fp32 and stays there, unless keeping it fp32 would mean quantizing its output again
+# for the int8 layer that reads it, and that output (after max pooling, flatten, ...) has
+# MIN_INT8_REQUANTIZE elements or more: quantizing costs about 0.45 ns an element, so from there
+# on the extra quantize costs more than the int8 call. Deterministic on purpose: no timing decides
+# a graph. MIN_INT8_MACS = 0 quantizes every layer.
 MIN_INT8_MACS = 1 << 20
+MIN_INT8_REQUANTIZE = 1 << 15
+
+
+def requantized_elements(gm: fx.GraphModule, node: fx.Node, layers: set[fx.Node]) -> int:
+    """How many elements would be quantized again if ``node`` stayed fp32 and its int8 readers did not."""
+    from passes.quantize_int8 import passes_int8_through
+
+    value = node
+    while len(value.users) == 1 and passes_int8_through(gm, next(iter(value.users))):
+        value = next(iter(value.users))
+    if not any(u in layers and u.args[0] is value for u in value.users):
+        return 0
+    meta = value.meta.get("tensor_meta")
+    return meta.shape.numel() if meta is not None else 0
 
 
 def macs(node: fx.Node) -> int:
@@ -269,8 +286,10 @@ def quantize(fp32: fx.GraphModule, ctx: PassContext, manager: PassManager, calib
         if layer_name(node) in asked:
             reasons[node.name] = "asked: fp32_layers"
     if ctx.backend == "cpu":
+        layers = set(q.layers)
         for node in q.layers:
-            if node.name not in reasons and macs(node) < MIN_INT8_MACS:
+            if node.name not in reasons and macs(node) < MIN_INT8_MACS \
+                    and requantized_elements(fp32, node, layers) < MIN_INT8_REQUANTIZE:
                 reasons[node.name] = (f"small: {macs(node):,} multiply-adds per call; int8's fixed cost per call "
                                       "outweighs its savings below {:,}".format(MIN_INT8_MACS))
     skip = set(reasons)
