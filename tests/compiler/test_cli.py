@@ -92,3 +92,12 @@ def test_bench_kernels_quick_on_the_cpu(tmp_path):
     result = json.loads(next(tmp_path.glob("kernels-cpu-*.json")).read_text())
     assert {r["op"] for r in result["rows"]} == {"conv2d_act", "linear_act"}
     assert all(r["graphopt_ms"] > 0 and r["reference_ms"] > 0 for r in result["rows"])
+
+
+def test_finetune_command_runs_data_parallel(tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert main(["finetune", "--nproc", "2", "--epochs", "1", "--prune", "0.5", "--out", str(out)]) == 0
+    history = json.loads((out / "metrics.json").read_text())
+    assert history[0]["world_size"] == 2 and 0.0 <= history[0]["accuracy"] <= 1.0
+    assert (out / "epoch_001.safetensors").exists()
+    assert "test accuracy" in capsys.readouterr().out

@@ -210,3 +210,9 @@ def test_fp32_layers_stay_fp32_and_unknown_names_are_refused():
     assert kept[names[1]]["int8"]
     with pytest.raises(GraphoptError, match="no quantizable layer: nope"):
         _int8("resnet_blocks", fp32_layers=["nope"])
+
+
+def test_a_cpu_without_vnni_gets_a_warning(monkeypatch):
+    monkeypatch.setattr("kernels.cpu.has_vnni", lambda: False)
+    with pytest.warns(UserWarning, match="VNNI"):
+        _int8("seed_convnet", calibration=_batches(ZOO["seed_convnet"][1], 2))
