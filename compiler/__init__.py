@@ -19,8 +19,11 @@ from compiler.backend import register as _register_backend
 from compiler.capture import capture, normalize_inputs
 from compiler.codegen import OptimizedModule, finalize, input_specs
 from compiler.errors import CaptureError, GraphoptError, InputError, LoadError, PassError
+from compiler.finetune import finetune
 from compiler.onnx import export_onnx
 from compiler.pass_manager import PassManager, PassRecord, lower
+from compiler.prune import prune
+from compiler.tune import tune
 from passes import DEFAULT_PIPELINE, LOWERING, PassContext
 
 BACKENDS = ("auto", "cpu", "triton", "reference")
@@ -100,6 +103,6 @@ _register_backend()
 
 __all__ = [
     "BACKENDS", "CaptureError", "GraphoptError", "InputError", "LoadError", "OptimizedModule", "PassContext",
-    "PassError", "PassManager", "PassRecord", "capture", "export_onnx", "graphopt_backend", "load",
-    "optimize",
+    "PassError", "PassManager", "PassRecord", "capture", "export_onnx", "finetune", "graphopt_backend", "load",
+    "optimize", "prune", "tune",
 ]
