@@ -42,12 +42,18 @@ def inductor(model: nn.Module, x: torch.Tensor) -> tuple[Callable, float]:
 
 def onnxruntime(model: nn.Module, x: torch.Tensor) -> tuple[Callable, float]:
     """ONNX Runtime on the CPU: all graph optimizations, torch's thread count, no spinning."""
-    import onnxruntime as ort
 
     start = time.perf_counter()
     path = os.path.join(tempfile.mkdtemp(prefix="graphopt-bench-"), "model.onnx")
     with torch.no_grad():
         torch.onnx.export(model, (x,), path, input_names=["x"], output_names=["y"], dynamo=False, opset_version=17)
+    return _ort_runner(path), time.perf_counter() - start
+
+
+def _ort_runner(path: str) -> Callable:
+    """An ONNX Runtime session on the CPU: all graph optimizations, torch's thread count, no spinning."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = torch.get_num_threads()
@@ -58,7 +64,7 @@ def onnxruntime(model: nn.Module, x: torch.Tensor) -> tuple[Callable, float]:
     def run(inp: torch.Tensor):
         return session.run(None, {"x": inp.numpy()})[0]
 
-    return run, time.perf_counter() - start
+    return run
 
 
 ENGINES = {"eager": eager, "inductor": inductor, "onnxruntime": onnxruntime, "graphopt": graphopt}
@@ -96,7 +102,6 @@ def torchao_fx_int8(model: nn.Module, x: torch.Tensor, calibration: list) -> tup
 
 def onnxruntime_int8(model: nn.Module, x: torch.Tensor, calibration: list) -> tuple[Callable, float]:
     """ONNX Runtime static QDQ int8: per-channel int8 weights, uint8 activations, MinMax calibration."""
-    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -114,17 +119,7 @@ def onnxruntime_int8(model: nn.Module, x: torch.Tensor, calibration: list) -> tu
                           dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
     quantize_static(fp32, int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(int8, options, providers=["CPUExecutionProvider"])
-
-    def run(inp: torch.Tensor):
-        return session.run(None, {"x": inp.numpy()})[0]
-
-    return run, time.perf_counter() - start
+    return _ort_runner(int8), time.perf_counter() - start
 
 
 INT8_ENGINES = {"graphopt": graphopt, "graphopt_int8": graphopt_int8, "torchao_fx_int8": torchao_fx_int8,
