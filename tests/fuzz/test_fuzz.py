@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 
 from tests.fuzz.generator import generate
-from tests.fuzz.runner import REGRESSIONS, check_case
+from tests.fuzz.runner import REGRESSIONS, check_case, check_int8_case
 
 CASES = 200
 PER_TEST = 20
+INT8_CASES = 40
 
 
 @pytest.mark.parametrize("start", range(0, CASES, PER_TEST))
@@ -20,6 +21,16 @@ def test_random_programs_match_eager(start):
         if found:
             failures[seed] = found[:2]
     assert not failures, f"rerun with: python tests/fuzz/runner.py --seed S --cases 1\n{failures}"
+
+
+@pytest.mark.parametrize("start", range(0, INT8_CASES, PER_TEST))
+def test_random_programs_quantize_to_int8(start):
+    failures = {}
+    for seed in range(start, start + PER_TEST):
+        found = check_int8_case(generate(seed), seed)
+        if found:
+            failures[seed] = found
+    assert not failures, failures
 
 
 @pytest.mark.parametrize("path", sorted(REGRESSIONS.glob("*.json")), ids=lambda p: p.stem)
