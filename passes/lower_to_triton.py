@@ -2,6 +2,7 @@
 
     graphopt::conv2d_act(x, w, ...)  ->  kernels.triton.conv2d_act(x, w, ..., w_gemm=W)   W: (groups, R*S*Cg, K/groups)
     graphopt::linear_act(x, w, ...)  ->  kernels.triton.linear_act(x, w, ...)
+    graphopt::qconv2d_act / qlinear_act  ->  kernels.triton.qconv2d_act / qlinear_act (int8)
 
 On CUDA tensors; on CPU tensors too under TRITON_INTERPRET=1, which is how it is tested here.
 Without triton installed it does nothing (the custom ops still run).
@@ -36,4 +37,8 @@ def lower_to_triton(gm: fx.GraphModule, ctx: PassContext) -> int:
     for node in calls(gm, OPS["linear_act"]):
         node.target = triton_kernels.linear_act
         rewrites += 1
+    for name in ("qconv2d_act", "qlinear_act"):  # int8: the same signature as the custom ops
+        for node in calls(gm, OPS[name]):
+            node.target = getattr(triton_kernels, name)
+            rewrites += 1
     return rewrites

@@ -156,3 +156,20 @@ def test_int8_saturation_zero_channel_constant_input_and_ties():
     ints = torch.arange(-9, 10, dtype=torch.int8).reshape(-1, 1)      # y / 2 lands on every .5 tie
     got = kt.qlinear_act(ints, 1.0, 0, torch.ones(1, 1, dtype=torch.int8), torch.ones(1), None, "none", 2.0, 0)
     assert torch.equal(got, torch.round(ints.float() / 2).to(torch.int8))  # round half to even, as torch
+
+
+def test_optimize_int8_with_the_triton_backend_end_to_end():
+    from compiler import optimize
+    from compiler.check import sqnr
+    from tests.helpers import randomize_bn
+    from tests.zoo import ZOO
+
+    make, inputs = ZOO["resnet_blocks"]
+    model = randomize_bn(make()).eval()
+    x = inputs(1)
+    opt = optimize(model, (x,), backend="triton", quantize="int8", calibration=[(inputs(2),) for _ in range(3)],
+                   progress=False)
+    assert "kernels_triton_qconv2d_act" in opt.code and "kernels_triton_qlinear_act" in opt.code
+    with torch.no_grad():
+        assert sqnr(model(x), opt(x)) >= 30.0
+        assert sqnr(opt.portable(x), opt(x)) >= 35.0  # the Triton int8 kernels against the reference
