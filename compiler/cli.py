@@ -48,13 +48,23 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     model = _load_class(args.model)().eval()
     inputs = tuple(torch.randn(*_shape(s)) for s in args.input_shape)
+    int8 = {}
+    if args.int8:
+        if not args.calibration:
+            raise SystemExit("graphopt: --int8 needs --calibration data.safetensors (input_0, input_1, ...: "
+                             "one tensor per model input, batches along dim 0)")
+        int8 = dict(quantize="int8", calibration=_calibration_batches(args.calibration, len(inputs),
+                                                                      args.calibration_batch),
+                    calibration_method=args.calibration_method)
     try:
         opt = optimize(model, inputs, passes=args.passes.split(",") if args.passes else None,
-                       backend=args.backend, dump_dir=args.dump_dir)
+                       backend=args.backend, dump_dir=args.dump_dir, **int8)
     except GraphoptError as e:
         print(f"graphopt: {e}", file=sys.stderr)
         return 1
     print_report(opt.report)
+    if opt.int8_report is not None:
+        print(opt.int8_report.table())
     print("runs: " + ", ".join(f"{op} x{n}" for op, n in sorted(opt.op_counts.items())))
     if args.dump_dir:
         print(f"dumps written to {args.dump_dir}")
@@ -63,6 +73,19 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.print_code:
         print(opt.code)
     return 0
+
+
+def _calibration_batches(path: str, n_inputs: int, batch: int) -> list[tuple]:
+    """Calibration batches from a safetensors file (read without pickle): input_0, ... split along dim 0."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    names = [f"input_{i}" for i in range(n_inputs)]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise SystemExit(f"graphopt: {path} has no {', '.join(missing)} (it has {', '.join(sorted(tensors))})")
+    chunks = [tensors[n].split(batch) for n in names]
+    return list(zip(*chunks))
 
 
 def _load_any(source: str, shapes: list[str] | None):
@@ -188,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "triton", "reference"])
     p.add_argument("--print-code", action="store_true", help="print the generated forward")
     p.add_argument("--out", help="save the optimized module to this folder (no pickle)")
+    p.add_argument("--int8", action="store_true", help="quantize to int8 (needs --calibration)")
+    p.add_argument("--calibration", help="a .safetensors file: input_0 (, input_1, ...) holding calibration data")
+    p.add_argument("--calibration-batch", type=int, default=8, help="batch size to split the calibration data into")
+    p.add_argument("--calibration-method", default="histogram", choices=["minmax", "percentile", "histogram"])
     p.set_defaults(fn=cmd_optimize)
 
     p = sub.add_parser("export", help="export a saved folder or a model file to ONNX, checked in ONNX Runtime")

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from compiler.cli import main
 
@@ -101,3 +102,19 @@ def test_finetune_command_runs_data_parallel(tmp_path, capsys):
     assert history[0]["world_size"] == 2 and 0.0 <= history[0]["accuracy"] <= 1.0
     assert (out / "epoch_001.safetensors").exists()
     assert "test accuracy" in capsys.readouterr().out
+
+
+def test_optimize_command_int8_with_calibration_from_safetensors(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr("compiler.quantize.MIN_INT8_MACS", 0)
+    path = tmp_path / "tiny.py"
+    path.write_text(MODEL)
+    save_file({"input_0": torch.randn(24, 3, 12, 12)}, str(tmp_path / "cal.safetensors"))
+    assert main(["optimize", f"{path}:Tiny", "--input-shape", "2,3,12,12", "--int8", "--calibration",
+                 str(tmp_path / "cal.safetensors"), "--out", str(tmp_path / "q")]) == 0
+    out = capsys.readouterr().out
+    assert "quantize_int8" in out and "int8: histogram calibration on 3 batches" in out
+    assert (tmp_path / "q" / "manifest.json").exists()
+    with pytest.raises(SystemExit, match="needs --calibration"):
+        main(["optimize", f"{path}:Tiny", "--input-shape", "2,3,12,12", "--int8"])
