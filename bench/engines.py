@@ -20,7 +20,7 @@ def eager(model: nn.Module, x: torch.Tensor) -> tuple[Callable, float]:
 
 
 def graphopt(model: nn.Module, x: torch.Tensor) -> tuple[Callable, float]:
-    from compiler import optimize
+    from graphopt import optimize
 
     start = time.perf_counter()
     opt = optimize(model, (x,))
@@ -75,7 +75,7 @@ ENGINES = {"eager": eager, "inductor": inductor, "onnxruntime": onnxruntime, "gr
 
 
 def graphopt_int8(model: nn.Module, x: torch.Tensor, calibration: list) -> tuple[Callable, float]:
-    from compiler import optimize
+    from graphopt import optimize
 
     start = time.perf_counter()
     opt = optimize(model, (x,), quantize="int8", calibration=[(c,) for c in calibration], progress=False)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import cpu, reference  # noqa: E402
+from graphopt.kernels import cpu, reference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name: (N, C, H, W, K, kernel, stride, padding, groups, act, residual)
@@ -112,8 +112,7 @@ def cpu_rows(quick: bool) -> list[dict]:
 def gpu_rows(dtype: torch.dtype, quick: bool) -> list[dict]:
     import triton.testing
 
-    import kernels.triton as kt
-
+    import graphopt.kernels.triton as kt
     name = torch.cuda.get_device_name()
     peak = next((v[str(dtype).removeprefix("torch.")] for key, v in PEAK_TFLOPS.items() if key in name), None)
     rows = []
@@ -132,7 +131,7 @@ def gpu_rows(dtype: torch.dtype, quick: bool) -> list[dict]:
         wt, b = torch.randn(k, c // g, r, r, device="cuda", dtype=dtype) * 0.1, torch.randn(k, device="cuda",
                                                                                           dtype=dtype)
         resid = eager_conv(x, wt, b, s, p, g, "none", None) if res else None
-        from kernels.triton.conv2d_act import prepare_weight
+        from graphopt.kernels.triton.conv2d_act import prepare_weight
 
         wg = prepare_weight(wt, g)
         times = {
@@ -160,8 +159,7 @@ def gpu_int8_rows() -> list[dict]:
     """graphopt's int8 GEMM (int32 accumulation, requantizing epilogue) against fp16 cuBLAS."""
     import triton.testing
 
-    import kernels.triton as kt
-
+    import graphopt.kernels.triton as kt
     rows = []
     for m, k, n in ((4096, 4096, 4096), (8192, 8192, 8192), (16384, 1024, 4096), (512, 512, 2048)):
         xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")

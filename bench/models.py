@@ -43,7 +43,7 @@ def _max_diff(a, b) -> float:
 
 
 def _sqnr(reference, value) -> float:
-    from compiler.check import sqnr
+    from graphopt.compiler.core.verify import sqnr
 
     return sqnr(torch.as_tensor(reference), torch.as_tensor(value))
 

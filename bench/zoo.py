@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compiler.demo import ConvNet
+from graphopt.compiler.workflow.demo import ConvNet
 
 
 class BasicBlock(nn.Module):

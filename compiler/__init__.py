@@ -1,108 +1,11 @@
-"""graphopt: a graph optimizer for PyTorch models.
+"""The driver: capture, the pass pipeline and its verification, lowering, and everything around it.
 
-    opt = optimize(model, (x,))       # trace, run the pass pipeline, verify, generate
-    opt(x)                            # eager's answers, faster
-    opt.code, opt.report              # what it runs, and what each pass did
+    optimize.py  optimize(): the public entry point
+    core/        capture, the pass pipeline, verification, the optimized module, errors, torch.compile backend
+    int8/        calibration, the int8 plan (what stays fp32 and why), the accuracy budget
+    deploy/      saving and loading without pickle, ONNX export
+    workflow/    pruning, data-parallel fine-tuning, recipe tuning, the demo
+    ui/          the command line, pass-by-pass dumps, the HTML explorer
+
+The public names live on the ``graphopt`` package itself (``graphopt.optimize``, ``graphopt.load``, ...).
 """
-
-from __future__ import annotations
-
-import os
-from typing import Any, Iterable
-
-import torch
-import torch.nn as nn
-
-from compiler.artifact import load
-from compiler.backend import graphopt_backend
-from compiler.backend import register as _register_backend
-from compiler.capture import capture, normalize_inputs
-from compiler.codegen import OptimizedModule, finalize, input_specs
-from compiler.errors import CaptureError, GraphoptError, InputError, LoadError, PassError
-from compiler.finetune import finetune
-from compiler.onnx import export_onnx
-from compiler.pass_manager import PassManager, PassRecord, lower
-from compiler.prune import prune
-from compiler.tune import tune
-from passes import DEFAULT_PIPELINE, LOWERING, PassContext
-
-BACKENDS = ("auto", "cpu", "triton", "reference")
-
-
-def _resolve_backend(backend: str, inputs: tuple) -> str:
-    if backend not in BACKENDS:
-        raise GraphoptError(f"unknown backend {backend!r}", hint=f"use one of {', '.join(BACKENDS)}")
-    device = next((t.device.type for t in inputs if isinstance(t, torch.Tensor)), "cpu")
-    if backend == "auto":
-        return "cpu" if device == "cpu" else ("triton" if device == "cuda" and _has_triton() else "reference")
-    if backend == "triton":
-        if not _has_triton():
-            raise GraphoptError("backend='triton' needs the triton package", hint="pip install 'graphopt[triton]'")
-        if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise GraphoptError(f"backend='triton' runs on CUDA tensors, got {device} tensors",
-                                hint="move the model and inputs to a GPU, or set TRITON_INTERPRET=1 to run the "
-                                     "kernels in Triton's interpreter (slow; for testing)")
-    if backend == "cpu" and device != "cpu":
-        raise GraphoptError(f"backend='cpu' needs CPU inputs, got {device} tensors", hint="use backend='auto'")
-    return backend
-
-
-def _has_triton() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
-def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
-             calibration: Iterable | None = None, passes: list[str] | None = None, backend: str = "auto",
-             dump_dir: str | os.PathLike | None = None, check: bool = True, *,
-             calibration_method: str = "histogram", accuracy_budget: Any = None,
-             fp32_layers: Iterable[str] = (), progress: bool = True) -> OptimizedModule:
-    """Trace ``model`` on ``example_inputs``, optimize its graph and return a module with the same answers.
-
-    The model is never modified. Every pass that changes the graph is checked against the
-    captured model (``check=True``); ``dump_dir`` (or ``GRAPHOPT_DUMP``) keeps a dump per pass.
-
-    ``quantize="int8"`` calibrates on ``calibration`` (an iterable of input tuples) with
-    ``calibration_method`` ("minmax", "percentile" or "histogram") and runs convolutions and
-    linears in int8; ``accuracy_budget`` (an output SQNR floor in dB, or ``(metric, tolerance)``)
-    returns the most sensitive layers to fp32 until it holds; ``fp32_layers`` (module names) stay
-    fp32 regardless. ``opt.int8_report`` says what happened, layer by layer.
-    """
-    if quantize not in (None, "int8"):
-        raise GraphoptError(f"unknown quantize={quantize!r}", hint="use quantize='int8', or None for fp32")
-    inputs = normalize_inputs(example_inputs)
-    backend = _resolve_backend(backend, inputs)
-    if quantize is not None:
-        from compiler.quantize import check_batches
-
-        calibration = check_batches(calibration, inputs)  # before any work: bad data fails fast
-    gm = capture(model, inputs)
-    ctx = PassContext(inputs, backend=backend, calibration=calibration)
-    dump_dir = dump_dir or os.environ.get("GRAPHOPT_DUMP") or None
-    manager = PassManager(list(DEFAULT_PIPELINE if passes is None else passes), check=check,
-                          dump_dir=str(dump_dir) if dump_dir else None)
-    portable, report = manager.run(gm, ctx)
-    int8_report = None
-    if quantize == "int8":
-        from compiler.quantize import quantize as quantize_int8
-
-        portable, records, int8_report = quantize_int8(portable, ctx, manager, calibration, calibration_method,
-                                                       accuracy_budget, progress=progress, fp32_layers=fp32_layers)
-        report += records
-        if manager.dumper:
-            (manager.dumper.root / "int8.md").write_text(int8_report.table() + "\n")
-    lowered, lowering_report = lower(portable, ctx, LOWERING[backend], check=check, manager=manager)
-    opt = OptimizedModule(finalize(lowered), report + lowering_report, input_specs(inputs), backend,
-                          portable=finalize(portable))
-    opt.int8_report = int8_report
-    return opt
-
-
-_register_backend()
-
-__all__ = [
-    "BACKENDS", "CaptureError", "GraphoptError", "InputError", "LoadError", "OptimizedModule", "PassContext",
-    "PassError", "PassManager", "PassRecord", "capture", "export_onnx", "finetune", "graphopt_backend", "load",
-    "optimize", "prune", "tune",
-]

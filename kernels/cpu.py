@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import parse_act
+from graphopt.kernels.reference import parse_act
 
 # act name -> (function, its parameters as (args, kwargs)): fn(y, *args, **kwargs) applies the act,
 # in place where torch has an in-place form

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels import cpu, reference
+from graphopt.kernels import cpu, reference
 
 
 @torch.library.custom_op("graphopt::conv2d_act", mutates_args=())
@@ -35,7 +35,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, act, residual):
 
 @conv2d_act.register_kernel("cuda")
 def _(x, weight, bias, stride, padding, dilation, groups, act, residual):
-    from kernels import triton as triton_kernels  # imported on first CUDA use: triton is optional
+    from graphopt.kernels import triton as triton_kernels  # imported on first CUDA use: triton is optional
 
     return triton_kernels.conv2d_act(x, weight, bias, stride, padding, dilation, groups, act, residual)
 
@@ -61,7 +61,7 @@ def _(x, weight, bias, act):
 
 @linear_act.register_kernel("cuda")
 def _(x, weight, bias, act):
-    from kernels import triton as triton_kernels
+    from graphopt.kernels import triton as triton_kernels
 
     return triton_kernels.linear_act(x, weight, bias, act)
 
@@ -110,7 +110,7 @@ def _(x, x_scale, x_zp, weight, w_scale, bias, stride, padding, dilation, groups
 
 @qconv2d_act.register_kernel("cuda")
 def _(x, x_scale, x_zp, weight, w_scale, bias, stride, padding, dilation, groups, act, residual, out_scale, out_zp):
-    from kernels import triton as triton_kernels
+    from graphopt.kernels import triton as triton_kernels
 
     return triton_kernels.qconv2d_act(x, x_scale, x_zp, weight, w_scale, bias, stride, padding, dilation, groups,
                                       act, residual, out_scale, out_zp)
@@ -138,7 +138,7 @@ def _(x, x_scale, x_zp, weight, w_scale, bias, act, out_scale, out_zp):
 
 @qlinear_act.register_kernel("cuda")
 def _(x, x_scale, x_zp, weight, w_scale, bias, act, out_scale, out_zp):
-    from kernels import triton as triton_kernels
+    from graphopt.kernels import triton as triton_kernels
 
     return triton_kernels.qlinear_act(x, x_scale, x_zp, weight, w_scale, bias, act, out_scale, out_zp)
 

@@ -52,7 +52,7 @@ def register(name: str, kind: str) -> Callable[[PassFn], PassFn]:
     return wrap
 
 
-from passes import (  # noqa: E402, F401  (each module registers itself)
+from graphopt.passes import (  # noqa: E402, F401  (each module registers itself)
     eliminate_common_subexpressions,
     eliminate_dead_code,
     fold_constants,

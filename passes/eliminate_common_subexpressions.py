@@ -10,8 +10,8 @@ from typing import Any
 
 import torch.fx as fx
 
-from passes import PassContext, register
-from passes.graph import alias_roots, is_impure, mutated_roots
+from graphopt.passes import PassContext, register
+from graphopt.passes.graph import alias_roots, is_impure, mutated_roots
 
 
 def _key(value: Any) -> Any:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from passes import PassContext, register
-from passes.graph import alias_roots, is_impure, is_inplace, is_random
+from graphopt.passes import PassContext, register
+from graphopt.passes.graph import alias_roots, is_impure, is_inplace, is_random
 
 
 def _unobserved_write(gm: fx.GraphModule, node: fx.Node, roots: dict) -> bool:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from passes.graph import mutated_between, only_user, same_shape
-from passes.patterns import match_act, match_add
+from graphopt.passes.graph import mutated_between, only_user, same_shape
+from graphopt.passes.patterns import match_act, match_add
 
 
 @dataclass

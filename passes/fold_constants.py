@@ -13,8 +13,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from passes import PassContext, register
-from passes.graph import add_constant, alias_roots, get_attr, is_impure, module_of, mutated_roots
+from graphopt.passes import PassContext, register
+from graphopt.passes.graph import add_constant, alias_roots, get_attr, is_impure, module_of, mutated_roots
 
 
 def _evaluate(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any:

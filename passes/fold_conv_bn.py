@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from passes import PassContext, register
-from passes.graph import add_constant, call_sites, copy_meta, erase_chain, shares_tensor
-from passes.patterns import match_batch_norm, match_conv
+from graphopt.passes import PassContext, register
+from graphopt.passes.graph import add_constant, call_sites, copy_meta, erase_chain, shares_tensor
+from graphopt.passes.patterns import match_batch_norm, match_conv
 
 _CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
 

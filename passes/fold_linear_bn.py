@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn.functional as F
 
-from passes import PassContext, register
-from passes.fold_conv_bn import fold_into, is_shared
-from passes.graph import tensor_meta
-from passes.patterns import match_batch_norm, match_linear
+from graphopt.passes import PassContext, register
+from graphopt.passes.fold_conv_bn import fold_into, is_shared
+from graphopt.passes.graph import tensor_meta
+from graphopt.passes.patterns import match_batch_norm, match_linear
 
 
 @register("fold_linear_bn", kind="fp32")

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from kernels.ops import OPS
-from passes import PassContext, register
-from passes.epilogue import inputs_stable, match_epilogue
-from passes.graph import copy_meta, erase_chain, tensor_meta
-from passes.patterns import as_node, match_linear
+from graphopt.kernels.ops import OPS
+from graphopt.passes import PassContext, register
+from graphopt.passes.epilogue import inputs_stable, match_epilogue
+from graphopt.passes.graph import copy_meta, erase_chain, tensor_meta
+from graphopt.passes.patterns import as_node, match_linear
 
 
 @register("fuse_linear_act", kind="fp32")

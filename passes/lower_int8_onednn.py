@@ -21,11 +21,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import cpu
-from kernels.ops import OPS
-from passes import PassContext, register
-from passes.graph import add_constant, calls, constant_value, copy_meta, tensor_meta
-from passes.layout import layout_changes_aliasing, restore_default_layout
+from graphopt.kernels import cpu
+from graphopt.kernels.ops import OPS
+from graphopt.passes import PassContext, register
+from graphopt.passes.graph import add_constant, calls, constant_value, copy_meta, tensor_meta
+from graphopt.passes.layout import layout_changes_aliasing, restore_default_layout
 
 QCONV = torch.ops.onednn.qconv2d_pointwise.default
 QCONV_SUM = torch.ops.onednn.qconv2d_pointwise.binary

@@ -18,11 +18,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from kernels import cpu
-from kernels.ops import OPS
-from passes import PassContext, register
-from passes.graph import add_constant, calls, constant_value, copy_meta, tensor_meta
-from passes.layout import layout_changes_aliasing, restore_default_layout
+from graphopt.kernels import cpu
+from graphopt.kernels.ops import OPS
+from graphopt.passes import PassContext, register
+from graphopt.passes.graph import add_constant, calls, constant_value, copy_meta, tensor_meta
+from graphopt.passes.layout import layout_changes_aliasing, restore_default_layout
 
 CONV = torch.ops.mkldnn._convolution_pointwise.default
 CONV_ADD = torch.ops.mkldnn._convolution_pointwise.binary

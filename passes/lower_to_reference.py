@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from kernels.ops import OPS, REFERENCES
-from passes import PassContext, register
-from passes.graph import calls
+from graphopt.kernels.ops import OPS, REFERENCES
+from graphopt.passes import PassContext, register
+from graphopt.passes.graph import calls
 
 
 @register("lower_to_reference", kind="fp32")

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from kernels.ops import OPS
-from passes import PassContext, register
-from passes.graph import add_constant, calls, constant_value
+from graphopt.kernels.ops import OPS
+from graphopt.passes import PassContext, register
+from graphopt.passes.graph import add_constant, calls, constant_value
 
 
 @register("lower_to_triton", kind="fp32")
 def lower_to_triton(gm: fx.GraphModule, ctx: PassContext) -> int:
     try:
-        from kernels import triton as triton_kernels
-        from kernels.triton.conv2d_act import prepare_weight
+        from graphopt.kernels import triton as triton_kernels
+        from graphopt.kernels.triton.conv2d_act import prepare_weight
     except ImportError:
         return 0
     rewrites = 0

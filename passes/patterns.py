@@ -18,8 +18,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.reference import format_act
-from passes.graph import arg, constant_value, get_attr, module_of, tensor_meta
+from graphopt.kernels.reference import format_act
+from graphopt.passes.graph import arg, constant_value, get_attr, module_of, tensor_meta
 
 # A "ref" below is a graph value (fx.Node) or, for a module's parameter, its attribute path (str).
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from passes import PassContext, register
-from passes.graph import alias_roots, mutated_roots
-from passes.layout import convert, is_4d_float, is_conversion, layout_changes_aliasing
-from passes.lower_int8_onednn import QCONV, QCONV_SUM
-from passes.lower_to_onednn import CONV, CONV_ADD
+from graphopt.passes import PassContext, register
+from graphopt.passes.graph import alias_roots, mutated_roots
+from graphopt.passes.layout import convert, is_4d_float, is_conversion, layout_changes_aliasing
+from graphopt.passes.lower_int8_onednn import QCONV, QCONV_SUM
+from graphopt.passes.lower_to_onednn import CONV, CONV_ADD
 
 
 def _reaches_conv(node: fx.Node) -> bool:

@@ -22,10 +22,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.ops import OPS
-from passes import PassContext, register
-from passes.graph import add_constant, constant_value, copy_meta, tensor_meta
-from passes.observers import activation_qparams, weight_qparams
+from graphopt.kernels.ops import OPS
+from graphopt.kernels.reference import activation_qparams, weight_qparams
+from graphopt.passes import PassContext, register
+from graphopt.passes.graph import add_constant, constant_value, copy_meta, tensor_meta
 
 _FLOAT_OPS = {OPS["conv2d_act"]: OPS["qconv2d_act"], OPS["linear_act"]: OPS["qlinear_act"]}
 _PASS_FUNCTIONS = (F.max_pool2d, torch.flatten, torch.reshape)

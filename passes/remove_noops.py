@@ -15,8 +15,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes import PassContext, register
-from passes.graph import arg, module_of, tensor_meta
+from graphopt.passes import PassContext, register
+from graphopt.passes.graph import arg, module_of, tensor_meta
 
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)

@@ -6,8 +6,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from compiler.capture import capture, propagate
-from passes import PassContext
+from graphopt.compiler.core.capture import capture, propagate
+from graphopt.passes import PassContext
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.zoo import BasicBlock  # the same block the benchmark's ResNet-18 is made of
-from compiler.demo import ConvNet
+from graphopt.compiler.workflow.demo import ConvNet
 
 
 class Bottleneck(nn.Module):

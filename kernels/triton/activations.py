@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.reference import parse_act
+from graphopt.kernels.reference import parse_act
 
 CODES = {"none": 0, "relu": 1, "relu6": 2, "hardtanh": 2, "silu": 3, "sigmoid": 4, "tanh": 5, "hardswish": 6,
          "gelu": 7, "leaky_relu": 9}

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import conv_out_size
-from kernels.triton.activations import act_code, apply_act
+from graphopt.kernels.reference import conv_out_size
+from graphopt.kernels.triton.activations import act_code, apply_act
 
 CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),

@@ -12,9 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import conv_out_size
-from kernels.triton.activations import act_code, apply_act, requantize
-from kernels.triton.conv2d_act import prepare_weight
+from graphopt.kernels.reference import conv_out_size
+from graphopt.kernels.triton.activations import act_code, apply_act, requantize
+from graphopt.kernels.triton.conv2d_act import prepare_weight
 
 CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),

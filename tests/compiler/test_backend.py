@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import compiler  # noqa: F401  (registers the backend)
-from compiler.backend import freeze
+import graphopt.compiler  # noqa: F401  (registers the backend)
+from graphopt.compiler.core.torch_compile import freeze
 from tests.helpers import close, randomize_bn
 from tests.zoo import ZOO
 
@@ -22,7 +22,7 @@ def test_torch_compile_backend_matches_eager(name):
 
 
 def test_backend_folds_and_fuses_the_functional_graph(monkeypatch):
-    from compiler import backend as backend_module
+    from graphopt.compiler.core import torch_compile as backend_module
 
     seen = {}
     original = backend_module.run_pipeline

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from compiler.cli import main
+from graphopt.compiler.ui.cli import main
 
 MODEL = textwrap.dedent("""
     import torch.nn as nn
@@ -42,7 +42,7 @@ def test_optimize_command_reports_errors_cleanly(tmp_path, capsys):
 
 def test_console_script_runs_the_quick_demo(tmp_path):
     out = tmp_path / "demo"
-    done = subprocess.run([sys.executable, "-m", "compiler.cli", "demo", "--quick", "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "graphopt.compiler.ui.cli", "demo", "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     result = json.loads((out / "demo.json").read_text())
@@ -60,7 +60,7 @@ def test_console_script_runs_the_quick_demo(tmp_path):
     if tuned["path"] is not None:  # a recipe met the budget: the saved model loads and runs (no pickle)
         import torch
 
-        from compiler import load
+        from graphopt import load
 
         assert load(out / tuned["path"])(torch.randn(1, 1, 32, 32)).shape == (1, 10)
 
@@ -107,7 +107,7 @@ def test_finetune_command_runs_data_parallel(tmp_path, capsys):
 def test_optimize_command_int8_with_calibration_from_safetensors(tmp_path, capsys, monkeypatch):
     from safetensors.torch import save_file
 
-    monkeypatch.setattr("compiler.quantize.MIN_INT8_MACS", 0)
+    monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 0)
     path = tmp_path / "tiny.py"
     path.write_text(MODEL)
     save_file({"input_0": torch.randn(24, 3, 12, 12)}, str(tmp_path / "cal.safetensors"))

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compiler import CaptureError, GraphoptError, InputError, PassError, optimize
-from passes import REGISTRY, register
+from graphopt import CaptureError, GraphoptError, InputError, PassError, optimize
+from graphopt.passes import REGISTRY, register
 from tests.helpers import close
 
 

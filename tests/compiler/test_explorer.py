@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 
-from compiler import optimize
-from compiler.cli import main
-from compiler.explorer import render
-from compiler.graph_svg import graphviz_svg, layered_svg
+from graphopt import optimize
+from graphopt.compiler.ui.cli import main
+from graphopt.compiler.ui.explorer import render
+from graphopt.compiler.ui.graph_svg import graphviz_svg, layered_svg
 from tests.helpers import randomize_bn
 from tests.zoo import ZOO
 

@@ -9,9 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from compiler.capture import capture
-from compiler.finetune import _free_port, finetune
-from passes.observers import collect, value_range
+from graphopt.compiler.core.capture import capture
+from graphopt.compiler.int8.calibrate import collect, value_range
+from graphopt.compiler.workflow.finetune import _free_port, finetune
 
 
 class Small(nn.Module):
@@ -58,7 +58,7 @@ def test_adam_fine_tune_on_two_processes_learns_and_reports_held_out_accuracy(tm
 
 
 def test_zero_epochs_returns_a_copy_and_bad_arguments_are_refused():
-    from compiler import GraphoptError
+    from graphopt import GraphoptError
 
     model, (x, y) = Small(), _data(8)
     same = finetune(model, (x, y), epochs=0)

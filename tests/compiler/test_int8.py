@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compiler import GraphoptError, InputError, load, optimize
-from compiler.check import sqnr
+from graphopt import GraphoptError, InputError, load, optimize
+from graphopt.compiler.core.verify import sqnr
 from tests.helpers import randomize_bn
 from tests.zoo import ZOO
 
@@ -17,7 +17,7 @@ from tests.zoo import ZOO
 @pytest.fixture(autouse=True)
 def quantize_every_layer(monkeypatch):
     """The zoo's layers are small: quantize them all anyway (the size rule has its own test)."""
-    monkeypatch.setattr("compiler.quantize.MIN_INT8_MACS", 0)
+    monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 0)
 
 
 def _batches(make, n, batch=4, seed=0):
@@ -54,7 +54,7 @@ def test_consecutive_int8_ops_hand_int8_to_each_other():
     _, _, opt = _int8("resnet_blocks")
     code = opt.code
     counts = opt.op_counts
-    assert counts["kernels.cpu.quantize_u8"] <= 2  # the input, and the classifier after the fp32 pooling
+    assert counts["graphopt.kernels.cpu.quantize_u8"] <= 2  # the input, and the classifier after the fp32 pooling
     assert counts.get("onednn.qconv2d_pointwise.binary", 0) >= 2  # residual adds fused as int8 sums
     assert "conv2d_act" not in code
 
@@ -182,7 +182,7 @@ def test_a_constant_input_quantizes_without_a_zero_scale():
 
 
 def test_small_layers_stay_fp32_on_the_cpu_and_the_report_says_why(monkeypatch):
-    monkeypatch.setattr("compiler.quantize.MIN_INT8_MACS", 1 << 20)
+    monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 1 << 20)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 64, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(64, 64, 3, padding=1), nn.Flatten(), nn.Linear(64 * 16 * 16, 10)).eval()
     torch.manual_seed(0)
@@ -213,6 +213,6 @@ def test_fp32_layers_stay_fp32_and_unknown_names_are_refused():
 
 
 def test_a_cpu_without_vnni_gets_a_warning(monkeypatch):
-    monkeypatch.setattr("kernels.cpu.has_vnni", lambda: False)
+    monkeypatch.setattr("graphopt.kernels.cpu.has_vnni", lambda: False)
     with pytest.warns(UserWarning, match="VNNI"):
         _int8("seed_convnet", calibration=_batches(ZOO["seed_convnet"][1], 2))

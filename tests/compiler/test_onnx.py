@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from compiler import export_onnx, optimize
+from graphopt import export_onnx, optimize
 from tests.helpers import randomize_bn
 from tests.zoo import ZOO
 
@@ -52,7 +52,7 @@ class _Encoder(torch.nn.Module):
 
 
 def test_attention_exports_and_saving_it_is_refused_clearly(tmp_path):
-    from compiler import GraphoptError
+    from graphopt import GraphoptError
 
     model, x = _Encoder().eval(), torch.randn(2, 7, 32)
     opt = optimize(model, (x,))
@@ -68,9 +68,9 @@ def test_int8_exports_as_qdq_with_int8_weights(name, tmp_path, monkeypatch):
     import onnx
     import onnxruntime as ort
 
-    from compiler.check import sqnr
+    from graphopt.compiler.core.verify import sqnr
 
-    monkeypatch.setattr("compiler.quantize.MIN_INT8_MACS", 0)
+    monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 0)
     make, inputs = ZOO[name]
     torch.manual_seed(0)
     model = randomize_bn(make()).eval()

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compiler import OptimizedModule, optimize
+from graphopt import OptimizedModule, optimize
 from tests.helpers import close, randomize_bn
 from tests.zoo import ZOO
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compiler import GraphoptError
-from compiler.tune import tune
+from graphopt import GraphoptError
+from graphopt.compiler.workflow.tune import tune
 
 
 class Net(nn.Module):
@@ -37,7 +37,7 @@ def _setup():
 
 @pytest.fixture(autouse=True)
 def quantize_every_layer(monkeypatch):
-    monkeypatch.setattr("compiler.quantize.MIN_INT8_MACS", 0)
+    monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 0)
 
 
 def test_the_best_feasible_model_is_saved_after_every_trial_and_the_study_resumes(tmp_path):

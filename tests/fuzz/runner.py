@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from compiler import load, optimize  # noqa: E402
-from compiler.pass_manager import PassManager  # noqa: E402
-from passes import DEFAULT_PIPELINE, PassContext  # noqa: E402
+from graphopt import load, optimize  # noqa: E402
+from graphopt.compiler.core.pipeline import PassManager  # noqa: E402
+from graphopt.passes import DEFAULT_PIPELINE, PassContext  # noqa: E402
 from tests.fuzz.generator import generate  # noqa: E402
 from tests.fuzz.spec_model import SpecModel  # noqa: E402
 
@@ -92,13 +92,13 @@ INT8_FLOOR_DB = 15.0  # random programs, random data: lowest seen over 200 progr
 
 def check_int8_case(spec: dict, seed: int) -> list[str]:
     """int8 on one program (every layer quantized): it runs, stays near eager (SQNR), reloads bitwise."""
-    import compiler.quantize
-    from compiler.check import sqnr
+    import graphopt.compiler.int8.quantize
+    from graphopt.compiler.core.verify import sqnr
 
     model, x = build(spec, seed)
     g = torch.Generator().manual_seed(seed)
     calibration = [(torch.randn(x.shape, generator=g),) for _ in range(6)]
-    saved, compiler.quantize.MIN_INT8_MACS = compiler.quantize.MIN_INT8_MACS, 0
+    saved, graphopt.compiler.int8.quantize.MIN_INT8_MACS = graphopt.compiler.int8.quantize.MIN_INT8_MACS, 0
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -113,7 +113,7 @@ def check_int8_case(spec: dict, seed: int) -> list[str]:
     except Exception as e:
         return [f"int8: {type(e).__name__}: {e}"]
     finally:
-        compiler.quantize.MIN_INT8_MACS = saved
+        graphopt.compiler.int8.quantize.MIN_INT8_MACS = saved
     return []
 
 

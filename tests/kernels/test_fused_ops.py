@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.ops  # noqa: F401  (registers torch.ops.graphopt)
-from kernels import cpu, reference
-from kernels.reference import ACTIVATIONS, apply_act, parse_act
+import graphopt.kernels.ops  # noqa: F401  (registers torch.ops.graphopt)
+from graphopt.kernels import cpu, reference
+from graphopt.kernels.reference import ACTIVATIONS, apply_act, parse_act
 
 ACTS = ["none", "relu", "relu6", "silu", "sigmoid", "tanh", "hardswish", "gelu", "gelu:tanh",
         "hardtanh:-0.5:0.75", "hardtanh:0.0:inf", "leaky_relu:0.1"]

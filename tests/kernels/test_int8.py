@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compiler.check import sqnr
-from kernels import cpu, reference
-from passes.observers import activation_qparams, weight_qparams
+from graphopt.compiler.core.verify import sqnr
+from graphopt.kernels import cpu, reference
+from graphopt.kernels.reference import activation_qparams, weight_qparams
 
 # (N, C, H, W, K, R, stride, padding, dilation, groups): odd sizes, depthwise, dilated, 1x1
 CONVS = [

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels.ops  # noqa: F401  (registers torch.ops.graphopt)
-from kernels.reference import conv_out_size
+import graphopt.kernels.ops  # noqa: F401  (registers torch.ops.graphopt)
+from graphopt.kernels.reference import conv_out_size
 
 
 @st.composite

@@ -10,8 +10,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-import kernels.triton as kt  # noqa: E402
-from kernels import reference  # noqa: E402
+import graphopt.kernels.triton as kt  # noqa: E402
+from graphopt.kernels import reference  # noqa: E402
 
 ACTS = ["none", "relu", "relu6", "hardtanh:-0.5:0.75", "silu", "sigmoid", "tanh", "hardswish", "gelu",
         "gelu:tanh", "leaky_relu:0.1"]
@@ -79,7 +79,7 @@ def test_nan_and_inf_propagate_like_eager():
 
 
 def test_prepared_weight_gives_the_same_answer():
-    from kernels.triton.conv2d_act import prepare_weight
+    from graphopt.kernels.triton.conv2d_act import prepare_weight
 
     x, w, b, stride, padding, dilation, groups = _conv_case(CONVS[3])
     plain = kt.conv2d_act(x, w, b, stride, padding, dilation, groups, "relu", None)
@@ -89,7 +89,7 @@ def test_prepared_weight_gives_the_same_answer():
 
 
 def test_optimize_with_the_triton_backend_end_to_end():
-    from compiler import optimize
+    from graphopt import optimize
     from tests.helpers import randomize_bn
     from tests.zoo import ZOO
 
@@ -159,8 +159,8 @@ def test_int8_saturation_zero_channel_constant_input_and_ties():
 
 
 def test_optimize_int8_with_the_triton_backend_end_to_end():
-    from compiler import optimize
-    from compiler.check import sqnr
+    from graphopt import optimize
+    from graphopt.compiler.core.verify import sqnr
     from tests.helpers import randomize_bn
     from tests.zoo import ZOO
 

@@ -21,8 +21,8 @@ CONVS = [  # (N, C, H, W, K, kernel, stride, padding, groups)
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("case", CONVS)
 def test_conv2d_act_on_cuda(dtype, case):
-    import kernels.triton as kt
-    from kernels import reference
+    import graphopt.kernels.triton as kt
+    from graphopt.kernels import reference
 
     n, c, h, w, k, r, s, p, g = case
     x = torch.randn(n, c, h, w, device="cuda", dtype=dtype)
@@ -40,8 +40,8 @@ def test_conv2d_act_on_cuda(dtype, case):
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("m,k,n", [(1, 512, 1000), (512, 512, 2048), (512, 2048, 512), (127, 129, 17)])
 def test_linear_act_on_cuda(dtype, m, k, n):
-    import kernels.triton as kt
-    from kernels import reference
+    import graphopt.kernels.triton as kt
+    from graphopt.kernels import reference
 
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     w = torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5
@@ -52,8 +52,8 @@ def test_linear_act_on_cuda(dtype, m, k, n):
 
 
 def test_custom_ops_dispatch_cuda_tensors_to_triton():
-    import kernels.ops  # noqa: F401
-    from compiler import optimize
+    import graphopt.kernels.ops  # noqa: F401
+    from graphopt import optimize
     from tests.helpers import randomize_bn
     from tests.zoo import ZOO
 
@@ -68,8 +68,8 @@ def test_custom_ops_dispatch_cuda_tensors_to_triton():
 
 @pytest.mark.parametrize("m,k,n", [(1, 512, 1000), (512, 2048, 512), (4096, 4096, 4096)])
 def test_qlinear_act_on_cuda(m, k, n):
-    import kernels.triton as kt
-    from kernels import reference
+    import graphopt.kernels.triton as kt
+    from graphopt.kernels import reference
 
     x = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
@@ -80,8 +80,8 @@ def test_qlinear_act_on_cuda(m, k, n):
 
 
 def test_qconv2d_act_on_cuda():
-    import kernels.triton as kt
-    from kernels import reference
+    import graphopt.kernels.triton as kt
+    from graphopt.kernels import reference
 
     x = torch.randint(-128, 128, (2, 64, 28, 28), dtype=torch.int8, device="cuda")
     w = torch.randint(-127, 128, (64, 64, 3, 3), dtype=torch.int8, device="cuda")

@@ -2,8 +2,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from compiler.capture import propagate
-from passes.eliminate_common_subexpressions import eliminate_common_subexpressions as cse
+from graphopt.compiler.core.capture import propagate
+from graphopt.passes.eliminate_common_subexpressions import eliminate_common_subexpressions as cse
 from tests.helpers import apply, traced
 
 

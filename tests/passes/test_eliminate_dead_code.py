@@ -1,7 +1,7 @@
 import torch
 import torch.nn as nn
 
-from passes.eliminate_dead_code import eliminate_dead_code
+from graphopt.passes.eliminate_dead_code import eliminate_dead_code
 from tests.helpers import apply, traced
 
 

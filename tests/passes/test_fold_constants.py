@@ -2,8 +2,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from compiler.capture import propagate
-from passes.fold_constants import fold_constants
+from graphopt.compiler.core.capture import propagate
+from graphopt.passes.fold_constants import fold_constants
 from tests.helpers import apply, traced
 
 

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.fold_conv_bn import fold_conv_bn
+from graphopt.passes.fold_conv_bn import fold_conv_bn
 from tests.helpers import apply, close, count, randomize_bn, traced
 
 BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, F.batch_norm)

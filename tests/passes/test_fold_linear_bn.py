@@ -1,7 +1,7 @@
 import torch
 import torch.nn as nn
 
-from passes.fold_linear_bn import fold_linear_bn
+from graphopt.passes.fold_linear_bn import fold_linear_bn
 from tests.helpers import apply, close, count, randomize_bn, traced
 
 

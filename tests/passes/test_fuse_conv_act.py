@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.fuse_conv_act import fuse_conv_act
+from graphopt.passes.fuse_conv_act import fuse_conv_act
 from tests.helpers import apply, close, graphopt_calls, traced
 
 # (spelling, act string the fused op must carry)

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.fuse_linear_act import fuse_linear_act
+from graphopt.passes.fuse_linear_act import fuse_linear_act
 from tests.helpers import apply, close, graphopt_calls, traced
 
 

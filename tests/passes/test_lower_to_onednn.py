@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from passes.fuse_conv_act import fuse_conv_act
-from passes.fuse_linear_act import fuse_linear_act
-from passes.lower_to_onednn import CONV, CONV_ADD, LINEAR, lower_to_onednn
+from graphopt.passes.fuse_conv_act import fuse_conv_act
+from graphopt.passes.fuse_linear_act import fuse_linear_act
+from graphopt.passes.lower_to_onednn import CONV, CONV_ADD, LINEAR, lower_to_onednn
 from tests.helpers import apply, close, graphopt_calls, traced
 
 ACTS = [nn.Identity(), nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-1.0, 0.5), nn.SiLU(), nn.Sigmoid(), nn.Tanh(),

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from passes.observers import METHODS, activation_qparams, collect, value_range
+from graphopt.compiler.int8.calibrate import METHODS, collect, value_range
+from graphopt.kernels.reference import activation_qparams
 from tests.helpers import traced
 
 

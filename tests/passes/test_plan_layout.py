@@ -2,9 +2,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.fuse_conv_act import fuse_conv_act
-from passes.lower_to_onednn import lower_to_onednn
-from passes.plan_layout import plan_layout
+from graphopt.passes.fuse_conv_act import fuse_conv_act
+from graphopt.passes.lower_to_onednn import lower_to_onednn
+from graphopt.passes.plan_layout import plan_layout
 from tests.helpers import apply, close, traced
 
 

@@ -5,10 +5,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compiler import GraphoptError, optimize
-from compiler.capture import capture
-from compiler.prune import prune
-from passes.prune_channels import dependency_groups, kept_channels
+from graphopt import GraphoptError, optimize
+from graphopt.compiler.core.capture import capture
+from graphopt.compiler.workflow.channels import dependency_groups, kept_channels
+from graphopt.compiler.workflow.prune import prune
 from tests.helpers import randomize_bn
 from tests.zoo import ZOO
 
@@ -130,7 +130,7 @@ def test_pruned_models_run_train_optimize_and_quantize(name, monkeypatch):
     pruned.eval()
     with torch.no_grad():
         torch.testing.assert_close(optimize(pruned, (x,))(x), pruned(x), rtol=1e-4, atol=1e-4)
-    monkeypatch.setattr("compiler.quantize.MIN_INT8_MACS", 0)
+    monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 0)
     q = optimize(pruned, (x,), quantize="int8", calibration=[(make(4),) for _ in range(4)], progress=False)
     assert q(x).shape == pruned(x).shape and q.int8_report.output_sqnr_db > 25
 

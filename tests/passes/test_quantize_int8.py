@@ -5,13 +5,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compiler.capture import propagate
-from compiler.check import sqnr
-from compiler.pass_manager import PassManager
-from compiler.quantize import calibrate
-from kernels.ops import OPS
-from passes import DEFAULT_PIPELINE, PassContext
-from passes.quantize_int8 import quantize_int8
+from graphopt.compiler.core.capture import propagate
+from graphopt.compiler.core.pipeline import PassManager
+from graphopt.compiler.core.verify import sqnr
+from graphopt.compiler.int8.quantize import calibrate
+from graphopt.kernels.ops import OPS
+from graphopt.passes import DEFAULT_PIPELINE, PassContext
+from graphopt.passes.quantize_int8 import quantize_int8
 from tests.helpers import randomize_bn, traced
 from tests.zoo import ResNetish
 

@@ -4,8 +4,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compiler.capture import propagate
-from passes.remove_noops import remove_noops
+from graphopt.compiler.core.capture import propagate
+from graphopt.passes.remove_noops import remove_noops
 from tests.helpers import apply, traced
 
 

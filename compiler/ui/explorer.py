@@ -13,7 +13,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from compiler.graph_svg import block_groups, collapse, draw
+from graphopt.compiler.ui.graph_svg import block_groups, collapse, draw
 
 PAGE = Path(__file__).with_name("explorer_page.html")
 

@@ -2,11 +2,18 @@
 
 The model is deep-copied first: tracing, and every pass after it, works on the copy, so the
 user's parameters, buffers and training flags stay exactly as they were.
+
+Thread safety: torch.fx's symbolic tracing patches ``nn.Module.__call__`` and ``__getattr__``
+process-wide while it runs. So graphopt traces one model at a time (``locked_tracing``), and its
+tracers hand module calls and attribute reads made by *other* threads straight to the original
+methods: a model running eagerly in another thread while graphopt traces is not affected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 import traceback
 from typing import Any
 
@@ -16,7 +23,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
-from compiler.errors import CaptureError, is_internal, node_source, user_frame
+from graphopt.compiler.core.errors import CaptureError, is_internal, node_source, user_frame
 
 _TRACE_HINT = (
     "graphopt traces with torch.fx.symbolic_trace, which runs forward on symbolic values: Python control "
@@ -26,7 +33,40 @@ _TRACE_HINT = (
 )
 
 
-class _Tracer(fx.Tracer):
+_TRACING = threading.RLock()
+_MODULE_CALL = nn.Module.__call__  # the original, for other threads while fx has it patched
+
+
+@contextlib.contextmanager
+def locked_tracing():
+    """Hold while symbolically tracing: fx patches nn.Module process-wide, so one trace at a time."""
+    with _TRACING:
+        yield
+
+
+class ThreadSafeTracer(fx.Tracer):
+    """An fx tracer under which other threads' module calls and attribute reads run as usual."""
+
+    def trace(self, root: Any, *args: Any, **kwargs: Any) -> fx.Graph:
+        self._thread = threading.get_ident()
+        with locked_tracing():
+            return super().trace(root, *args, **kwargs)
+
+    def _foreign(self) -> bool:
+        return threading.get_ident() != getattr(self, "_thread", None)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if self._foreign():
+            return _MODULE_CALL(m, *args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self._foreign():
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+class _Tracer(ThreadSafeTracer):
     """Records which module was being traced, and stamps each node with its module's name."""
 
     def __init__(self) -> None:
@@ -36,6 +76,8 @@ class _Tracer(fx.Tracer):
         self.failed_in: str | None = None
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if self._foreign():
+            return _MODULE_CALL(m, *args, **kwargs)
         self.stack.append(self.path_of_module(m) or type(m).__name__)
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -92,7 +134,13 @@ def capture(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
         raise CaptureError(f"cannot trace {type(model).__name__}: {type(e).__name__}: {e}",
                            module=tracer.failed_in or type(model).__name__, source=user_frame(e.__traceback__),
                            hint=_TRACE_HINT) from e
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    try:
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except SyntaxError as e:  # fx pastes module and attribute names into its generated code
+        raise CaptureError(f"the traced graph of {type(model).__name__} does not compile to Python: {e.msg}",
+                           module=type(model).__name__,
+                           hint="a submodule or attribute name holds a character Python names cannot (a quote, a "
+                                "space...): give it a plain identifier as its name") from e
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) < len(inputs):
         raise CaptureError(f"{type(model).__name__}.forward takes {len(placeholders)} inputs, "

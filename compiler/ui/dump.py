@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch.fx as fx
 
-from passes.graph import describe_target, tensor_meta, to_networkx
+from graphopt.passes.graph import describe_target, tensor_meta, to_networkx
 
-_PRELUDE = "import operator\n\nimport torch\n\nimport kernels.ops  # noqa: F401  (registers torch.ops.graphopt)\n\n"
+_PRELUDE = ("import operator\n\nimport torch\n\n"
+            "import graphopt.kernels.ops  # noqa: F401  (registers torch.ops.graphopt)\n\n")
 
 
 def graph_source(gm: fx.GraphModule) -> str:
@@ -52,9 +53,9 @@ def kernel_of(node: fx.Node) -> str:
     if "graphopt" in target:
         return "graphopt op (CPU kernel: aten + in-place epilogue; reference elsewhere)"
     module = getattr(node.target, "__module__", "") or ""
-    if module == "kernels.reference":
+    if module == "graphopt.kernels.reference":
         return "reference (aten)"
-    if module.startswith("kernels.triton"):
+    if module.startswith("graphopt.kernels.triton"):
         return "Triton"
     return "aten"
 
@@ -124,6 +125,6 @@ class Dumper:
             rows.append("| " + " | ".join(map(str, cells)) + " |")
         (self.root / "report.md").write_text("# graphopt pass report\n\n" + "\n".join(rows) + "\n")
         (self.root / "report.json").write_text(json.dumps([r.as_dict() for r in records], indent=1))
-        from compiler.explorer import render
+        from graphopt.compiler.ui.explorer import render
 
         render(self.root)

@@ -45,7 +45,7 @@ class InputError(GraphoptError):
     """An optimized module was called with inputs unlike the ones it was optimized for."""
 
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the graphopt package
 
 
 def is_internal(filename: str) -> bool:

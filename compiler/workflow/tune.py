@@ -1,4 +1,4 @@
-"""compiler.tune: search the optimization recipe with Optuna, for latency under an accuracy budget.
+"""graphopt.tune: search the optimization recipe with Optuna, for latency under an accuracy budget.
 
     result = tune(model, (x_train, y_train), metric, budget=0.01, trials=8, out="tune-out")
     result.module, result.params, result.path
@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from compiler.errors import GraphoptError
+from graphopt.compiler.core.errors import GraphoptError
 
 RATIOS = (0.0, 0.25, 0.5, 0.625, 0.75)
 
@@ -59,9 +59,9 @@ def median_latency_ms(module: Callable, x: torch.Tensor, calls: int = 30) -> flo
 def build(model: nn.Module, params: dict, train_data: tuple, calibration: list, example: torch.Tensor,
           nproc: int = 1, seed: int = 0, progress: bool = False):
     """The recipe ``params`` applied to ``model``: prune, fine-tune, optimize to int8."""
-    from compiler import optimize
-    from compiler.finetune import finetune
-    from compiler.prune import prune
+    from graphopt import optimize
+    from graphopt.compiler.workflow.finetune import finetune
+    from graphopt.compiler.workflow.prune import prune
 
     work = model
     if params.get("prune_ratio", 0.0) > 0:
@@ -81,8 +81,8 @@ def tune(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], metric: Call
     """Search recipes for ``trials`` trials; ``data`` = (x, labels) for fine-tuning and calibration."""
     import optuna
 
-    from compiler import load
-    from passes.observers import METHODS
+    from graphopt import load
+    from graphopt.compiler.int8.calibrate import METHODS
 
     if trials < 1:
         raise GraphoptError(f"trials must be >= 1, got {trials}")

@@ -117,10 +117,10 @@ def run_demo(out: str | Path, epochs: int = 8, quick: bool = False, seed: int = 
     from rich.progress import Progress
     from rich.table import Table
 
-    from compiler import load, optimize
-    from compiler.finetune import finetune
-    from compiler.prune import prune
-    from compiler.tune import tune
+    from graphopt import load, optimize
+    from graphopt.compiler.workflow.finetune import finetune
+    from graphopt.compiler.workflow.prune import prune
+    from graphopt.compiler.workflow.tune import tune
 
     console = Console()
     out = Path(out)

@@ -22,16 +22,16 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from compiler.errors import GraphoptError
+from graphopt.compiler.core.errors import GraphoptError
 
 
 def _portable_reference(model: nn.Module) -> nn.Module:
     """The graph to export: plain aten, leaf modules inlined (attention through its functional path,
     which the exporter can write; its fused fast path it cannot)."""
-    from compiler.codegen import OptimizedModule, finalize
-    from compiler.pass_manager import clone, is_quantized
-    from compiler.serialize import inline_modules
-    from passes.lower_to_reference import lower_to_reference
+    from graphopt.compiler.core.module import OptimizedModule, finalize
+    from graphopt.compiler.core.pipeline import clone, is_quantized
+    from graphopt.compiler.deploy.inline import inline_modules
+    from graphopt.passes.lower_to_reference import lower_to_reference
 
     if not isinstance(model, OptimizedModule):
         return model
@@ -49,8 +49,8 @@ def _portable_reference(model: nn.Module) -> nn.Module:
 
 def _fake_quantized(gm) -> None:
     """int8 ops -> fake quantization around the float ops (what ONNX's QDQ form says), in place."""
-    from kernels.ops import OPS
-    from passes.graph import add_constant, constant_value
+    from graphopt.kernels.ops import OPS
+    from graphopt.passes.graph import add_constant, constant_value
 
     def fq(x, scale, zp):
         return gm.graph.call_function(torch.fake_quantize_per_tensor_affine, (x, float(scale), int(zp), -128, 127))
@@ -163,8 +163,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, simplif
     import onnx
     import onnxruntime as ort
 
-    from compiler.codegen import OptimizedModule
-    from compiler.pass_manager import is_quantized
+    from graphopt.compiler.core.module import OptimizedModule
+    from graphopt.compiler.core.pipeline import is_quantized
 
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     quantized = isinstance(model, OptimizedModule) and is_quantized(model.portable)
@@ -205,7 +205,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, simplif
         got = session.run(None, {n: t.numpy() for n, t in zip(names, case)})
         for w, o in zip(want, got):
             if quantized:
-                from compiler.check import sqnr
+                from graphopt.compiler.core.verify import sqnr
 
                 db = sqnr(w.detach(), torch.from_numpy(o))
                 if db < INT8_EXPORT_FLOOR_DB:

@@ -1,4 +1,4 @@
-"""compiler.prune: structured channel pruning of a trainable model (passes/prune_channels.py).
+"""graphopt.prune: structured channel pruning of a trainable model (compiler/workflow/channels.py).
 
     pruned = prune(model, (x,), ratio=0.5, criterion="l1")   # a copy of model, narrower; model untouched
     pruned.pruning                                           # {module: (channels before, after)}
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compiler.capture import capture, fresh, normalize_inputs
-from compiler.errors import GraphoptError
+from graphopt.compiler.core.capture import capture, fresh, normalize_inputs
+from graphopt.compiler.core.errors import GraphoptError
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -25,7 +25,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def prune(model: nn.Module, example_inputs: Any, ratio: float = 0.5, criterion: str = "l1") -> nn.Module:
-    from passes.prune_channels import CRITERIA, apply
+    from graphopt.compiler.workflow.channels import CRITERIA, apply
 
     if not 0.0 <= ratio < 1.0:
         raise GraphoptError(f"ratio must be in [0, 1), got {ratio}", hint="ratio=0.5 removes about half the channels")

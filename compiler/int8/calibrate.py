@@ -164,22 +164,3 @@ def value_range(stats: Stats, name: str, method: str, pct: float = PERCENTILE) -
     elif method == "histogram" and hi > lo:
         lo, hi = _mse_range(lo, hi, stats.hist[name])
     return lo, hi
-
-
-def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
-    """(scale, zero_point) of the int8 activation scheme for values in [lo, hi] (0 kept exact)."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = (hi - lo) / 255.0
-    if not scale > 1e-12 * max(abs(lo), abs(hi), 1.0):  # a constant (or all-zero) tensor
-        scale = max(abs(lo), abs(hi), 1.0) / 127.0
-    zero_point = int(round(-128 - lo / scale))
-    return float(scale), max(-128, min(127, zero_point))
-
-
-def weight_qparams(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weight, fp32 scale per output channel): symmetric, a zero channel gets scale 1."""
-    amax = weight.detach().abs().flatten(1).amax(1).float()
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    shape = (-1,) + (1,) * (weight.dim() - 1)
-    q = torch.clamp(torch.round(weight.detach().float() / scale.view(shape)), -127, 127).to(torch.int8)
-    return q, scale

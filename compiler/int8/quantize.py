@@ -22,14 +22,14 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx as fx
 
-from compiler.capture import fresh
-from compiler.check import record_values
-from compiler.errors import GraphoptError, InputError
-from compiler.pass_manager import PassManager, clone, lower
-from kernels.ops import OPS
-from passes import LOWERING, PassContext
-from passes.observers import METHODS, collect, value_range
-from passes.quantize_int8 import candidates
+from graphopt.compiler.core.capture import fresh
+from graphopt.compiler.core.errors import GraphoptError, InputError
+from graphopt.compiler.core.pipeline import PassManager, clone, lower
+from graphopt.compiler.core.verify import record_values
+from graphopt.compiler.int8.calibrate import METHODS, collect, value_range
+from graphopt.kernels.ops import OPS
+from graphopt.passes import LOWERING, PassContext
+from graphopt.passes.quantize_int8 import candidates
 
 EVAL_BATCHES = 4
 _LAYER_OPS = {OPS[name] for name in ("conv2d_act", "linear_act", "qconv2d_act", "qlinear_act")}
@@ -46,7 +46,7 @@ MIN_INT8_REQUANTIZE = 1 << 15
 
 def requantized_elements(gm: fx.GraphModule, node: fx.Node, layers: set[fx.Node]) -> int:
     """How many elements would be quantized again if ``node`` stayed fp32 and its int8 readers did not."""
-    from passes.quantize_int8 import passes_int8_through
+    from graphopt.passes.quantize_int8 import passes_int8_through
 
     value = node
     while len(value.users) == 1 and passes_int8_through(gm, next(iter(value.users))):
@@ -263,7 +263,7 @@ def quantize(fp32: fx.GraphModule, ctx: PassContext, manager: PassManager, calib
     """The int8 graph of ``fp32`` (the optimized fp32 graph), its pass records and the int8 report."""
     batches = check_batches(calibration, ctx.example_inputs)
     if ctx.backend == "cpu":
-        from kernels.cpu import has_vnni
+        from graphopt.kernels.cpu import has_vnni
 
         vnni = has_vnni()
         if not vnni:

@@ -18,12 +18,12 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
-from compiler.capture import fresh, propagate
-from compiler.check import Oracle, first_divergence, same_bits
-from compiler.dump import Dumper
-from compiler.errors import GraphoptError, PassError, node_source
-from passes import REGISTRY, PassContext, PassInfo
-from passes.graph import is_impure
+from graphopt.compiler.core.capture import fresh, propagate
+from graphopt.compiler.core.errors import GraphoptError, PassError, node_source
+from graphopt.compiler.core.verify import Oracle, first_divergence, same_bits
+from graphopt.compiler.ui.dump import Dumper
+from graphopt.passes import REGISTRY, PassContext, PassInfo
+from graphopt.passes.graph import is_impure
 
 log = logging.getLogger("graphopt")
 
@@ -184,7 +184,7 @@ class PassManager:
 
 
 def is_quantized(gm: fx.GraphModule) -> bool:
-    from kernels.ops import INT8_OPS, OPS
+    from graphopt.kernels.ops import INT8_OPS, OPS
 
     targets = {OPS[name] for name in INT8_OPS}
     return any(n.op == "call_function" and n.target in targets for n in gm.graph.nodes)

@@ -1,4 +1,4 @@
-"""compiler.finetune: the seed's training loop (Adam, cross-entropy), data-parallel with torch.distributed.
+"""graphopt.finetune: the seed's training loop (Adam, cross-entropy), data-parallel with torch.distributed.
 
     tuned = finetune(model, (x, y), epochs=2, lr=1e-3, nproc=2)    # model untouched; tuned.history per epoch
 
@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from compiler.errors import GraphoptError
+from graphopt.compiler.core.errors import GraphoptError
 
 # Adam is the seed's; its first steps move each weight by about lr * sign(gradient), so rounding
 # differences between 1 and N processes flip a few near-zero gradients' steps. SGD shows the

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
-from compiler.capture import fresh
+from graphopt.compiler.core.capture import fresh
 
 
 def _flat(outputs: Any) -> tuple[list, Any]:

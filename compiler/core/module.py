@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from compiler.errors import InputError
+from graphopt.compiler.core.errors import InputError
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -65,14 +65,14 @@ class OptimizedModule(nn.Module):
         """What the final graph calls, by op: fused kernels and everything left as it was."""
         from collections import Counter
 
-        from passes.graph import describe_target
+        from graphopt.passes.graph import describe_target
 
         return dict(Counter(describe_target(n) for n in self.graph_module.graph.nodes
                             if n.op in ("call_function", "call_method", "call_module")))
 
     def save(self, path: str | Path) -> Path:
         """Write the module to a folder: graph.json, weights.safetensors, code.py, manifest.json (no pickle)."""
-        from compiler.artifact import save
+        from graphopt.compiler.deploy.save import save
 
         return save(self.portable, path, backend=self.backend, input_specs=self.input_specs, report=self.report)
 

@@ -18,10 +18,11 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from compiler.capture import propagate
-from compiler.codegen import finalize
-from compiler.pass_manager import clone, run_pipeline
-from passes import DEFAULT_PIPELINE, LOWERING, PassContext
+from graphopt.compiler.core.backend import resolve_backend
+from graphopt.compiler.core.capture import propagate
+from graphopt.compiler.core.module import finalize
+from graphopt.compiler.core.pipeline import clone, run_pipeline
+from graphopt.passes import DEFAULT_PIPELINE, LOWERING, PassContext
 
 log = logging.getLogger("graphopt")
 
@@ -64,11 +65,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list) -> Callable:
     gm, kept = freeze(clone(gm), example_inputs)  # torch.compile reads its own graph again afterwards
     inputs = tuple(example_inputs[i] for i in kept)
     propagate(gm, inputs)
-    device = next((t.device.type for t in inputs if isinstance(t, torch.Tensor)), "cpu")
-    from compiler import _has_triton
-
-    backend = "cpu" if device == "cpu" else ("triton" if device == "cuda" and _has_triton() else "reference")
-    ctx = PassContext(inputs, backend=backend)
+    ctx = PassContext(inputs, backend=resolve_backend("auto", inputs))
     dump_root = os.environ.get("GRAPHOPT_DUMP")
     dump_dir = _next_dump_dir(dump_root) if dump_root else None  # one folder per graph torch.compile hands us
     _, gm, _ = run_pipeline(gm, ctx, DEFAULT_PIPELINE, LOWERING[ctx.backend], dump_dir=dump_dir)
@@ -85,10 +82,3 @@ def _next_dump_dir(root: str) -> str:
     base.mkdir(parents=True, exist_ok=True)
     n = sum(1 for p in base.glob("graph_*") if p.is_dir())
     return str(base / f"graph_{n:03d}")
-
-
-def register() -> None:
-    from torch._dynamo.backends.registry import _BACKENDS, register_backend
-
-    if "graphopt" not in _BACKENDS:
-        register_backend(name="graphopt")(graphopt_backend)

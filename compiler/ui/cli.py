@@ -44,7 +44,7 @@ def print_report(report, console=None) -> None:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from compiler import GraphoptError, optimize
+    from graphopt import GraphoptError, optimize
 
     model = _load_class(args.model)().eval()
     inputs = tuple(torch.randn(*_shape(s)) for s in args.input_shape)
@@ -69,7 +69,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.dump_dir:
         print(f"dumps written to {args.dump_dir}")
     if args.out:
-        print(f"saved to {opt.save(args.out)} (load with compiler.load; no pickle)")
+        print(f"saved to {opt.save(args.out)} (load with graphopt.load; no pickle)")
     if args.print_code:
         print(opt.code)
     return 0
@@ -90,7 +90,7 @@ def _calibration_batches(path: str, n_inputs: int, batch: int) -> list[tuple]:
 
 def _load_any(source: str, shapes: list[str] | None):
     """A saved folder (compiler.load) or path/to/file.py:ClassName, with example inputs."""
-    from compiler import load
+    from graphopt import load
 
     if Path(source).is_dir():
         module = load(source)
@@ -103,7 +103,7 @@ def _load_any(source: str, shapes: list[str] | None):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from compiler import GraphoptError, export_onnx
+    from graphopt import GraphoptError, export_onnx
 
     try:
         module, inputs = _load_any(args.source, args.input_shape)
@@ -121,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import statistics
     import time
 
-    from compiler import GraphoptError
+    from graphopt import GraphoptError
 
     try:
         module, inputs = _load_any(args.source, args.input_shape)
@@ -141,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    script = Path(__file__).resolve().parents[1] / "bench" / f"{args.suite}.py"
+    script = Path(__file__).resolve().parents[2] / "bench" / f"{args.suite}.py"
     if not script.exists():
         raise SystemExit(f"graphopt: {script} not found; run from a clone of the repository")
     import subprocess
@@ -150,7 +150,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from compiler.explorer import render
+    from graphopt.compiler.ui.explorer import render
 
     try:
         page = render(args.dump_dir)
@@ -162,7 +162,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_fuzz(args: argparse.Namespace) -> int:
-    script = Path(__file__).resolve().parents[1] / "tests" / "fuzz" / "runner.py"
+    script = Path(__file__).resolve().parents[2] / "tests" / "fuzz" / "runner.py"
     if not script.exists():
         raise SystemExit(f"graphopt: {script} not found; run from a clone of the repository")
     import subprocess
@@ -172,7 +172,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from compiler.demo import run_demo
+    from graphopt.compiler.workflow.demo import run_demo
 
     run_demo(args.out, epochs=args.epochs, quick=args.quick, seed=args.seed, nproc=args.nproc, trials=args.trials)
     return 0
@@ -180,9 +180,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Train (or prune and fine-tune) the seed ConvNet on digits, data-parallel; works under torchrun too."""
-    from compiler.demo import ConvNet, accuracy, load_digits
-    from compiler.finetune import finetune, load_state
-    from compiler.prune import prune
+    from graphopt.compiler.workflow.demo import ConvNet, accuracy, load_digits
+    from graphopt.compiler.workflow.finetune import finetune, load_state
+    from graphopt.compiler.workflow.prune import prune
 
     x_train, y_train, x_test, y_test = load_digits(args.seed)
     model = ConvNet()

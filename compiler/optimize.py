@@ -1,0 +1,66 @@
+"""optimize(): trace a model, run the pass pipeline with every change verified, lower it for a backend.
+
+    opt = optimize(model, (x,))       # trace, run the pass pipeline, verify, lower
+    opt(x)                            # eager's answers, faster
+    opt.code, opt.report              # what it runs, and what each pass did
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+import torch.nn as nn
+
+from graphopt.compiler.core.backend import resolve_backend
+from graphopt.compiler.core.capture import capture, normalize_inputs
+from graphopt.compiler.core.errors import GraphoptError
+from graphopt.compiler.core.module import OptimizedModule, finalize, input_specs
+from graphopt.compiler.core.pipeline import PassManager, lower
+from graphopt.passes import DEFAULT_PIPELINE, LOWERING, PassContext
+
+
+def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
+             calibration: Iterable | None = None, passes: list[str] | None = None, backend: str = "auto",
+             dump_dir: str | os.PathLike | None = None, check: bool = True, *,
+             calibration_method: str = "histogram", accuracy_budget: Any = None,
+             fp32_layers: Iterable[str] = (), progress: bool = True) -> OptimizedModule:
+    """Trace ``model`` on ``example_inputs``, optimize its graph and return a module with the same answers.
+
+    The model is never modified. Every pass that changes the graph is checked against the
+    captured model (``check=True``); ``dump_dir`` (or ``GRAPHOPT_DUMP``) keeps a dump per pass.
+
+    ``quantize="int8"`` calibrates on ``calibration`` (an iterable of input tuples) with
+    ``calibration_method`` ("minmax", "percentile" or "histogram") and runs convolutions and
+    linears in int8; ``accuracy_budget`` (an output SQNR floor in dB, or ``(metric, tolerance)``)
+    returns the most sensitive layers to fp32 until it holds; ``fp32_layers`` (module names) stay
+    fp32 regardless. ``opt.int8_report`` says what happened, layer by layer.
+    """
+    if quantize not in (None, "int8"):
+        raise GraphoptError(f"unknown quantize={quantize!r}", hint="use quantize='int8', or None for fp32")
+    inputs = normalize_inputs(example_inputs)
+    backend = resolve_backend(backend, inputs)
+    if quantize is not None:
+        from graphopt.compiler.int8.quantize import check_batches
+
+        calibration = check_batches(calibration, inputs)  # before any work: bad data fails fast
+    gm = capture(model, inputs)
+    ctx = PassContext(inputs, backend=backend, calibration=calibration)
+    dump_dir = dump_dir or os.environ.get("GRAPHOPT_DUMP") or None
+    manager = PassManager(list(DEFAULT_PIPELINE if passes is None else passes), check=check,
+                          dump_dir=str(dump_dir) if dump_dir else None)
+    portable, report = manager.run(gm, ctx)
+    int8_report = None
+    if quantize == "int8":
+        from graphopt.compiler.int8.quantize import quantize as quantize_int8
+
+        portable, records, int8_report = quantize_int8(portable, ctx, manager, calibration, calibration_method,
+                                                       accuracy_budget, progress=progress, fp32_layers=fp32_layers)
+        report += records
+        if manager.dumper:
+            (manager.dumper.root / "int8.md").write_text(int8_report.table() + "\n")
+    lowered, lowering_report = lower(portable, ctx, LOWERING[backend], check=check, manager=manager)
+    opt = OptimizedModule(finalize(lowered), report + lowering_report, input_specs(inputs), backend,
+                          portable=finalize(portable))
+    opt.int8_report = int8_report
+    return opt
