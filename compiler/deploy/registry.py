@@ -65,10 +65,10 @@ unsqueeze var view view_as where zero_
 # attributes a graph may read with getattr(x, "name"): shape metadata only
 ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "T", "mT"})
 
-# Python's operators on tensors and numbers (their int arguments are bounded when the graph is checked);
-# no pow on two ints and no shifts: those turn small numbers into huge ones
+# Python's operators on tensors and numbers; no shifts (they turn small ints into huge ones), and the
+# load-time shape check refuses a pow of two ints with a large exponent and sequences grown past a bound
 _OPERATORS = """
-add sub mul truediv floordiv mod neg pos abs eq ne lt le gt ge and_ or_ xor not_ invert getitem matmul
+add sub mul truediv floordiv mod pow neg pos abs eq ne lt le gt ge and_ or_ xor not_ invert getitem matmul
 iadd isub imul itruediv
 """
 _MATH = "sqrt floor ceil exp log"

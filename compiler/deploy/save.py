@@ -82,9 +82,8 @@ def save(portable: fx.GraphModule, path: str | os.PathLike, *, backend: str, inp
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise GraphoptError(f"cannot save to {out}: it is a symlink or a file", hint="save into a plain folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.saving-*"):  # left by a save that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.saving-", dir=out.parent))
+    _remove_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.saving-{os.getpid()}-", dir=out.parent))
     try:
         (tmp / "graph.json").write_text(json.dumps(graph, indent=1) + "\n")
         save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
@@ -108,6 +107,18 @@ def save(portable: fx.GraphModule, path: str | os.PathLike, *, backend: str, inp
                                 hint="check the disk space and permissions of the folder") from e
         raise
     return out
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the temporaries of saves to ``out`` whose process was killed (never those of a live one)."""
+    prefix = f".{out.name}.saving-"
+    for stale in out.parent.glob(prefix + "*"):
+        try:
+            os.kill(int(stale.name[len(prefix):].split("-")[0]), 0)
+        except (ValueError, IndexError, ProcessLookupError):
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:
+            pass  # (alive, someone else's)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -3,6 +3,7 @@ against eager. A failure is bisected to the pass that causes it, shrunk to a sma
 saved as JSON (spec + seed) under tests/fuzz/regressions/, which every CI run replays.
 
     python tests/fuzz/runner.py --cases 500 --seed 1000      (or: graphopt fuzz --cases 500 --seed 1000)
+    python tests/fuzz/runner.py --artifacts 2000 --seed 0     hostile saved folders (tests/fuzz/artifacts.py)
 """
 
 from __future__ import annotations
@@ -169,12 +170,38 @@ def record(spec: dict, seed: int, failures: list[str]) -> Path:
     return path
 
 
+def fuzz_artifacts(cases: int, seed: int) -> int:
+    """Load ``cases`` single-change mutants of a real saved module; any breach of the loader's promises fails."""
+    from graphopt import optimize
+    from tests.fuzz.artifacts import run_one
+    from tests.zoo import ZOO
+
+    make, inputs = ZOO["resnet_blocks"]
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        pristine = optimize(make().eval(), (inputs(2),)).save(work / "pristine")
+        outcomes, bad = {"loaded": 0, "refused": 0}, 0
+        for case in range(seed, seed + cases):
+            try:
+                outcomes[run_one(pristine, work, case, inputs(2))] += 1
+            except AssertionError as e:
+                bad += 1
+                print(f"FAILED {e}", flush=True)
+    print(f"fuzz --artifacts: {cases - bad} passed, {bad} failed ({outcomes['refused']} refused, "
+          f"{outcomes['loaded']} loaded and ran)")
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="graphopt's differential fuzzer")
     p.add_argument("--cases", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-record", action="store_true", help="do not write reproducers")
+    p.add_argument("--artifacts", type=int, default=0, help="instead: load N randomly altered saved folders")
     args = p.parse_args(argv)
+    if args.artifacts:
+        return fuzz_artifacts(args.artifacts, args.seed)
     bad = 0
     for seed in range(args.seed, args.seed + args.cases):
         spec = generate(seed)
