@@ -51,8 +51,8 @@ def test_the_wheel_holds_every_subpackage_and_the_explorer_page(fresh):
     _, wheel = fresh
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in ("graphopt/__init__.py", "graphopt/kernels/triton/conv2d_act.py",
-                 "graphopt/kernels/triton/qlinear_act.py", "graphopt/compiler/ui/explorer_page.html", "graphopt/compiler/deploy/load.py",
-                 "graphopt/passes/fold_conv_bn.py"):
+                 "graphopt/kernels/triton/qlinear_act.py", "graphopt/compiler/ui/explorer_page.html",
+                 "graphopt/compiler/deploy/load.py", "graphopt/passes/fold_conv_bn.py"):
         assert path in names, path
     assert not any(n.split("/")[0] in ("compiler", "passes", "kernels", "tests", "bench") for n in names)
 
