@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,8 +55,17 @@ def freeze(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, li
 
 
 def graphopt_backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
+    """The backend torch.compile calls per captured graph. graphopt never fails the user's model: on
+    any internal failure (a pass error, a graph the verifier cannot check) the graph runs as
+    torch.compile captured it, with a warning that says why."""
     with unset_fake_temporarily():  # torch.compile calls backends inside its fake-tensor mode
-        return _compile(gm, example_inputs)
+        try:
+            return _compile(gm, example_inputs)
+        except Exception as e:  # noqa: BLE001  (any failure of ours: the user's graph still runs)
+            reason = e.message if hasattr(e, "message") else f"{type(e).__name__}: {e}"
+            warnings.warn(f"graphopt: this graph runs unoptimized: {str(reason).splitlines()[0][:300]}",
+                          stacklevel=2)
+            return gm.forward
 
 
 def _compile(gm: fx.GraphModule, example_inputs: list) -> Callable:

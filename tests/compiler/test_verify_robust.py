@@ -1,0 +1,102 @@
+"""The verifier never crashes and never rejects a correct pass because its reference could not run
+in float64; the torch.compile backend never fails the user's model."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from graphopt import PassError, optimize
+from graphopt.compiler.core.verify import Oracle, first_divergence, same_bits
+from graphopt.passes import REGISTRY, register
+from tests.helpers import randomize_bn, traced
+
+
+class CastsToFloat(nn.Module):
+    """Casts to float32 inside forward (as attention blocks do before a softmax): no float64 run as a whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.proj = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))                     # (N, 8, H, W)
+        q, k = y.flatten(2).chunk(2, dim=2)                    # a node whose value is a tuple
+        attn = (q.transpose(1, 2) @ self.proj.float()).softmax(-1)
+        return attn.sum(1), k.mean()
+
+
+def test_a_model_that_cannot_run_in_float64_still_gets_its_folds():
+    model = randomize_bn(CastsToFloat()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(RuntimeError):
+        model.double()(x.double())  # (the premise: the whole model cannot run in float64)
+    model.float()
+    opt = optimize(model, (x,))
+    rewrites = {r.name: r.rewrites for r in opt.report}
+    assert rewrites["fold_conv_bn"] == 1 and rewrites["fuse_conv_act"] == 1
+    with torch.no_grad():
+        for got, want in zip(opt(x), model(x)):
+            torch.testing.assert_close(got, want)
+
+
+def test_the_reference_says_which_nodes_ran_in_float32():
+    model = randomize_bn(CastsToFloat()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    oracle = Oracle.build(traced(model, x), (x,))
+    assert oracle.ref64 is not None and oracle.narrowed
+    assert "float32" in oracle.reference_name
+
+
+def test_same_bits_and_the_divergence_search_take_tuples():
+    a, b = torch.randn(3), torch.randn(3)
+    assert same_bits((a, [b, 2]), (a.clone(), [b.clone(), 2]))
+    assert not same_bits((a, b), (a, b + 1))
+    assert not same_bits((a,), (a, b)) and not same_bits(a, (a,)) and not same_bits(1, 1.5)
+
+
+def test_a_broken_pass_after_a_tuple_valued_node_is_a_pass_error():
+    @register("_test_break_chunk", kind="fp32")
+    def _test_break_chunk(gm, ctx):
+        for node in gm.graph.nodes:
+            if node.op == "call_method" and node.target == "softmax":
+                node.target = "log_softmax"
+                return 1
+        return 0
+
+    try:
+        model = randomize_bn(CastsToFloat()).eval()
+        x = torch.randn(2, 3, 8, 8)
+        with pytest.raises(PassError) as info:
+            optimize(model, (x,), passes=["_test_break_chunk"])
+        assert "softmax" in str(info.value.node)
+        gm = traced(model, x)
+        broken = traced(model, x)
+        _test_break_chunk(broken, None)
+        broken.recompile()
+        assert first_divergence(gm, broken, (x,), exact=False).target == "log_softmax"
+    finally:
+        del REGISTRY["_test_break_chunk"]
+
+
+def test_the_torch_compile_backend_runs_the_graph_unoptimized_when_graphopt_fails(monkeypatch):
+    from graphopt.compiler.core import torch_compile
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal failure")
+
+    monkeypatch.setattr(torch_compile, "run_pipeline", broken)
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        torch.testing.assert_close(torch.compile(model, backend="graphopt")(x), model(x))
+    assert any("runs unoptimized" in str(w.message) and "an internal failure" in str(w.message) for w in seen)
+    torch._dynamo.reset()
