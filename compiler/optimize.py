@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Iterable
 
 import torch.nn as nn
@@ -16,7 +17,7 @@ from graphopt.compiler.core.backend import resolve_backend
 from graphopt.compiler.core.capture import capture, normalize_inputs
 from graphopt.compiler.core.errors import GraphoptError
 from graphopt.compiler.core.module import OptimizedModule, finalize, input_specs
-from graphopt.compiler.core.pipeline import PassManager, lower
+from graphopt.compiler.core.pipeline import PassManager, PassRecord, count_nodes, lower
 from graphopt.passes import DEFAULT_PIPELINE, LOWERING, PassContext
 
 
@@ -44,12 +45,16 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
         from graphopt.compiler.int8.quantize import check_batches
 
         calibration = check_batches(calibration, inputs)  # before any work: bad data fails fast
+    start = time.perf_counter()
     gm = capture(model, inputs)
+    captured = PassRecord(f"capture ({gm.meta['capture_route']})", seconds=time.perf_counter() - start,
+                          nodes_after=count_nodes(gm))
     ctx = PassContext(inputs, backend=backend, calibration=calibration)
     dump_dir = dump_dir or os.environ.get("GRAPHOPT_DUMP") or None
     manager = PassManager(list(DEFAULT_PIPELINE if passes is None else passes), check=check,
                           dump_dir=str(dump_dir) if dump_dir else None)
     portable, report = manager.run(gm, ctx)
+    report.insert(0, captured)
     int8_report = None
     if quantize == "int8":
         from graphopt.compiler.int8.quantize import quantize as quantize_int8

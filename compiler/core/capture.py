@@ -24,6 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
 from graphopt.compiler.core.errors import CaptureError, is_internal, node_source, user_frame
+from graphopt.compiler.core.export_capture import export_capture
 
 _TRACE_HINT = (
     "graphopt traces with torch.fx.symbolic_trace, which runs forward on symbolic values: Python control "
@@ -127,20 +128,19 @@ def capture(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
                                module=type(model).__name__, source=user_frame(e.__traceback__),
                                hint="check the example inputs' shapes and dtypes against what the model expects"
                                ) from e
-    tracer = _Tracer()
-    try:
-        graph = tracer.trace(copied)
-    except Exception as e:
-        raise CaptureError(f"cannot trace {type(model).__name__}: {type(e).__name__}: {e}",
-                           module=tracer.failed_in or type(model).__name__, source=user_frame(e.__traceback__),
-                           hint=_TRACE_HINT) from e
-    try:
-        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    except SyntaxError as e:  # fx pastes module and attribute names into its generated code
-        raise CaptureError(f"the traced graph of {type(model).__name__} does not compile to Python: {e.msg}",
-                           module=type(model).__name__,
-                           hint="a submodule or attribute name holds a character Python names cannot (a quote, a "
-                                "space...): give it a plain identifier as its name") from e
+    gm = _symbolic(model, copied)
+    if isinstance(gm, CaptureError):
+        refusal = gm
+        try:
+            gm = export_capture(copy.deepcopy(model), fresh(inputs))
+        except Exception as e:  # neither route can capture the model: say why for both
+            raise CaptureError(
+                f"{refusal.message}; torch.export cannot capture it either: {type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+                module=refusal.module, source=refusal.source, hint=refusal.hint) from e
+        gm.meta["capture_route"] = "torch.export"
+    else:
+        gm.meta["capture_route"] = "symbolic_trace"
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) < len(inputs):
         raise CaptureError(f"{type(model).__name__}.forward takes {len(placeholders)} inputs, "
@@ -154,6 +154,26 @@ def capture(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
                  "symbolic tracing lost aliasing: `a = b; b += x` writes b in place in eager mode but not in the "
                  "trace. Write `b = b + x` (or b.add_(x)), or use torch.compile(model, backend='graphopt')")
     return gm
+
+
+def _symbolic(model: nn.Module, copied: nn.Module) -> fx.GraphModule | CaptureError:
+    """The model through torch.fx.symbolic_trace, or the CaptureError that says why it cannot be."""
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(copied)
+    except Exception as e:
+        error = CaptureError(f"cannot trace {type(model).__name__}: {type(e).__name__}: {e}",
+                             module=tracer.failed_in or type(model).__name__, source=user_frame(e.__traceback__),
+                             hint=_TRACE_HINT)
+        error.__cause__ = e
+        return error
+    try:
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except SyntaxError as e:  # fx pastes module and attribute names into its generated code
+        raise CaptureError(f"the traced graph of {type(model).__name__} does not compile to Python: {e.msg}",
+                           module=type(model).__name__,
+                           hint="a submodule or attribute name holds a character Python names cannot (a quote, a "
+                                "space...): give it a plain identifier as its name") from e
 
 
 def _same_results(a: Any, b: Any) -> bool:

@@ -148,12 +148,15 @@ class _Exportable(nn.Module):
 
 
 def _check_inputs(inputs: tuple, batch: int | None) -> list[tuple]:
-    """The inputs the export is checked on: the example, negatives, large values, and another batch size."""
+    """The inputs the export is checked on: the example, negatives, large values, and another batch size.
+    Integer inputs (token ids, masks) keep the example's values: other values may not be valid ids."""
     g = torch.Generator().manual_seed(0)
-    cases = [inputs, tuple(-t.abs() - 1 for t in inputs),
-             tuple(torch.randn(t.shape, generator=g) * 100 for t in inputs)]
+    floats = lambda t: t.is_floating_point()  # noqa: E731
+    cases = [inputs, tuple(-t.abs() - 1 if floats(t) else t for t in inputs),
+             tuple(torch.randn(t.shape, generator=g) * 100 if floats(t) else t for t in inputs)]
     if batch is not None:
-        cases.append(tuple(torch.randn((batch, *t.shape[1:]), generator=g) for t in inputs))
+        cases.append(tuple(torch.randn((batch, *t.shape[1:]), generator=g) if floats(t)
+                           else t[torch.arange(batch) % t.shape[0]] for t in inputs))
     return cases
 
 

@@ -34,7 +34,7 @@ instance_norm isclose isfinite isinf isnan kron layer_norm le lerp log log10 log
 logical_and logical_not logical_or logical_xor logit logsumexp lt masked_fill matmul max max_pool1d max_pool2d maximum
 mean median min minimum mm moveaxis movedim mul multiply mv nan_to_num nanmean narrow ne neg negative norm numel ones
 ones_like outer permute pixel_shuffle pixel_unshuffle polar pow prelu prod rad2deg reciprocal relu relu_ remainder
-repeat_interleave reshape roll rot90 round rsqrt scatter scatter_add select selu sgn sigmoid sigmoid_ sign sin sinh
+repeat_interleave reshape roll rot90 round rsqrt rsub scatter scatter_add select selu sgn sigmoid sigmoid_ sign sin sinh
 softmax sort split sqrt square squeeze stack std std_mean sub subtract sum swapaxes swapdims t take_along_dim tan tanh
 tanh_ tensor_split threshold tile topk trace transpose tril triu true_divide trunc unbind unflatten unsqueeze var
 var_mean vsplit vstack where xlogy zeros zeros_like

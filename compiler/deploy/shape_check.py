@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 from graphopt.compiler.core.errors import LoadError
 
 MAX_ELEMENTS = 1 << 28
-MAX_INT = 1 << 62
+MAX_INT = 1 << 63
 MAX_EXPONENT = 64
 MAX_SEQUENCE = 4096
 _GROWS = {operator.mul, operator.imul, operator.add, operator.iadd}  # on sequences: repetition, concatenation

@@ -1,0 +1,130 @@
+"""The second capture route: torch.export, for models symbolic tracing cannot follow.
+
+torch.export runs the model with real Python control flow on fake tensors and records aten ops,
+with the parameters as get_attr reads (``ep.module()``). The batch dimension of every input is
+exported dynamic where the model allows it (``Dim.AUTO``). The aten graph is then *raised* to the
+spellings symbolic tracing gives (``aten.conv2d`` -> ``torch.conv2d``, ``aten.linear`` ->
+``F.linear``, ``aten.add.Tensor`` -> ``operator.add``, ``aten.view`` -> ``x.view(...)``, ...), so every
+pass, the saver and the ONNX exporter see one dialect. An aten op with no such spelling stays as it is.
+
+Outputs come back as a tensor or a flat tuple of tensors (torch.export's output pytree, e.g. a
+ModelOutput, is flattened).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+
+# aten overload -> (torch-level callable, argument order or None for "as is")
+_SPECIAL: dict[Any, tuple[Callable, tuple[int, ...] | None]] = {
+    aten.batch_norm.default: (F.batch_norm, (0, 3, 4, 1, 2, 5, 6, 7)),  # F.batch_norm(x, mean, var, w, b, ...)
+    aten.linear.default: (F.linear, None),
+    aten.add.Tensor: (operator.add, None),
+    aten.sub.Tensor: (operator.sub, None),
+    aten.mul.Tensor: (operator.mul, None),
+    aten.div.Tensor: (operator.truediv, None),
+}
+_METHODS = {"view", "expand", "contiguous", "to", "size", "sym_size", "type_as", "repeat", "expand_as"}
+_PLAIN_OPS = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}  # operator.* only without kwargs
+
+
+def _raised(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
+    """(op, target, args, kwargs) of the torch-level spelling of an aten call, or None to keep it."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return None
+    name = target._opname
+    if target in (aten.slice.Tensor, aten.select.int) and not node.kwargs:
+        return _indexing(node)
+    if target in _SPECIAL and not (target in _PLAIN_OPS and node.kwargs):
+        fn, order = _SPECIAL[target]
+        args = tuple(node.args[i] for i in order if i < len(node.args)) if order else node.args
+        if order and len(node.args) > 8:
+            args = args[:8]  # (aten's trailing cudnn_enabled flag has no functional counterpart)
+        return "call_function", fn, args, dict(node.kwargs)
+    if name in _METHODS:
+        return "call_method", "size" if name == "sym_size" else name, node.args, dict(node.kwargs)
+    for namespace in (torch, torch._C._nn):
+        fn = getattr(namespace, name, None)
+        if fn is not None and callable(fn) and not name.startswith("_"):
+            return "call_function", fn, node.args, dict(node.kwargs)
+    return None
+
+
+def _indexing(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
+    """aten.slice / aten.select as the indexing they come from: x[:, a:b] / x[:, i]."""
+    x, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+    if not isinstance(dim, int):
+        return None
+    if dim < 0:
+        value = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if value is None:
+            return None
+        dim += value.dim()
+    if node.target is aten.select.int:
+        index = node.args[2]
+    else:
+        start, end, step = (tuple(node.args[2:]) + (None, None, 1))[:3]
+        index = slice(None if start == 0 else start, None if end == 2 ** 63 - 1 else end, None if step == 1 else step)
+    return "call_function", operator.getitem, (x, (slice(None),) * dim + (index,)), {}
+
+
+def raise_aten(gm: fx.GraphModule) -> int:
+    """Rewrite aten calls to their torch-level spellings, in place; returns how many were rewritten."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":  # torch.export's input guards
+            gm.graph.erase_node(node)
+            continue
+        raised = _raised(node) if node.op == "call_function" else None
+        if raised is None:
+            continue
+        op, target, args, kwargs = raised
+        with gm.graph.inserting_before(node):
+            new = gm.graph.create_node(op, target, args, kwargs)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
+def _module_name(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return str(path).replace("L['self'].", "").replace("L__self___", "") or None
+
+
+def export_capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
+    """``model`` (a deep copy, in eval mode) through torch.export, raised to torch-level calls."""
+    dims = tuple({0: torch.export.Dim.AUTO} if isinstance(t, torch.Tensor) and t.dim() > 0 else None
+                 for t in inputs)
+    program = torch.export.export(model, inputs, dynamic_shapes=dims, strict=False)
+    exported = program.module()
+    graph, env = fx.Graph(), {}
+    single = program.call_spec.out_spec is not None and program.call_spec.out_spec.is_leaf()
+    for node in exported.graph.nodes:
+        if node.op == "output":
+            leaves = [env[n] if isinstance(n, fx.Node) else n for n in node.args[0]]
+            graph.output(leaves[0] if single else tuple(leaves))
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        module = _module_name(node)
+        if module:
+            env[node].meta["module"] = module
+    gm = fx.GraphModule(exported, graph, type(model).__name__)
+    raise_aten(gm)
+    graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm

@@ -1,0 +1,88 @@
+"""Models symbolic tracing cannot follow take the torch.export route: optimized, eager's answers at
+another batch size, saved and reloaded bitwise, exported to ONNX, quantized to int8."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from graphopt import CaptureError, load, optimize
+from graphopt.compiler.core.capture import capture
+from tests.helpers import randomize_bn
+from tests.zoo_transformers import TRANSFORMER_ZOO
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(TRANSFORMER_ZOO[name][0]()).eval()
+
+
+def _close(got, want) -> None:
+    got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TRANSFORMER_ZOO)
+def test_route_eager_answers_and_bitwise_reload(name, tmp_path):
+    model, inputs = _model(name), TRANSFORMER_ZOO[name][1]
+    opt = optimize(model, inputs(2))
+    route = capture(model, inputs(2)).meta["capture_route"]
+    assert route == ("symbolic_trace" if name == "timm_style_cnn" else "torch.export")
+    assert opt.report[0].name == f"capture ({route})"
+    with torch.no_grad():
+        for n in (2, 3):
+            x = inputs(n)
+            _close(opt(*x), model(*x))
+        loaded = load(opt.save(tmp_path / "saved"))
+        x = inputs(3)
+        got, want = loaded(*x), opt(*x)
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("name", ["bert_style", "vit_style"])
+def test_linear_layers_fuse_on_the_export_route(name):
+    model, inputs = _model(name), TRANSFORMER_ZOO[name][1]
+    rewrites = {r.name: r.rewrites for r in optimize(model, inputs(2)).report}
+    assert rewrites["fuse_linear_act"] >= 4
+
+
+@pytest.mark.parametrize("name", ["bert_style", "gpt2_style"])
+def test_export_route_models_export_to_onnx(name, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from graphopt import export_onnx
+
+    model, inputs = _model(name), TRANSFORMER_ZOO[name][1]
+    opt = optimize(model, inputs(2))
+    export_onnx(opt, inputs(2), tmp_path / "m.onnx")  # checked in ONNX Runtime against PyTorch inside
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["bert_style", "vit_style"])
+def test_export_route_models_quantize_to_int8(name, monkeypatch):
+    from graphopt.compiler.core.verify import sqnr
+
+    monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 0)
+    model, inputs = _model(name), TRANSFORMER_ZOO[name][1]
+    q = optimize(model, inputs(2), quantize="int8", calibration=[inputs(2) for _ in range(8)], progress=False)
+    assert any(layer["int8"] for layer in q.int8_report.layers)
+    x = inputs(2)
+    with torch.no_grad():
+        got, want = q(*x), model(*x)
+    got, want = (got[0], want[0]) if isinstance(want, tuple) else (got, want)
+    assert sqnr(want, got) >= 25.0
+
+
+def test_a_model_neither_route_captures_names_both_reasons():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:          # control flow on a value: neither route can follow it
+                return x.relu()
+            return x.sigmoid()
+
+    with pytest.raises(CaptureError) as info:
+        optimize(DataDependent().eval(), (torch.randn(2, 3),))
+    assert "cannot trace" in str(info.value) and "torch.export cannot capture it either" in str(info.value)
