@@ -67,7 +67,25 @@ def _ort_runner(path: str) -> Callable:
     return run
 
 
-ENGINES = {"eager": eager, "inductor": inductor, "onnxruntime": onnxruntime, "graphopt": graphopt}
+def openvino(model: nn.Module, x: torch.Tensor) -> tuple[Callable, float]:
+    """OpenVINO on the CPU: converted from the PyTorch model, latency hint, torch's thread count."""
+    import openvino as ov
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        converted = ov.convert_model(model, example_input=x)
+    compiled = ov.Core().compile_model(converted, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
+                                                          "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    request = compiled.create_infer_request()
+
+    def run(inp: torch.Tensor):
+        return request.infer([inp.numpy()])[compiled.output(0)]
+
+    return run, time.perf_counter() - start
+
+
+ENGINES = {"eager": eager, "inductor": inductor, "onnxruntime": onnxruntime, "openvino": openvino,
+           "graphopt": graphopt}
 
 
 # ---------------------------------------------------------------- int8: each builder also gets the calibration

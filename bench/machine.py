@@ -9,9 +9,12 @@ import torch
 
 def cpu_features() -> dict:
     flags: set[str] = set()
+    model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
                     break
@@ -23,6 +26,7 @@ def cpu_features() -> dict:
         "isa": isa,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
-        "processor": platform.processor() or platform.machine(),
+        "model": model,
+        "isa_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))),
         "torch": torch.__version__,
     }
