@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import linecache
+import sys
 import threading
-import traceback
 from typing import Any
 
 import torch
@@ -72,7 +73,6 @@ class _Tracer(ThreadSafeTracer):
 
     def __init__(self) -> None:
         super().__init__()
-        self.record_stack_traces = True
         self.stack: list[str] = []
         self.failed_in: str | None = None
 
@@ -88,17 +88,29 @@ class _Tracer(ThreadSafeTracer):
         finally:
             self.stack.pop()
 
-    def _filter_traceback_frames(self, summary: traceback.StackSummary) -> traceback.StackSummary:
-        """The user's frames from the model's outermost forward on."""
-        start = next((i for i, f in enumerate(summary) if f.name == "forward" and not is_internal(f.filename)),
-                     len(summary))
-        return traceback.StackSummary.from_list([f for f in summary[start:] if not is_internal(f.filename)])
-
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)
         if self.stack:
             node.meta["module"] = self.stack[-1]
+        where = _user_line()
+        if where is not None:
+            node.meta["stack_trace"] = where
         return node
+
+
+def _user_line() -> str | None:
+    """The innermost frame of the user's code (not torch's, not graphopt's), as a traceback line.
+
+    Walks the live frames: fx's own stack traces (``record_stack_traces``) format the whole stack
+    with source lines for every node, which costs more than the rest of the trace."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not is_internal(filename):
+            code = linecache.getline(filename, frame.f_lineno).strip()
+            return f'File "{filename}", line {frame.f_lineno}, in {frame.f_code.co_name}\n    {code}'
+        frame = frame.f_back
+    return None
 
 
 def normalize_inputs(example_inputs: Any) -> tuple:
