@@ -62,7 +62,7 @@ def test_same_bits_and_the_divergence_search_take_tuples():
 
 
 def test_a_broken_pass_after_a_tuple_valued_node_is_a_pass_error():
-    @register("_test_break_chunk", kind="fp32")
+    @register("fp32")
     def _test_break_chunk(gm, ctx):
         for node in gm.graph.nodes:
             if node.op == "call_method" and node.target == "softmax":
@@ -100,3 +100,26 @@ def test_the_torch_compile_backend_runs_the_graph_unoptimized_when_graphopt_fail
         torch.testing.assert_close(torch.compile(model, backend="graphopt")(x), model(x))
     assert any("runs unoptimized" in str(w.message) and "an internal failure" in str(w.message) for w in seen)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("stride,padding,dilation,k", [(1, 1, 1, 3), (2, 2, 1, 5), (1, 2, 2, 3), (2, 0, 1, 3)])
+def test_the_float64_reference_computes_depthwise_convs_by_shifted_slices(stride, padding, dilation, k):
+    from graphopt.compiler.core.verify import _depthwise64
+
+    x = torch.randn(2, 8, 13, 11, dtype=torch.float64)
+    w, b = torch.randn(8, 1, k, k, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    torch.testing.assert_close(_depthwise64(x, w, b, stride, padding, dilation),
+                               torch.conv2d(x, w, b, stride, padding, dilation, 8))
+
+
+def test_the_reference_of_a_depthwise_model_uses_the_fast_path(monkeypatch):
+    from graphopt.compiler.core import verify
+
+    calls = []
+    original = verify._depthwise64
+    monkeypatch.setattr(verify, "_depthwise64", lambda *a: calls.append(1) or original(*a))
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU()).eval()
+    x = torch.randn(1, 4, 9, 9)
+    oracle = Oracle.build(traced(model, x), (x,))
+    assert calls and not oracle.narrowed
+    torch.testing.assert_close(oracle.ref64[0], model.double()(x.double()))
