@@ -98,13 +98,16 @@ class _Tracer(ThreadSafeTracer):
         return node
 
 
+_TRACE_CODE = fx.Tracer.trace.__code__
+
+
 def _user_line() -> str | None:
     """The innermost frame of the user's code (not torch's, not graphopt's), as a traceback line.
 
     Walks the live frames: fx's own stack traces (``record_stack_traces``) format the whole stack
     with source lines for every node, which costs more than the rest of the trace."""
     frame = sys._getframe(2)
-    while frame is not None:
+    while frame is not None and frame.f_code is not _TRACE_CODE:  # (only frames inside the traced forward)
         filename = frame.f_code.co_filename
         if not is_internal(filename):
             code = linecache.getline(filename, frame.f_lineno).strip()
