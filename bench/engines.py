@@ -74,8 +74,9 @@ def openvino(model: nn.Module, x: torch.Tensor) -> tuple[Callable, float]:
     start = time.perf_counter()
     with torch.no_grad():
         converted = ov.convert_model(model, example_input=x)
-    compiled = ov.Core().compile_model(converted, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
-                                                          "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
+              "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    compiled = ov.Core().compile_model(converted, "CPU", config)
     request = compiled.create_infer_request()
 
     def run(inp: torch.Tensor):
@@ -118,6 +119,19 @@ def torchao_fx_int8(model: nn.Module, x: torch.Tensor, calibration: list) -> tup
     return convert_fx(prepared), time.perf_counter() - start
 
 
+def torchao_dynamic_int8(model: nn.Module, x: torch.Tensor, calibration: list) -> tuple[Callable, float]:
+    """torch.ao dynamic quantization of the linear layers (int8 weights, activations quantized per call): the
+    usual recipe for transformers on the CPU. Convolutions stay fp32."""
+    import copy
+
+    from torch.ao.quantization import quantize_dynamic
+
+    torch.backends.quantized.engine = "x86"
+    start = time.perf_counter()
+    quantized = quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+    return quantized, time.perf_counter() - start
+
+
 def onnxruntime_int8(model: nn.Module, x: torch.Tensor, calibration: list) -> tuple[Callable, float]:
     """ONNX Runtime static QDQ int8: per-channel int8 weights, uint8 activations, MinMax calibration."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -141,4 +155,4 @@ def onnxruntime_int8(model: nn.Module, x: torch.Tensor, calibration: list) -> tu
 
 
 INT8_ENGINES = {"graphopt": graphopt, "graphopt_int8": graphopt_int8, "torchao_fx_int8": torchao_fx_int8,
-                "onnxruntime_int8": onnxruntime_int8}
+                "torchao_dynamic_int8": torchao_dynamic_int8, "onnxruntime_int8": onnxruntime_int8}

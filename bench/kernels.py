@@ -6,7 +6,8 @@ On a CUDA GPU: graphopt's Triton kernel against eager PyTorch (cuDNN / cuBLAS, t
 residual and activation as separate ops) and torch.compile(mode="max-autotune") of that same
 eager function, timed with triton.testing.do_bench; TFLOP/s and the fraction of the device's
 dense peak. On the CPU: graphopt's oneDNN path (reordered weights, post-ops) against the aten
-reference. Writes bench/results/kernels-<device>-<date>.json and a PNG chart.
+reference, the two timed in interleaved rounds (graphopt.compiler.workflow.timing). Writes
+bench/results/kernels-<device>-<date>.json and a PNG chart.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from graphopt.compiler.workflow.timing import median_ms  # noqa: E402
 from graphopt.kernels import cpu, reference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,17 +56,6 @@ def conv_flops(n, c, h, w, k, r, s, p, g) -> float:
     return 2.0 * n * k * out_h * out_w * (c // g) * r * r
 
 
-def _median_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def cpu_rows(quick: bool) -> list[dict]:
     rows, reps = [], 5 if quick else 30
     for name, (n, c, h, w, k, r, s, p, g, act, res) in CONVS.items():
@@ -90,9 +79,9 @@ def cpu_rows(quick: bool) -> list[dict]:
                                                                     g, "add", None, None, [], None)
             return after[0](y, *after[1], **after[2]) if after else y
 
-        with torch.no_grad():
-            ref_ms = _median_ms(lambda: reference.conv2d_act(x, weight, bias, *args, act, residual), reps)
-            opt_ms = _median_ms(graphopt_cpu, reps)
+        ms = median_ms({"reference": lambda: reference.conv2d_act(x, weight, bias, *args, act, residual),
+                        "graphopt": graphopt_cpu}, rounds=reps)
+        ref_ms, opt_ms = ms["reference"], ms["graphopt"]
         gflop = conv_flops(n, c, h, w, k, r, s, p, g) / 1e9
         rows.append({"op": "conv2d_act", "shape": name, "reference_ms": ref_ms, "graphopt_ms": opt_ms,
                      "graphopt_gflops": gflop / opt_ms * 1e3, "speedup": ref_ms / opt_ms})
@@ -101,9 +90,9 @@ def cpu_rows(quick: bool) -> list[dict]:
             continue
         x, w, b = torch.randn(m, k), torch.randn(n, k) * 0.05, torch.randn(n)
         post = cpu.onednn_postop(act)
-        with torch.no_grad():
-            ref_ms = _median_ms(lambda: reference.linear_act(x, w, b, act), reps)
-            opt_ms = _median_ms(lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, *post), reps)
+        ms = median_ms({"reference": lambda: reference.linear_act(x, w, b, act),
+                        "graphopt": lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, *post)}, rounds=reps)
+        ref_ms, opt_ms = ms["reference"], ms["graphopt"]
         rows.append({"op": "linear_act", "shape": name, "reference_ms": ref_ms, "graphopt_ms": opt_ms,
                      "graphopt_gflops": 2.0 * m * k * n / 1e9 / opt_ms * 1e3, "speedup": ref_ms / opt_ms})
     return rows

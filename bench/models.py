@@ -6,11 +6,10 @@
 
 For each model, every engine runs in one process (a fresh one per model, so that one model's
 compiler threads and caches do not slow the next); the engines take turns in interleaved rounds
-(each round runs each engine ``per_round`` times), so drift in the machine's speed hits all of
-them alike. The
-table gives median latency per engine, graphopt / fastest peer, graphopt's optimize time and
-each engine's max abs difference from eager. Results: a Markdown table (printed),
-bench/results/models-<date>.json and bench/results/models-<date>.png.
+(each round runs each engine ``per_round`` times; graphopt.compiler.workflow.timing), so drift in
+the machine's speed hits all of them alike. The table gives median latency per engine, graphopt /
+fastest peer, graphopt's optimize time and each engine's max abs difference from eager. Results: a
+Markdown table (printed), bench/results/models-<date>.json and bench/results/models-<date>.png.
 """
 
 from __future__ import annotations
@@ -19,11 +18,9 @@ import argparse
 import datetime
 import json
 import math
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.engines import ENGINES, INT8_ENGINES  # noqa: E402
 from bench.machine import cpu_features  # noqa: E402
 from bench.zoo import MODELS, randomize_bn  # noqa: E402
+from graphopt.compiler.workflow import timing  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -74,17 +72,7 @@ def bench_model(name: str, engines: list[str], rounds: int, per_round: int, int8
         except Exception as e:  # a peer that cannot run this model here: reported, not faked
             skipped[engine] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             built.pop(engine, None)
-    times: dict[str, list[float]] = {e: [] for e in built}
-    for fn in built.values():
-        for _ in range(3):
-            fn(x)
-    for _ in range(rounds):
-        for engine, fn in built.items():
-            for _ in range(per_round):
-                start = time.perf_counter()
-                fn(x)
-                times[engine].append(time.perf_counter() - start)
-    median_ms = {e: statistics.median(t) * 1e3 for e, t in times.items()}
+    median_ms = timing.median_ms(built, (x,), rounds=rounds, per_round=per_round)
     if int8:
         peers = {e: v for e, v in median_ms.items() if e.endswith("_int8") and e != "graphopt_int8"}
         fastest = min(peers, key=peers.get) if peers else None

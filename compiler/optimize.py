@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, Iterable
@@ -16,16 +17,17 @@ import torch.nn as nn
 from graphopt.compiler.core.backend import resolve_backend
 from graphopt.compiler.core.capture import capture, normalize_inputs
 from graphopt.compiler.core.errors import GraphoptError
+from graphopt.compiler.core.fast_path import fast_context, worth_it
 from graphopt.compiler.core.module import OptimizedModule, finalize, input_specs
 from graphopt.compiler.core.pipeline import PassManager, PassRecord, count_nodes, lower
-from graphopt.passes import DEFAULT_PIPELINE, LOWERING, PassContext
+from graphopt.passes.pipeline import DEFAULT_PIPELINE, LOWERING, PassContext
 
 
 def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
              calibration: Iterable | None = None, passes: list[str] | None = None, backend: str = "auto",
              dump_dir: str | os.PathLike | None = None, check: bool = True, *,
              calibration_method: str = "histogram", accuracy_budget: Any = None,
-             fp32_layers: Iterable[str] = (), progress: bool = True) -> OptimizedModule:
+             fp32_layers: Iterable[str] = (), progress: bool = True, nan_checks: str = "fast") -> OptimizedModule:
     """Trace ``model`` on ``example_inputs``, optimize its graph and return a module with the same answers.
 
     The model is never modified. Every pass that changes the graph is checked against the
@@ -36,7 +38,13 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
     linears in int8; ``accuracy_budget`` (an output SQNR floor in dB, or ``(metric, tolerance)``)
     returns the most sensitive layers to fp32 until it holds; ``fp32_layers`` (module names) stay
     fp32 regardless. ``opt.int8_report`` says what happened, layer by layer.
+
+    ``nan_checks="fast"`` (the default) also builds a graph with relu / relu6 / hardtanh fused into
+    oneDNN, which the module runs on inputs that provably make no NaN or inf (compiler/core/fast_path.py):
+    eager's results either way. ``"strict"`` keeps only the graph with separate activations.
     """
+    if nan_checks not in ("fast", "strict"):
+        raise GraphoptError(f"unknown nan_checks={nan_checks!r}", hint="use 'fast' (the default) or 'strict'")
     if quantize not in (None, "int8"):
         raise GraphoptError(f"unknown quantize={quantize!r}", hint="use quantize='int8', or None for fp32")
     inputs = normalize_inputs(example_inputs)
@@ -49,7 +57,7 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
     gm = capture(model, inputs)
     captured = PassRecord(f"capture ({gm.meta['capture_route']})", seconds=time.perf_counter() - start,
                           nodes_after=count_nodes(gm))
-    ctx = PassContext(inputs, backend=backend, calibration=calibration)
+    ctx = PassContext(inputs, backend=backend)
     dump_dir = dump_dir or os.environ.get("GRAPHOPT_DUMP") or None
     manager = PassManager(list(DEFAULT_PIPELINE if passes is None else passes), check=check,
                           dump_dir=str(dump_dir) if dump_dir else None)
@@ -68,4 +76,9 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
     opt = OptimizedModule(finalize(lowered), report + lowering_report, input_specs(inputs), backend,
                           portable=finalize(portable))
     opt.int8_report = int8_report
+    fast = fast_context(portable, ctx) if nan_checks == "fast" else None
+    if fast is not None and worth_it(portable, inputs):
+        fast_lowered, fast_report = lower(portable, fast[0], LOWERING[backend], check=check, manager=manager)
+        opt.report += [dataclasses.replace(r, name=f"{r.name} (fused clamps)") for r in fast_report]
+        opt.use_fast_path(finalize(fast_lowered), fast[1])
     return opt

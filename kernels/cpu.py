@@ -15,11 +15,14 @@ the ones whose results on NaN and +-inf match eager's (tested in tests/kernels).
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from graphopt.kernels import reference
 from graphopt.kernels.reference import parse_act
 
 # act name -> (function, its parameters as (args, kwargs)): fn(y, *args, **kwargs) applies the act,
@@ -63,6 +66,17 @@ def onednn_postop(act: str) -> tuple[str, list, str] | None:
         return ("none", [], "")
     rule = _POSTOPS.get(name)
     return rule(params) if rule else None
+
+
+def clamp_postop(act: str) -> tuple[str, list, str] | None:
+    """oneDNN's post-op for relu / relu6 / hardtanh, which maps NaN to 0: exact only on NaN-free values."""
+    name, params = parse_act(act)
+    if name == "relu":
+        return ("relu", [], "")
+    if name in ("relu6", "hardtanh"):
+        lo, hi = (0.0, 6.0) if name == "relu6" else (float(params[0]), float(params[1]))
+        return ("hardtanh", [lo, hi], "")
+    return None
 
 
 def pack_conv_weight(weight: torch.Tensor, padding: list[int], stride: list[int], dilation: list[int],
@@ -116,18 +130,68 @@ def int8_postop(act: str, linear: bool) -> tuple[str, list, str] | None:
     return rule(params) if rule else None
 
 
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA, or DNNL_MAX_CPU_ISA; any case) under which it has no int8
+# dot product, and the ones that allow only AVX-VNNI; every other value (none, ALL, AVX512_CORE_VNNI,
+# the AMX ones, a name oneDNN ignores) allows any the CPU has.
+_NO_DOT_CAPS = ("SSE41", "AVX", "AVX2", "AVX512_CORE", "AVX512_MIC", "AVX512_MIC_4OPS")
+_AVX_VNNI_CAPS = ("AVX2_VNNI", "AVX2_VNNI_2")
+
+
+def onednn_isa_cap() -> str | None:
+    """The ISA oneDNN is capped at in this process (its environment variable, upper case), or None."""
+    value = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return value.strip().upper() if value and value.strip() else None
+
+
 def has_vnni() -> bool:
-    """Does this CPU have int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX)?"""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") and _cpu_flags() & {
-        "avx512_vnni", "avx_vnni", "amx_int8"} != set()
+    """Can oneDNN use int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX) here? The CPU must
+    have them and ONEDNN_MAX_CPU_ISA must not cap oneDNN below them."""
+    flags, cap = _cpu_flags(), onednn_isa_cap()
+    if cap in _NO_DOT_CAPS:
+        return False
+    if cap in _AVX_VNNI_CAPS:
+        return "avx_vnni" in flags
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-def _cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+            return frozenset(flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split())
     except OSError:
-        return set()
+        return frozenset()
+
+
+def int8_scheme() -> str:
+    """The int8 weight scheme (kernels/reference.py) oneDNN computes exactly on this CPU: "s8" with int8
+    dot products, else "s7". Decided from the CPU and confirmed on oneDNN itself: a full-range product
+    that a saturating int16 pair sum would get wrong."""
+    return "s8" if has_vnni() and _full_range_is_exact() else "s7"
+
+
+def exact_here(weight: torch.Tensor) -> bool:
+    """Does oneDNN multiply these int8 weight codes exactly on this CPU (any code, or |code| <= 64)?"""
+    return int8_scheme() == "s8" or int(weight.abs().max()) <= S7_EXACT_CODE
+
+
+S7_EXACT_CODE = 64  # 2 * 255 * 64 = 32640 fits vpmaddubsw's int16 pair sum; 2 * 255 * 65 does not
+
+
+@functools.lru_cache(maxsize=1)
+def _full_range_is_exact() -> bool:
+    k = 64  # uint8 255 times int8 127, k times: 2_072_640, exact in fp32; pair-saturated: 1_048_544
+    try:
+        x = torch.full((1, k), 127, dtype=torch.int8)
+        w = torch.full((8, k), 127, dtype=torch.int8)
+        ones = torch.ones(8)
+        linear = _qlinear_onednn(x, 1.0, -128, w, ones, None, "none", None, 0)
+        conv = _qconv_onednn(x.view(1, k, 1, 1), 1.0, -128, w.view(8, k, 1, 1), ones, None, [1, 1], [0, 0], [1, 1],
+                             1, "none", None, None, 0)
+    except RuntimeError:
+        return False
+    expected = float(255 * 127 * k)
+    return bool((linear == expected).all()) and bool((conv == expected).all())
 
 
 def quantize_u8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
@@ -172,7 +236,15 @@ def _from_u8(y: torch.Tensor) -> torch.Tensor:
 
 def qconv2d_act(x, x_scale, x_zp, weight, w_scale, bias, stride, padding, dilation, groups, act, residual=None,
                 out_scale=None, out_zp=0):
-    """The int8 scheme's conv on oneDNN, weights packed per call (the lowering packs them once instead)."""
+    """The int8 scheme's conv on oneDNN, weights packed per call (the lowering packs them once instead).
+    Weights oneDNN would not multiply exactly on this CPU run the integer reference instead."""
+    run = _qconv_onednn if exact_here(weight) else reference.qconv2d_act
+    return run(x, x_scale, x_zp, weight, w_scale, bias, stride, padding, dilation, groups, act, residual, out_scale,
+               out_zp)
+
+
+def _qconv_onednn(x, x_scale, x_zp, weight, w_scale, bias, stride, padding, dilation, groups, act, residual,
+                  out_scale, out_zp):
     xu = _u8(x).contiguous(memory_format=torch.channels_last)
     packed = torch.ops.onednn.qconv_prepack(weight, w_scale.float(), x_scale, x_zp + U8_SHIFT, stride, padding,
                                             dilation, groups, list(x.shape))
@@ -190,6 +262,12 @@ def qconv2d_act(x, x_scale, x_zp, weight, w_scale, bias, stride, padding, dilati
 
 
 def qlinear_act(x, x_scale, x_zp, weight, w_scale, bias, act, out_scale=None, out_zp=0):
+    """The int8 scheme's linear on oneDNN; weights it would not multiply exactly here run the reference."""
+    run = _qlinear_onednn if exact_here(weight) else reference.qlinear_act
+    return run(x, x_scale, x_zp, weight, w_scale, bias, act, out_scale, out_zp)
+
+
+def _qlinear_onednn(x, x_scale, x_zp, weight, w_scale, bias, act, out_scale, out_zp):
     packed = torch.ops.onednn.qlinear_prepack(weight, None)
     zeros = torch.zeros(weight.shape[0], dtype=torch.int64)
     postop = int8_postop(act, linear=True)

@@ -95,6 +95,14 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 #   accumulate   int32:  acc[n] = sum_k (xq_k - x_zp) * wq[n, k]           (exact)
 #   epilogue     fp32:   y = act(acc * (x_scale * w_scale[n]) + bias[n] [+ residual])
 #   output       fp32, or int8:  clamp(round_half_even(y / out_scale) + out_zp, -128, 127)
+#
+# Two weight ranges, named by SCHEMES: "s8" codes in [-127, 127], "s7" codes in [-63, 63] (scale
+# amax / 63). x86 CPUs without int8 dot-product instructions (VNNI, AMX) multiply uint8 by int8 with
+# vpmaddubsw, which adds each pair of products into a saturating int16: 2 * 255 * 127 overflows it,
+# 2 * 255 * 64 = 32640 does not, so s7 is exact there. Both are plain int8 tensors here: this
+# reference is the oracle of either, unchanged.
+
+SCHEMES = {"s8": 8, "s7": 7}  # scheme -> weight bits
 
 
 def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
@@ -107,12 +115,16 @@ def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
     return float(scale), max(-128, min(127, zero_point))
 
 
-def weight_qparams(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weight, fp32 scale per output channel): symmetric, a zero channel gets scale 1."""
+def weight_qparams(weight: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, fp32 scale per output channel): symmetric, codes in [-(2**(bits-1) - 1), 2**(bits-1) - 1];
+    a zero channel gets scale 1."""
+    if bits not in SCHEMES.values():
+        raise ValueError(f"weight bits must be one of {sorted(SCHEMES.values())}, not {bits!r}")
+    qmax = float(2 ** (bits - 1) - 1)
     amax = weight.detach().abs().flatten(1).amax(1).float()
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     shape = (-1,) + (1,) * (weight.dim() - 1)
-    q = torch.clamp(torch.round(weight.detach().float() / scale.view(shape)), -127, 127).to(torch.int8)
+    q = torch.clamp(torch.round(weight.detach().float() / scale.view(shape)), -qmax, qmax).to(torch.int8)
     return q, scale
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch.fx as fx
 
 from graphopt.passes import PassContext, register
-from graphopt.passes.graph import alias_roots, is_impure, mutated_roots
+from graphopt.passes.lib.query import alias_roots, is_impure, mutated_roots
 
 
 def _key(value: Any) -> Any:
@@ -31,7 +31,7 @@ def _key(value: Any) -> Any:
     return (type(value).__name__, value)
 
 
-@register("eliminate_common_subexpressions", kind="exact")
+@register("exact")
 def eliminate_common_subexpressions(gm: fx.GraphModule, ctx: PassContext) -> int:
     roots, mutated = alias_roots(gm.graph), mutated_roots(gm)
     seen: dict[Any, fx.Node] = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from graphopt.passes import PassContext, register
-from graphopt.passes.graph import alias_roots, is_impure, is_inplace, is_random
+from graphopt.passes.lib.query import alias_roots, is_impure, is_inplace, is_random
 
 
 def _unobserved_write(gm: fx.GraphModule, node: fx.Node, roots: dict) -> bool:
@@ -23,7 +23,7 @@ def _unobserved_write(gm: fx.GraphModule, node: fx.Node, roots: dict) -> bool:
     return sum(1 for r in roots.values() if r is roots[target]) == 2  # only the value and this write
 
 
-@register("eliminate_dead_code", kind="exact")
+@register("exact")
 def eliminate_dead_code(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
     for node in reversed(list(gm.graph.nodes)):

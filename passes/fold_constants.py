@@ -14,14 +14,15 @@ import torch
 import torch.fx as fx
 
 from graphopt.passes import PassContext, register
-from graphopt.passes.graph import add_constant, alias_roots, get_attr, is_impure, module_of, mutated_roots
+from graphopt.passes.lib.query import alias_roots, attr_value, is_impure, module_of, mutated_roots
+from graphopt.passes.lib.rewrite import add_constant
 
 
 def _evaluate(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
     args = fx.node.map_arg(node.args, lambda n: env[n])
     kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
     if node.op == "get_attr":
-        return get_attr(gm, node.target)
+        return attr_value(gm, node.target)
     if node.op == "call_function":
         return node.target(*args, **kwargs)
     if node.op == "call_method":
@@ -29,7 +30,7 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any
     return module_of(gm, node)(*args, **kwargs)
 
 
-@register("fold_constants", kind="exact")
+@register("exact")
 def fold_constants(gm: fx.GraphModule, ctx: PassContext) -> int:
     constant: set[fx.Node] = set()
     for node in gm.graph.nodes:

@@ -12,29 +12,29 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from graphopt.passes import PassContext, register
-from graphopt.passes.fold_conv_bn import fold_into, is_shared
-from graphopt.passes.graph import tensor_meta
-from graphopt.passes.patterns import match_batch_norm, match_linear
+from graphopt.passes.lib.bn_fold import fold_into, why_not_foldable
+from graphopt.passes.lib.patterns import match_batch_norm, match_linear
+from graphopt.passes.lib.query import tensor_meta
 
 
-@register("fold_linear_bn", kind="fp32")
+@register("fp32")
 def fold_linear_bn(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
     for node in list(gm.graph.nodes):
         bn = match_batch_norm(gm, node)
         linear = match_linear(gm, bn.input) if bn is not None else None
-        if linear is None or len(linear.node.users) != 1 or is_shared(gm, linear):
-            continue
+        if linear is None:
+            continue  # not linear + BatchNorm
         meta = tensor_meta(linear.node)
-        weight, bias = linear.weight_tensor(gm), linear.bias_tensor(gm)
-        if meta is None or len(meta.shape) != 2 or weight is None or (linear.bias is not None and bias is None):
-            continue
-        if bn.mean.numel() != weight.shape[0] or not weight.is_floating_point():
-            continue
+        not_2d = "BatchNorm over a linear output that is not (N, F)" if meta is None or len(meta.shape) != 2 else None
+        why = bn.problem or not_2d or why_not_foldable(gm, linear, bn, "linear")
+        if why is not None:
+            ctx.miss(why, bn.node)
+            continue  # no match: nothing touched
 
-        def make_call(w, b, lin=linear):
+        def make_call(w: fx.Node, b: fx.Node, lin=linear) -> fx.Node:
             return gm.graph.call_function(F.linear, (lin.input, w, b))
 
-        fold_into(gm, linear, bn, weight, bias, make_call)
+        fold_into(gm, linear, bn, make_call)
         rewrites += 1
     return rewrites

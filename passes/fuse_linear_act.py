@@ -12,31 +12,46 @@ import torch.fx as fx
 
 from graphopt.kernels.ops import OPS
 from graphopt.passes import PassContext, register
-from graphopt.passes.epilogue import inputs_stable, match_epilogue
-from graphopt.passes.graph import copy_meta, erase_chain, tensor_meta
-from graphopt.passes.patterns import as_node, match_linear
+from graphopt.passes.lib.epilogue import inputs_stable, match_epilogue
+from graphopt.passes.lib.patterns import Linear, match_linear
+from graphopt.passes.lib.query import tensor_meta
+from graphopt.passes.lib.rewrite import as_node, replace_chain
 
 
-@register("fuse_linear_act", kind="fp32")
+def _unfusable(linear: Linear) -> str | None:
+    """Why this linear has no fused op, or None."""
+    x_meta, y_meta = tensor_meta(linear.input), tensor_meta(linear.node)
+    if x_meta is None or y_meta is None:
+        return "no shape recorded for the input or output"
+    if len(x_meta.shape) == 0:
+        return "0-d input"
+    if not y_meta.dtype.is_floating_point or y_meta.dtype != x_meta.dtype:
+        return "not a floating-point linear with equal input and output dtypes"
+    return None
+
+
+@register("fp32")
 def fuse_linear_act(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
     for node in list(gm.graph.nodes):
         linear = match_linear(gm, node)
-        x_meta, y_meta = tensor_meta(linear.input) if linear else None, tensor_meta(node)
-        if linear is None or x_meta is None or y_meta is None or not y_meta.dtype.is_floating_point:
+        if linear is None:
+            continue  # not a linear
+        why = _unfusable(linear)
+        if why is not None:
+            ctx.miss(why, node)
             continue
-        if y_meta.dtype != x_meta.dtype or len(x_meta.shape) == 0:
-            continue
-        ep = match_epilogue(gm, node, allow_residual=False)
+        ep = match_epilogue(gm, node, allow_residual=False, kind="linear")
         if not ep.last.users:
             continue  # dead work: eliminate_dead_code's, not ours to rewrite
         if not inputs_stable(gm, ep, [linear.input, linear.weight, linear.bias]):
+            ctx.miss("an input is written in place between the linear and its activation", node)
             continue
+        if ep.missed is not None:
+            ctx.miss(ep.missed, node)  # the linear fuses; the activation after it stays apart
         with gm.graph.inserting_before(ep.last):
             args = (linear.input, as_node(gm, linear.weight), as_node(gm, linear.bias), ep.act)
             fused = gm.graph.call_function(OPS["linear_act"], args)
-        copy_meta(fused, ep.last, ep.nodes)
-        ep.last.replace_all_uses_with(fused)
-        erase_chain(gm, ep.nodes)
+        replace_chain(gm, fused, ep.nodes)
         rewrites += 1
     return rewrites

@@ -10,8 +10,15 @@
 
 Every int8 tensor of the graph becomes uint8 shifted by 128 (kernels/cpu.py); requantization
 happens inside the primitive. An activation oneDNN has no int8 post-op for runs after the
-primitive in fp32 (then ``quantize_u8`` if the op writes int8). The summed tensor is written in
-place by oneDNN, so it is copied first unless this op is its last reader.
+primitive in fp32 (then ``quantize_u8`` if the op writes int8). oneDNN writes the sum into the
+summed tensor, which it takes channels-last only: it gets a channels-last copy unless this op is
+its last reader and it is not the convolution's own input (then ``.contiguous`` costs nothing).
+
+Weights this CPU's oneDNN would not multiply exactly (8-bit codes where int8 saturates: no VNNI /
+AMX, kernels/cpu.py) run as the fp32 op on the dequantized weights instead, which
+lower_to_onednn lowers next: the saved numbers to fp32 rounding, at fp32 speed.
+
+    graphopt::qconv2d_act(xq, ...)       ->  graphopt::conv2d_act(dequantize_u8(xq), wq * sw, ...) [-> quantize_u8]
 """
 
 from __future__ import annotations
@@ -24,12 +31,11 @@ import torch.nn.functional as F
 from graphopt.kernels import cpu
 from graphopt.kernels.ops import OPS
 from graphopt.passes import PassContext, register
-from graphopt.passes.graph import add_constant, calls, constant_value, copy_meta, tensor_meta
-from graphopt.passes.layout import layout_changes_aliasing, restore_default_layout
+from graphopt.passes.lib.layout import layout_changes_aliasing, restore_default_layout
+from graphopt.passes.lib.onednn import QCONV, QCONV_SUM, QLINEAR
+from graphopt.passes.lib.query import alias_roots, calls, constant_value, tensor_meta
+from graphopt.passes.lib.rewrite import add_constant, copy_meta
 
-QCONV = torch.ops.onednn.qconv2d_pointwise.default
-QCONV_SUM = torch.ops.onednn.qconv2d_pointwise.binary
-QLINEAR = torch.ops.onednn.qlinear_pointwise.default
 _SHIFT = cpu.U8_SHIFT
 
 
@@ -49,9 +55,11 @@ def _accumulator(gm: fx.GraphModule, node: fx.Node, residual: fx.Node, out_int8:
         value, scale, zp = residual.args
     else:
         value, scale, zp = residual, 1.0, 0
-    if not _last_reader(node, value):
-        with gm.graph.inserting_before(node):
-            value = gm.graph.call_method("clone", (value,))
+    roots = alias_roots(gm.graph)
+    in_place = _last_reader(node, value) and roots[value] is not roots[node.args[0]]
+    with gm.graph.inserting_before(node):
+        value = gm.graph.call_method("contiguous" if in_place else "clone", (value,),
+                                     {"memory_format": torch.channels_last})
     return value, scale, zp
 
 
@@ -123,6 +131,29 @@ def _lower_qlinear(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return new
 
 
+def _lower_fp32(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The int8 op as its fp32 op on the dequantized input and weights, for weights int8 is not exact for here."""
+    conv = node.target is OPS["qconv2d_act"]
+    x, x_scale, x_zp, w, w_scale = node.args[:5]
+    weight, scales = constant_value(gm, w), constant_value(gm, w_scale)
+    if weight is None or scales is None:
+        return None
+    out_scale, out_zp = node.args[-2:]
+    w32 = weight.float() * scales.float().view(-1, *[1] * (weight.dim() - 1))
+    with gm.graph.inserting_before(node):
+        wf = gm.graph.get_attr(add_constant(gm, f"{w.target}_fp32", w32))
+        xf = gm.graph.call_function(cpu.dequantize_u8, (x, x_scale, x_zp + _SHIFT))
+        if conv:
+            b, stride, padding, dilation, groups, act, residual = node.args[5:12]
+            new = gm.graph.call_function(OPS["conv2d_act"], (xf, wf, b, stride, padding, dilation, groups, act,
+                                                             residual))
+        else:
+            new = gm.graph.call_function(OPS["linear_act"], (xf, wf, node.args[5], node.args[6]))
+        if out_scale is not None:
+            new = gm.graph.call_function(cpu.quantize_u8, (new, out_scale, out_zp + _SHIFT))
+    return new
+
+
 def _is_int8(node) -> bool:
     meta = tensor_meta(node)
     return meta is not None and getattr(meta, "dtype", None) == torch.int8
@@ -146,7 +177,7 @@ def _max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-@register("lower_int8_onednn", kind="fp32")
+@register("fp32")
 def lower_int8_onednn(gm: fx.GraphModule, ctx: PassContext) -> int:
     if not torch.backends.mkldnn.is_available() or layout_changes_aliasing(gm):
         return 0
@@ -163,15 +194,20 @@ def lower_int8_onednn(gm: fx.GraphModule, ctx: PassContext) -> int:
             node.target, node.args = cpu.dequantize_u8, (q, scale, zp + _SHIFT)
         elif node.target in (OPS["qconv2d_act"], OPS["qlinear_act"]):
             lower = _lower_qconv if node.target is OPS["qconv2d_act"] else _lower_qlinear
-            w = node.args[3]
+            w, w_scale = node.args[3:5]
+            weight = constant_value(gm, w)
+            if weight is not None and not cpu.exact_here(weight):
+                ctx.miss("8-bit weights where this CPU's int8 saturates: runs fp32", node)
+                lower = _lower_fp32
             new = lower(gm, node)
             if new is None:
                 continue
             copy_meta(new, node, [node])
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
-            if not w.users:
-                gm.graph.erase_node(w)
+            for constant in (w, w_scale):
+                if isinstance(constant, fx.Node) and not constant.users:
+                    gm.graph.erase_node(constant)
         elif not _max_pool(gm, node):
             continue
         rewrites += 1

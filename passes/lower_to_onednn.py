@@ -9,7 +9,7 @@ batch size still runs). The activation becomes a oneDNN post-op where oneDNN's r
 eager's on NaN and inf too (kernels/cpu.py); relu, relu6, hardtanh run as an in-place op after
 the primitive instead. Only on float32 CPU tensors with constant weights; anything else keeps
 the custom op, which runs everywhere. Those convolutions write channels-last outputs, so views
-and 4-d outputs get a ``.contiguous()`` guard (passes/layout.py).
+and 4-d outputs get a ``.contiguous()`` guard (passes/lib/layout.py).
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from graphopt.kernels import cpu
 from graphopt.kernels.ops import OPS
 from graphopt.passes import PassContext, register
-from graphopt.passes.graph import add_constant, calls, constant_value, copy_meta, tensor_meta
-from graphopt.passes.layout import layout_changes_aliasing, restore_default_layout
+from graphopt.passes.lib.layout import layout_changes_aliasing, restore_default_layout
+from graphopt.passes.lib.onednn import CONV, CONV_ADD, LINEAR
+from graphopt.passes.lib.query import calls, constant_value, tensor_meta
+from graphopt.passes.lib.rewrite import add_constant, copy_meta
 
-CONV = torch.ops.mkldnn._convolution_pointwise.default
-CONV_ADD = torch.ops.mkldnn._convolution_pointwise.binary
-LINEAR = torch.ops.mkldnn._linear_pointwise.default
 SMALL_LINEAR = 1 << 15  # weights with fewer elements run faster through aten::linear (measured: bench/)
 
 
@@ -59,10 +58,10 @@ def _erase_unused(gm: fx.GraphModule, *values) -> None:
             gm.graph.erase_node(v)
 
 
-@register("lower_to_onednn", kind="fp32")
+@register("fp32")
 def lower_to_onednn(gm: fx.GraphModule, ctx: PassContext) -> int:
     if not torch.backends.mkldnn.is_available() or layout_changes_aliasing(gm):
-        return 0  # (oneDNN writes channels-last: see passes/layout.py)
+        return 0  # (oneDNN writes channels-last: see passes/lib/layout.py)
     rewrites = 0
     for node in calls(gm, OPS["conv2d_act"]):
         x, w, b, stride, padding, dilation, groups, act, residual = node.args
@@ -70,8 +69,9 @@ def lower_to_onednn(gm: fx.GraphModule, ctx: PassContext) -> int:
         if weight is None or (residual is not None and tensor_meta(residual) is None):
             continue
         packed = cpu.pack_conv_weight(weight, padding, stride, dilation, groups, tensor_meta(x).shape)
-        # oneDNN's binary (residual) form takes no unary post-op but relu, which is not NaN-safe
-        postop = cpu.onednn_postop(act) if residual is None else None
+        # oneDNN's binary (residual) form takes no unary post-op but relu, which is NaN-safe only on NaN-free values
+        postop = (cpu.onednn_postop(act) or (cpu.clamp_postop(act) if ctx.nan_free else None)) \
+            if residual is None else (("relu", [], "") if ctx.nan_free and act == "relu" else None)
         with gm.graph.inserting_before(node):
             wp = gm.graph.get_attr(add_constant(gm, f"{w.target}_onednn", packed, buffer=False))
             if residual is None:
@@ -79,8 +79,9 @@ def lower_to_onednn(gm: fx.GraphModule, ctx: PassContext) -> int:
                 new = gm.graph.call_function(CONV, (x, wp, b, padding, stride, dilation, groups, attr, scalars,
                                                     algorithm))
             else:
+                unary = postop[0] if postop else None
                 new = gm.graph.call_function(CONV_ADD, (x, residual, wp, b, padding, stride, dilation, groups, "add",
-                                                        None, None, [], None))
+                                                        None, unary, [], None))
         _finish(gm, node, new, act, postop is not None)
         _erase_unused(gm, w)
         rewrites += 1
@@ -89,6 +90,8 @@ def lower_to_onednn(gm: fx.GraphModule, ctx: PassContext) -> int:
         weight = _lowerable(gm, x, w, b)
         if weight is None:
             continue
+        # (no clamp post-ops here even on NaN-free values: they would move a relu linear off aten's GEMM and
+        # change its bits; the fused and the separate-activation graphs give the same bits)
         postop = cpu.onednn_postop(act) if weight.numel() >= SMALL_LINEAR else None
         with gm.graph.inserting_before(node):
             if postop is not None:

@@ -7,10 +7,10 @@ import torch.fx as fx
 
 from graphopt.kernels.ops import OPS, REFERENCES
 from graphopt.passes import PassContext, register
-from graphopt.passes.graph import calls
+from graphopt.passes.lib.query import calls
 
 
-@register("lower_to_reference", kind="fp32")
+@register("fp32")
 def lower_to_reference(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
     for name, op in OPS.items():

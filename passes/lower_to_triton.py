@@ -14,10 +14,11 @@ import torch.fx as fx
 
 from graphopt.kernels.ops import OPS
 from graphopt.passes import PassContext, register
-from graphopt.passes.graph import add_constant, calls, constant_value
+from graphopt.passes.lib.query import calls, constant_value
+from graphopt.passes.lib.rewrite import add_constant
 
 
-@register("lower_to_triton", kind="fp32")
+@register("fp32")
 def lower_to_triton(gm: fx.GraphModule, ctx: PassContext) -> int:
     try:
         from graphopt.kernels import triton as triton_kernels

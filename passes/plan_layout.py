@@ -4,7 +4,7 @@ oneDNN's convolutions read NHWC without a reorder and write NHWC; pooling, adds 
 activations keep the layout they are given. So one conversion per 4-d input that reaches a
 convolution puts the whole graph in NHWC, and nothing converts between two convolutions.
 Back to the default layout only where needed: before views and on 4-d outputs, which the
-oneDNN lowering already guards (passes/layout.py).
+oneDNN lowering already guards (passes/lib/layout.py).
 
 An input that some in-place op writes keeps its layout: converting it would write a copy. A graph
 that writes in place after a copy-or-alias op (``.contiguous()``, ``.reshape()``) keeps all its
@@ -17,10 +17,9 @@ import torch
 import torch.fx as fx
 
 from graphopt.passes import PassContext, register
-from graphopt.passes.graph import alias_roots, mutated_roots
-from graphopt.passes.layout import convert, is_4d_float, is_conversion, layout_changes_aliasing
-from graphopt.passes.lower_int8_onednn import QCONV, QCONV_SUM
-from graphopt.passes.lower_to_onednn import CONV, CONV_ADD
+from graphopt.passes.lib.layout import convert, is_4d_float, is_conversion, layout_changes_aliasing
+from graphopt.passes.lib.onednn import CONV, CONV_ADD, QCONV, QCONV_SUM
+from graphopt.passes.lib.query import alias_roots, mutated_roots
 
 
 def _reaches_conv(node: fx.Node) -> bool:
@@ -36,7 +35,7 @@ def _reaches_conv(node: fx.Node) -> bool:
     return False
 
 
-@register("plan_layout", kind="fp32")
+@register("fp32")
 def plan_layout(gm: fx.GraphModule, ctx: PassContext) -> int:
     if layout_changes_aliasing(gm):
         return 0

@@ -11,8 +11,10 @@ op writes fp32. An fp32 value read by a quantized op is quantized once (``grapho
 an int8 residual is read through ``graphopt::dequantize``, which the CPU lowering fuses into the
 convolution's sum post-op.
 
-Reads ``ctx.options``: ``int8_ranges`` {node name: (lo, hi)} from calibration (nothing to do
-without it) and ``int8_skip``, the node names that stay fp32 (the accuracy budget's fallbacks).
+Reads ``ctx.int8_ranges`` {node name: (lo, hi)} from calibration (nothing to do without it),
+``ctx.int8_skip``, the node names that stay fp32 (the accuracy budget's fallbacks), and
+``ctx.int8_scheme``, the weights' range (kernels/reference.py): "s8", or "s7" where the CPU's int8
+arithmetic saturates beyond it, which the driver picks for the machine (compiler/int8/scheme.py).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.kernels.ops import OPS
-from graphopt.kernels.reference import activation_qparams, weight_qparams
+from graphopt.kernels.reference import SCHEMES, activation_qparams, weight_qparams
 from graphopt.passes import PassContext, register
-from graphopt.passes.graph import add_constant, constant_value, copy_meta, tensor_meta
+from graphopt.passes.lib.query import constant_value, tensor_meta
+from graphopt.passes.lib.rewrite import add_constant, copy_meta
 
 _FLOAT_OPS = {OPS["conv2d_act"]: OPS["qconv2d_act"], OPS["linear_act"]: OPS["qlinear_act"]}
 _PASS_FUNCTIONS = (F.max_pool2d, torch.flatten, torch.reshape)
@@ -90,10 +93,11 @@ def _plan(gm: fx.GraphModule, targets: set[fx.Node]) -> set[fx.Node]:
     return plan
 
 
-@register("quantize_int8", kind="int8")
+@register("int8")
 def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> int:
-    ranges: dict[str, tuple[float, float]] = ctx.options.get("int8_ranges") or {}
-    skip = set(ctx.options.get("int8_skip") or ())
+    ranges: dict[str, tuple[float, float]] = ctx.int8_ranges or {}
+    skip = set(ctx.int8_skip)
+    bits = SCHEMES[ctx.int8_scheme]
     targets = {n for n in candidates(gm) if n.name not in skip and n.args[0].name in ranges and n.name in ranges}
     if not targets:
         return 0
@@ -125,7 +129,7 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> int:
         if node in targets:
             x, w, b = node.args[:3]
             xq, x_scale, x_zp = as_int8(x, node)
-            wq, w_scale = weight_qparams(constant_value(gm, w))
+            wq, w_scale = weight_qparams(constant_value(gm, w), bits)
             out_scale, out_zp = activation_qparams(*ranges[node.name]) if node in plan else (None, 0)
             with gm.graph.inserting_before(node):
                 wq_node = gm.graph.get_attr(add_constant(gm, f"{w.target}_int8", wq))

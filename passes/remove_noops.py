@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.passes import PassContext, register
-from graphopt.passes.graph import arg, module_of, tensor_meta
+from graphopt.passes.lib.query import arg, module_of, tensor_meta
 
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
@@ -91,7 +91,7 @@ RULES: list[tuple[str, Any, Callable[[fx.GraphModule, fx.Node], Any]]] = [
 ]
 
 
-@register("remove_noops", kind="exact")
+@register("exact")
 def remove_noops(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
     for node in list(gm.graph.nodes):

@@ -5,33 +5,20 @@ the model it came from."""
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
 
 from graphopt import optimize
+from graphopt.compiler.workflow.timing import median_ms
 from tests.helpers import randomize_bn
 from tests.zoo import ZOO
 
 CEILING = 1.25  # graphopt / eager; measured 0.3-0.7 on these models (bench/results)
 
 
-def _ratio(model: torch.nn.Module, x: torch.Tensor, rounds: int = 15, calls: int = 5) -> float:
-    opt = optimize(model, (x,))
-    times = {"eager": [], "graphopt": []}
-    with torch.no_grad():
-        for fn in (model, opt):
-            for _ in range(3):
-                fn(x)
-        for _ in range(rounds):
-            for name, fn in (("eager", model), ("graphopt", opt)):
-                start = time.perf_counter()
-                for _ in range(calls):
-                    fn(x)
-                times[name].append(time.perf_counter() - start)
-    return statistics.median(times["graphopt"]) / statistics.median(times["eager"])
+def _ratio(model: torch.nn.Module, x: torch.Tensor) -> float:
+    ms = median_ms({"eager": model, "graphopt": optimize(model, (x,))}, (x,), rounds=15, per_round=5)
+    return ms["graphopt"] / ms["eager"]
 
 
 @pytest.mark.parametrize("name,batch", [("seed_convnet", 8), ("mobilenet_v2_blocks", 4)])

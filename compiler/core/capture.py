@@ -134,6 +134,12 @@ def capture(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
             f"{type(model).__name__} is in training mode: graphopt optimizes inference graphs "
             "(BatchNorm would use batch statistics, dropout would be random)",
             module=type(model).__name__, hint="call model.eval() before optimize()")
+    training = [name for name, m in model.named_modules() if m.training]
+    if training:
+        raise CaptureError(
+            f"{type(model).__name__} is in eval mode but its submodule {training[0]} is in training mode: graphopt "
+            "optimizes inference graphs", module=training[0],
+            hint="call model.eval() (it sets every submodule) before optimize()")
     copied = copy.deepcopy(model)
     with torch.no_grad():
         try:

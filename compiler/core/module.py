@@ -2,6 +2,11 @@
 
 The optimized graph's forward is plain generated Python calling aten, oneDNN and
 ``graphopt::`` ops; ``.code`` shows it, ``.portable`` is the graph before backend lowering.
+
+It is for inference only: it runs under torch.no_grad(), so its outputs never require grad, and
+it refuses (InputError) an input that requires grad while grad mode is on, rather than return
+outputs whose gradients to that input would silently be None. (no_grad costs nothing measurable:
+a 1x8 -> 8 linear + relu, one thread, 22.6 us a call without it, 21.3 us with it.)
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphopt.compiler.core.errors import InputError
+from graphopt.compiler.core.fast_path import within
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -52,6 +58,8 @@ class OptimizedModule(nn.Module):
         self.input_specs = specs
         self.backend = backend
         self._forward = gm.forward
+        self.fast_graph_module: fx.GraphModule | None = None  # see compiler/core/fast_path.py
+        self._fast, self._fast_limit = None, None
         self._checks = [(i, len(s["shape"]), getattr(torch, s["dtype"]), s["device"])
                         for i, s in enumerate(specs) if s is not None]
         self.eval()
@@ -60,12 +68,16 @@ class OptimizedModule(nn.Module):
     def code(self) -> str:
         return self.graph_module.code
 
+    def use_fast_path(self, gm: fx.GraphModule, limit: float) -> None:
+        """Run ``gm`` (relu / clamps fused into oneDNN) on calls whose inputs are finite with max |x| <= limit."""
+        self.fast_graph_module, self._fast, self._fast_limit = gm, gm.forward, limit
+
     @property
     def op_counts(self) -> dict[str, int]:
         """What the final graph calls, by op: fused kernels and everything left as it was."""
         from collections import Counter
 
-        from graphopt.passes.graph import describe_target
+        from graphopt.passes.lib.describe import describe_target
 
         return dict(Counter(describe_target(n) for n in self.graph_module.graph.nodes
                             if n.op in ("call_function", "call_method", "call_module")))
@@ -88,4 +100,16 @@ class OptimizedModule(nn.Module):
                                  f"{self.input_specs[i]['shape']}), got {got}",
                                  hint="the batch size may change; rank, dtype and device may not. "
                                       "optimize() again for other inputs")
-        return self._forward(*args)  # the generated code itself: no module-call machinery per call
+        if torch.is_grad_enabled():
+            wants_grad = [i for i, x in enumerate(args) if isinstance(x, torch.Tensor) and x.requires_grad]
+            if wants_grad:
+                raise InputError(f"input {wants_grad[0]} requires grad, and an optimized module computes no "
+                                 "gradients (its fused kernels have no backward)",
+                                 hint="train the eager model; call the optimized one for inference, under "
+                                      "torch.no_grad() or torch.inference_mode(), or on x.detach()")
+        # no autograd graph: outputs never require grad (and recording nothing is cheaper than recording)
+        forward = self._forward
+        if self._fast is not None and within(self._fast_limit, args):
+            forward = self._fast
+        with torch.no_grad():
+            return forward(*args)  # the generated code itself: no module-call machinery per call

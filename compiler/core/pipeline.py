@@ -5,6 +5,10 @@ modify in place). The copy replaces the graph only once it has linted, run, kept
 and passed the numerics oracle for the pass's kind; otherwise the copy is dropped and a
 PassError says which pass, after which passes, and the first node whose value went wrong.
 The pipeline repeats until no pass rewrites anything, at most ``max_iterations`` times.
+
+Each run of a pass gets its own record of misses (``ctx.miss``: why a candidate rewrite did not
+fire); the pass's record keeps each (reason, node) once over all its runs, and the dump of a run that
+changed the graph shows that run's misses. A pass that changed nothing still leaves no dump.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
+from typing import Sequence
 
 import torch
 import torch.fx as fx
@@ -22,8 +27,9 @@ from graphopt.compiler.core.capture import fresh, propagate
 from graphopt.compiler.core.errors import GraphoptError, PassError, node_source
 from graphopt.compiler.core.verify import Oracle, first_divergence, same_bits
 from graphopt.compiler.ui.dump import Dumper
-from graphopt.passes import REGISTRY, PassContext, PassInfo
-from graphopt.passes.graph import is_impure
+from graphopt.passes import Misses
+from graphopt.passes.lib.query import is_impure
+from graphopt.passes.pipeline import REGISTRY, PassContext, PassFn, PassInfo, find
 
 log = logging.getLogger("graphopt")
 
@@ -31,6 +37,7 @@ log = logging.getLogger("graphopt")
 # the user's, compiler/quantize.py), and lowering an int8 graph may differ from it by rounding only.
 INT8_PASS_FLOOR_DB = 10.0
 INT8_LOWERING_FLOOR_DB = 30.0
+MISSED_NODES = 5  # node names a record keeps per miss reason
 
 
 @dataclass
@@ -41,6 +48,8 @@ class PassRecord:
     nodes_before: int = 0
     nodes_after: int = 0
     max_error: float | None = None
+    misses: dict[str, int] = field(default_factory=dict)  # why candidate rewrites did not fire: reason -> how many
+    missed_nodes: dict[str, list[str]] = field(default_factory=dict)  # the first few of those nodes, by name
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,14 +71,14 @@ def count_nodes(gm: fx.GraphModule) -> int:
 
 
 class PassManager:
-    def __init__(self, passes: list[str], *, check: bool = True, dump_dir: str | None = None,
+    def __init__(self, passes: Sequence[str | PassFn], *, check: bool = True, dump_dir: str | None = None,
                  dumper: Dumper | None = None, max_iterations: int = 4, int8_reference: list | None = None,
                  int8_floor_db: float = INT8_PASS_FLOOR_DB):
-        unknown = [p for p in passes if p not in REGISTRY]
+        unknown = [p if isinstance(p, str) else getattr(p, "__name__", repr(p)) for p in passes if find(p) is None]
         if unknown:
             raise GraphoptError(f"unknown pass(es): {', '.join(unknown)}",
                                 hint=f"available passes: {', '.join(sorted(REGISTRY))}")
-        self.passes: list[PassInfo] = [REGISTRY[p] for p in passes]
+        self.passes: list[PassInfo] = [find(p) for p in passes]
         self.check, self.max_iterations = check, max_iterations
         # int8 graphs: every pass is checked by SQNR, against these outputs (default: the captured model's)
         self.int8_reference, self.int8_floor_db = int8_reference, int8_floor_db
@@ -91,6 +100,7 @@ class PassManager:
         if dumper and dumper.index == 0:
             dumper.captured(gm)
         records = {p.name: PassRecord(p.name) for p in self.passes}
+        misses = {p.name: Misses() for p in self.passes}
         history: list[str] = []
         for _ in range(self.max_iterations):
             changed = False
@@ -100,8 +110,9 @@ class PassManager:
                 if not history.count(info.name):
                     record.nodes_before = before
                 start = time.perf_counter()
+                run_ctx = replace(ctx, misses=Misses())
                 try:
-                    rewrites = info.fn(work, ctx)
+                    rewrites = info.fn(work, run_ctx)
                 except Exception as e:
                     raise PassError(f"pass {info.name} raised {type(e).__name__}: {e}; the graph was left as it was",
                                     pass_name=info.name, passes_before=list(history),
@@ -115,16 +126,21 @@ class PassManager:
                     record.max_error = error if record.max_error is None else max(record.max_error, error or 0.0)
                 record.seconds += time.perf_counter() - start
                 record.rewrites += rewrites
+                misses[info.name].update(run_ctx.misses)
                 if rewrites or len(history) < len(self.passes):
                     record.nodes_after = count_nodes(gm)
                 if rewrites and dumper:
-                    dumper.after_pass(gm, info, rewrites, time.perf_counter() - start, before, count_nodes(gm), error)
+                    dumper.after_pass(gm, info, rewrites, time.perf_counter() - start, before, count_nodes(gm), error,
+                                      misses=run_ctx.misses)
                 history.append(info.name)
             if not changed:
                 break
         else:
             log.warning("the pipeline still rewrote the graph after %d iterations; stopping there",
                         self.max_iterations)
+        for name, record in records.items():
+            record.misses = misses[name].counts()
+            record.missed_nodes = {reason: names[:MISSED_NODES] for reason, names in misses[name].nodes.items()}
         report = list(records.values())
         if dumper:
             dumper.report(report)
@@ -135,7 +151,7 @@ class PassManager:
                              history: list[str]) -> None:
         """The same pass on the same graph must write the same code (no dict-order or id-based choices)."""
         twin = clone(before)
-        info.fn(twin, ctx)
+        info.fn(twin, replace(ctx, misses=Misses()))
         twin.recompile()
         if twin.code != after.code:
             raise PassError(f"pass {info.name} is not deterministic: two runs on the same graph wrote different code; "
@@ -190,7 +206,7 @@ def is_quantized(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and n.target in targets for n in gm.graph.nodes)
 
 
-def lower(portable: fx.GraphModule, ctx: PassContext, lowering: list[str], *, check: bool = True,
+def lower(portable: fx.GraphModule, ctx: PassContext, lowering: Sequence[str | PassFn], *, check: bool = True,
           manager: PassManager | None = None) -> tuple[fx.GraphModule, list]:
     """The backend's lowering on a copy of ``portable`` (an int8 graph is checked against itself, by SQNR)."""
     reference = None
@@ -202,7 +218,8 @@ def lower(portable: fx.GraphModule, ctx: PassContext, lowering: list[str], *, ch
     return lowering_manager.run(clone(portable), ctx, oracle=manager.oracle if manager else None)
 
 
-def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: list[str], lowering: list[str], *,
+def run_pipeline(gm: fx.GraphModule, ctx: PassContext, passes: Sequence[str | PassFn],
+                 lowering: Sequence[str | PassFn], *,
                  check: bool = True, dump_dir: str | None = None) -> tuple[fx.GraphModule, fx.GraphModule, list]:
     """The pipeline, then the backend's lowering on a copy: (portable graph, lowered graph, report)."""
     manager = PassManager(passes, check=check, dump_dir=dump_dir)

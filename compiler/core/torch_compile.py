@@ -23,7 +23,7 @@ from graphopt.compiler.core.backend import resolve_backend
 from graphopt.compiler.core.capture import propagate
 from graphopt.compiler.core.module import finalize
 from graphopt.compiler.core.pipeline import clone, run_pipeline
-from graphopt.passes import DEFAULT_PIPELINE, LOWERING, PassContext
+from graphopt.passes.pipeline import DEFAULT_PIPELINE, LOWERING, PassContext
 
 log = logging.getLogger("graphopt")
 

@@ -162,7 +162,7 @@ def _holder(graph: fx.Graph, weights: dict[str, torch.Tensor]) -> nn.Module:
 def load(path: str | os.PathLike) -> OptimizedModule:
     """Rebuild an OptimizedModule saved with ``.save(path)``; LoadError for anything graphopt did not write."""
     from graphopt.compiler.core.pipeline import PassManager, clone
-    from graphopt.passes import LOWERING, PassContext
+    from graphopt.passes.pipeline import LOWERING, PassContext
 
     root = Path(path)
     manifest = _manifest(root)

@@ -13,6 +13,7 @@ SQNR (ONNX Runtime's integer kernels may round a requantization the other way).
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -27,14 +28,15 @@ from graphopt.compiler.core.errors import GraphoptError
 
 def _portable_reference(model: nn.Module) -> nn.Module:
     """The graph to export: plain aten, leaf modules inlined (attention through its functional path,
-    which the exporter can write; its fused fast path it cannot)."""
+    which the exporter can write; its fused fast path it cannot). Always a copy: the export runs it in
+    eval mode, and the user's model keeps its mode, parameters and buffers untouched."""
     from graphopt.compiler.core.module import OptimizedModule, finalize
     from graphopt.compiler.core.pipeline import clone, is_quantized
     from graphopt.compiler.deploy.inline import inline_modules
     from graphopt.passes.lower_to_reference import lower_to_reference
 
     if not isinstance(model, OptimizedModule):
-        return model
+        return copy.deepcopy(model)
     gm = clone(model.portable)
     if is_quantized(gm):
         _fake_quantized(gm)
@@ -50,7 +52,8 @@ def _portable_reference(model: nn.Module) -> nn.Module:
 def _fake_quantized(gm) -> None:
     """int8 ops -> fake quantization around the float ops (what ONNX's QDQ form says), in place."""
     from graphopt.kernels.ops import OPS
-    from graphopt.passes.graph import add_constant, constant_value
+    from graphopt.passes.lib.query import constant_value
+    from graphopt.passes.lib.rewrite import add_constant
 
     def fq(x, scale, zp):
         return gm.graph.call_function(torch.fake_quantize_per_tensor_affine, (x, float(scale), int(zp), -128, 127))

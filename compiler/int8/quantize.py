@@ -1,6 +1,8 @@
 """int8: calibrate, quantize, measure each layer, and hold the accuracy budget.
 
     ranges  = calibrate(fp32 graph, batches, method)          passes/observers.py, over the user's batches
+    scheme  = the weights' range this machine computes exactly    compiler/int8/scheme.py: s8, or s7 on CPUs
+              without VNNI / AMX
     int8    = quantize_int8 pass (checked like every pass)    passes/quantize_int8.py
     report  = SQNR of every quantized layer and of the output, against the fp32 graph, on the
               first EVAL_BATCHES calibration batches
@@ -27,8 +29,9 @@ from graphopt.compiler.core.errors import GraphoptError, InputError
 from graphopt.compiler.core.pipeline import PassManager, clone, lower
 from graphopt.compiler.core.verify import record_values
 from graphopt.compiler.int8.calibrate import METHODS, collect, value_range
+from graphopt.compiler.int8.scheme import choose
 from graphopt.kernels.ops import OPS
-from graphopt.passes import LOWERING, PassContext
+from graphopt.passes.pipeline import LOWERING, PassContext
 from graphopt.passes.quantize_int8 import candidates
 
 EVAL_BATCHES = 4
@@ -42,6 +45,18 @@ _LAYER_OPS = {OPS[name] for name in ("conv2d_act", "linear_act", "qconv2d_act", 
 # a graph. MIN_INT8_MACS = 0 quantizes every layer.
 MIN_INT8_MACS = 1 << 20
 MIN_INT8_REQUANTIZE = 1 << 15
+# Without VNNI / AMX (scheme s7), oneDNN's int8 takes three instructions (vpmaddubsw, vpmaddwd, vpaddd)
+# for 32 multiply-adds where fp32 takes one FMA for 8, so int8 pays off only on larger layers. Measured
+# under ONEDNN_MAX_CPU_ISA=AVX2 (1 thread; chains of 4 layers, int8 against the optimized fp32, medians
+# of interleaved rounds): 3x3 convs break even at 2-9M multiply-adds per call (0.90x at 9.4M, 0.6x from
+# 38M), batch-1 linears at about 16M (1.07x at 1M, 0.97x at 16.8M); with VNNI the same convs run 0.5x
+# from 38M and linears 0.6x at 1M. So an s7 layer needs S7_MACS_FACTOR times MIN_INT8_MACS.
+S7_MACS_FACTOR = 8
+
+
+def min_int8_macs(scheme: str) -> int:
+    """The multiply-adds per call from which a layer runs int8 on the CPU, for the scheme it would use."""
+    return MIN_INT8_MACS * (S7_MACS_FACTOR if scheme == "s7" else 1)
 
 
 def requantized_elements(gm: fx.GraphModule, node: fx.Node, layers: set[fx.Node]) -> int:
@@ -80,6 +95,7 @@ class Int8Report:
     calibration_seconds: float
     vnni: bool
     budget: str | None
+    scheme: str = "s8"  # the weights' range (compiler/int8/scheme.py)
     output_sqnr_db: float = float("nan")
     layers: list[dict] = field(default_factory=list)  # name, node, op, int8, sqnr_db, reason
     fallback: list[str] = field(default_factory=list)  # layer names returned to fp32, in order
@@ -88,8 +104,10 @@ class Int8Report:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     def table(self) -> str:
-        rows = [f"int8: {self.method} calibration on {self.batches} batches ({self.calibration_seconds:.1f} s); "
-                f"output SQNR {self.output_sqnr_db:.1f} dB" + (f"; budget {self.budget}" if self.budget else ""),
+        weights = {"s8": "8-bit weights", "s7": "7-bit weights: this CPU has no VNNI / AMX"}.get(self.scheme, "")
+        rows = [f"int8: scheme {self.scheme} ({weights}); {self.method} calibration on {self.batches} batches "
+                f"({self.calibration_seconds:.1f} s); output SQNR {self.output_sqnr_db:.1f} dB"
+                + (f"; budget {self.budget}" if self.budget else ""),
                 "", "| layer | op | runs in | SQNR dB | why fp32 |", "|---|---|---|---:|---|"]
         for layer in self.layers:
             rows.append(f"| {layer['name']} | {layer['op']} | {'int8' if layer['int8'] else 'fp32'} | "
@@ -125,6 +143,11 @@ def check_batches(calibration: Iterable | None, example_inputs: tuple) -> list[t
             if t.is_floating_point() and not bool(t.isfinite().all()):
                 raise InputError(f"calibration batch {i}, input {j} holds NaN or inf",
                                  hint="calibrate on real, finite data: a NaN would make every range meaningless")
+    tensors = [t for batch in batches for t in batch if isinstance(t, torch.Tensor)]
+    if tensors and all(t.dim() > 0 and t.shape[0] == 0 for t in tensors):
+        raise GraphoptError(f"calibration holds {len(batches)} batch(es), all empty (batch size 0): nothing to measure "
+                            "the activation ranges on",
+                            hint="pass batches with at least one sample each; a few dozen batches is typical")
     return batches
 
 
@@ -200,8 +223,9 @@ def _output_sqnr(reference: list[list], module: Callable, batches: list[tuple]) 
 class Quantizer:
     """Builds int8 graphs from one calibrated fp32 graph, with any set of layers kept in fp32."""
 
-    def __init__(self, fp32: fx.GraphModule, ctx: PassContext, ranges: dict, batches: list[tuple]):
-        self.fp32, self.ctx, self.ranges = fp32, ctx, ranges
+    def __init__(self, fp32: fx.GraphModule, ctx: PassContext, ranges: dict, batches: list[tuple],
+                 scheme: str = "s8"):
+        self.fp32, self.ctx, self.ranges, self.scheme = fp32, ctx, ranges, scheme
         self.eval = batches[:EVAL_BATCHES]
         with torch.no_grad():
             self.reference = [_as_list(fp32(*fresh(b))) for b in self.eval]
@@ -209,7 +233,7 @@ class Quantizer:
 
     def build(self, skip: set[str], *, check: bool = False, manager: PassManager | None = None) -> fx.GraphModule:
         ctx = PassContext(self.ctx.example_inputs, backend=self.ctx.backend,
-                          options={**self.ctx.options, "int8_ranges": self.ranges, "int8_skip": sorted(skip)})
+                          int8_ranges=self.ranges, int8_skip=frozenset(skip), int8_scheme=self.scheme)
         pm = manager or PassManager(["quantize_int8"], check=check)
         gm, records = pm.run(clone(self.fp32), ctx, oracle=pm.oracle)
         self.records = records
@@ -262,19 +286,21 @@ def quantize(fp32: fx.GraphModule, ctx: PassContext, manager: PassManager, calib
              ) -> tuple[fx.GraphModule, list, Int8Report]:
     """The int8 graph of ``fp32`` (the optimized fp32 graph), its pass records and the int8 report."""
     batches = check_batches(calibration, ctx.example_inputs)
+    scheme = choose(ctx.backend)
     if ctx.backend == "cpu":
         from graphopt.kernels.cpu import has_vnni
 
         vnni = has_vnni()
-        if not vnni:
-            warnings.warn("this CPU has no int8 dot-product instructions (VNNI / AMX): int8 may run slower than "
-                          "fp32 here", stacklevel=3)
+        if scheme != "s8":
+            warnings.warn("this CPU has no int8 dot-product instructions (VNNI / AMX) for oneDNN: int8 uses 7-bit "
+                          "weights (scheme s7, exact here), and the layers too small for int8 to pay off without "
+                          "them stay fp32", stacklevel=3)
     else:
         vnni = False
     start = time.perf_counter()
     ranges = calibrate(fp32, batches, method, progress=progress)
-    report = Int8Report(method, len(batches), time.perf_counter() - start, vnni, _budget_text(budget))
-    q = Quantizer(fp32, ctx, ranges, batches)
+    report = Int8Report(method, len(batches), time.perf_counter() - start, vnni, _budget_text(budget), scheme)
+    q = Quantizer(fp32, ctx, ranges, batches, scheme)
     reasons: dict[str, str] = {}
     asked = set(fp32_layers)
     unknown = asked - {layer_name(n) for n in q.layers}
@@ -286,12 +312,13 @@ def quantize(fp32: fx.GraphModule, ctx: PassContext, manager: PassManager, calib
         if layer_name(node) in asked:
             reasons[node.name] = "asked: fp32_layers"
     if ctx.backend == "cpu":
-        layers = set(q.layers)
+        layers, least = set(q.layers), min_int8_macs(scheme)
+        where = "" if scheme == "s8" else " on a CPU without VNNI / AMX"
         for node in q.layers:
-            if node.name not in reasons and macs(node) < MIN_INT8_MACS \
+            if node.name not in reasons and macs(node) < least \
                     and requantized_elements(fp32, node, layers) < MIN_INT8_REQUANTIZE:
-                reasons[node.name] = (f"small: {macs(node):,} multiply-adds per call; int8's fixed cost per call "
-                                      "outweighs its savings below {:,}".format(MIN_INT8_MACS))
+                reasons[node.name] = (f"small: {macs(node):,} multiply-adds per call; int8 runs slower than fp32 "
+                                      f"below {least:,}{where}")
     skip = set(reasons)
     if budget is not None:
         budget_skip, budget_reasons = _hold_budget(q, budget, report, skip)

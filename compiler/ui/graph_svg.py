@@ -2,19 +2,45 @@
 layered layout of our own (longest-path layers, one barycenter sweep). Both give one
 ``<g class="node">`` per node with the node's name as its ``<title>``, which the explorer page
 uses to highlight, search and label nodes. Weight reads (get_attr) are not drawn.
+
+``dot_source`` is graphopt's only DOT writer: the dumps' ``NN_<pass>.dot`` files are its text, and
+so is what Graphviz lays out here. ``draw`` gives both of the explorer's views of a graph (every node,
+and one box per block) from one run of ``dot``; the dumper draws each graph once and hands the
+drawings to the explorer, so Graphviz runs once per dumped graph.
+
+The nodes come from a dump folder, which may be hostile: every string from it reaches the SVG
+through ``escape`` (ours) or as a quoted, escaped Graphviz label; Graphviz sees node ids
+``n0, n1, ...``, never the names, and the names are put back into the ``<title>``s escaped.
 """
 
 from __future__ import annotations
 
 import html
+import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 
 import networkx as nx
 
 BOX_H, LAYER_GAP, NODE_GAP, CHAR_W = 34, 62, 18, 6.6
 COLORS = {"placeholder": "#dbeafe", "output": "#dbeafe", "call_module": "#fef3c7", "fused": "#bbf7d0",
           "call_method": "#f5f5f4", "call_function": "#ffffff"}
+
+
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_DOT_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def escape(value: object) -> str:
+    """Any value from a dump as SVG/HTML text: markup escaped, characters XML cannot hold replaced."""
+    return html.escape(_NOT_XML.sub("\ufffd", str(value)), quote=True)
+
+
+def _dot_text(value: str) -> str:
+    """A string for a double-quoted Graphviz label: quotes escaped; no control characters, and no backslash
+    (one before the closing quote would escape it, others start label escapes), shown as U+2216 instead."""
+    return _DOT_CONTROL.sub(" ", value).replace("\\", "\u2216").replace('"', '\\"')
 
 
 def _drawn(nodes: list[dict]) -> list[dict]:
@@ -84,36 +110,52 @@ def layered_svg(nodes: list[dict]) -> str:
     for n in nodes:
         first, second = _label(n)
         w, cx, top = width[n["name"]], x[n["name"]], y[n["name"]]
-        out.append(f'<g class="node"><title>{html.escape(n["name"])}</title>'
+        out.append(f'<g class="node"><title>{escape(n["name"])}</title>'
                    f'<rect x="{cx - w / 2:.1f}" y="{top}" width="{w:.1f}" height="{BOX_H}" rx="5" '
                    f'fill="{_color(n)}" stroke="#475569"/>'
                    f'<text x="{cx:.1f}" y="{top + 14}" text-anchor="middle" font-weight="bold">'
-                   f'{html.escape(first)}</text>'
-                   f'<text x="{cx:.1f}" y="{top + 27}" text-anchor="middle" fill="#334155">{html.escape(second)}'
+                   f'{escape(first)}</text>'
+                   f'<text x="{cx:.1f}" y="{top + 27}" text-anchor="middle" fill="#334155">{escape(second)}'
                    f'</text></g>')
     out.append("</svg>")
     return "".join(out)
 
 
-def graphviz_svg(nodes: list[dict]) -> str | None:
-    if not shutil.which("dot"):
-        return None
+def dot_source(nodes: list[dict]) -> tuple[str, list[str]]:
+    """(Graphviz source, node names by id): node ``i`` is ``n{i}``, its label the escaped name and target."""
     nodes = _drawn(nodes)
-    names = {n["name"] for n in nodes}
+    ids = {n["name"]: f"n{i}" for i, n in enumerate(nodes)}
     lines = ['digraph g { rankdir=TB; node [shape=box, style="rounded,filled", fontname="monospace", fontsize=10];']
     for n in nodes:
         first, second = _label(n)
-        label = f"{first}\\n{second}".replace('"', '\\"')
-        lines.append(f'"{n["name"]}" [label="{label}", fillcolor="{_color(n)}"];')
-        lines += [f'"{i}" -> "{n["name"]}";' for i in n["inputs"] if i in names]
+        lines.append(f'{ids[n["name"]]} [label="{_dot_text(first)}\\n{_dot_text(second)}", fillcolor="{_color(n)}"];')
+        lines += [f"{ids[i]} -> {ids[n['name']]};" for i in n["inputs"] if i in ids]
     lines.append("}")
+    return "\n".join(lines), [n["name"] for n in nodes]
+
+
+def graphviz_svgs(graphs: list[list[dict]]) -> list[str] | None:
+    """Each graph drawn by Graphviz, all of them in one run of ``dot``; None where it is not installed
+    or fails (the caller falls back to ``layered_svg``)."""
+    if not shutil.which("dot"):
+        return None
+    sources = [dot_source(nodes) for nodes in graphs]
     try:
-        done = subprocess.run(["dot", "-Tsvg"], input="\n".join(lines), capture_output=True, text=True, timeout=120)
+        done = subprocess.run(["dot", "-Tsvg"], input="\n".join(source for source, _ in sources), capture_output=True,
+                              encoding="utf-8", errors="replace", timeout=120)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if done.returncode != 0:
+    svgs = re.findall(r"<svg\b.*?</svg>", done.stdout, re.S)  # dot writes one document per input graph, in order
+    if done.returncode != 0 or len(svgs) != len(graphs):
         return None
-    svg = done.stdout[done.stdout.find("<svg"):]
+    return [_with_names(svg, names) for svg, (_, names) in zip(svgs, sources)]
+
+
+def _with_names(svg: str, names: list[str]) -> str:
+    # the titles name the node ids; give them back their (escaped) names, which the page searches by
+    svg = re.sub(r"<title>n(\d+)&#45;&gt;n(\d+)</title>",
+                 lambda m: f"<title>{escape(names[int(m[1])])}&#45;&gt;{escape(names[int(m[2])])}</title>", svg)
+    svg = re.sub(r"<title>n(\d+)</title>", lambda m: f"<title>{escape(names[int(m[1])])}</title>", svg)
     return svg.replace("<svg", '<svg class="graph"', 1)
 
 
@@ -151,7 +193,19 @@ def collapse(nodes: list[dict]) -> list[dict]:
     return list(groups.values())
 
 
-def draw(nodes: list[dict]) -> tuple[str, str]:
-    """(svg, which layout drew it)."""
-    svg = graphviz_svg(nodes)
-    return (svg, "graphviz") if svg else (layered_svg(nodes), "layered")
+@dataclass(frozen=True)
+class Drawing:
+    """A graph as the explorer shows it."""
+
+    svg: str          # every node
+    blocks_svg: str   # one box per block (``collapse``)
+    layout: str       # "graphviz" or "layered"
+
+
+def draw(nodes: list[dict]) -> Drawing:
+    """Both views of a graph; where Graphviz is installed, one run of ``dot`` draws the two."""
+    views = [nodes, collapse(nodes)]
+    svgs = graphviz_svgs(views)
+    if svgs is not None:
+        return Drawing(svgs[0], svgs[1], "graphviz")
+    return Drawing(layered_svg(views[0]), layered_svg(views[1]), "layered")

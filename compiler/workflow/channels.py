@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphopt.passes.graph import tensor_meta
+from graphopt.passes.lib.query import tensor_meta
 
 ROUND_TO = 8
 CRITERIA = ("l1", "bn_scale")

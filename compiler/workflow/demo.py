@@ -8,7 +8,6 @@ and seeded, so every run sees the same data.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -72,22 +71,6 @@ def accuracy(model: Callable, x: torch.Tensor, y: torch.Tensor, batch: int = 256
     return hits / len(x)
 
 
-@torch.no_grad()
-def median_latency_ms(engines: dict[str, Callable], x: torch.Tensor, rounds: int = 20, per_round: int = 10) -> dict:
-    """Median per-call latency of each engine, taking turns in interleaved rounds."""
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    for fn in engines.values():
-        for _ in range(3):
-            fn(x)
-    for _ in range(rounds):
-        for name, fn in engines.items():
-            for _ in range(per_round):
-                start = time.perf_counter()
-                fn(x)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
-
-
 def _plot(stages: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -120,6 +103,7 @@ def run_demo(out: str | Path, epochs: int = 8, quick: bool = False, seed: int = 
     from graphopt import load, optimize
     from graphopt.compiler.workflow.finetune import finetune
     from graphopt.compiler.workflow.prune import prune
+    from graphopt.compiler.workflow.timing import median_ms
     from graphopt.compiler.workflow.tune import tune
 
     console = Console()
@@ -178,7 +162,7 @@ def run_demo(out: str | Path, epochs: int = 8, quick: bool = False, seed: int = 
         tuned = int8
 
     engines = {"fp32": model, "optimized": optimized, "int8": int8, "pruned": pruned, "tuned": tuned}
-    latency = median_latency_ms(engines, example, rounds=5 if quick else 20)
+    latency = median_ms(engines, (example,), rounds=5 if quick else 20, per_round=10)
 
     def n_params(m: nn.Module) -> int:
         state = m.portable.state_dict() if hasattr(m, "portable") else m.state_dict()

@@ -13,15 +13,25 @@ accuracy on held-out data if given).
 Under torchrun (RANK / WORLD_SIZE / MASTER_ADDR in the environment) the calling process is one
 rank and joins the job as launched, across machines too; otherwise ``nproc`` local processes
 are started with torch.multiprocessing.
+
+When a local rank fails, its peers fail too, a moment later, inside a collective ("Connection
+reset by peer"), and torch.multiprocessing reports whichever process it saw exit first. So each
+rank writes its own error (time, type, message, traceback) to a file before it exits, and the
+parent raises the first real one: the earliest error that is not a peer's lost connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import re
+import shutil
 import socket
 import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -62,18 +72,71 @@ def load_state(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
-def _worker(rank: int, world: int, threads: int, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
-            lr: float, batch: int, seed: int, out: str, held_out: tuple | None, backend: str,
-            optimizer_name: str) -> None:
-    torch.set_num_threads(threads)
-    # torch.multiprocessing hands tensors over in shared memory: every rank must train its own copy
-    model = copy.deepcopy(model)
-    if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world)
+# how a rank fails when another one died: not the error to show
+_PEER_FAILURE = re.compile(r"Connection (reset|closed) by peer|Broken pipe|ECONNRESET|EPIPE|[Cc]onnection refused"
+                           r"|DistNetworkError|DistBackendError|connectFullMesh failed|NCCL communicator was aborted")
+
+
+def _worker(rank: int, world: int, threads: int, errors: str | None, model: nn.Module, x: torch.Tensor,
+            y: torch.Tensor, epochs: int, lr: float, batch: int, seed: int, out: str, held_out: tuple | None,
+            backend: str, optimizer_name: str) -> None:
     try:
-        _train(rank, world, model, x, y, epochs, lr, batch, seed, Path(out), held_out, optimizer_name)
+        torch.set_num_threads(threads)
+        # torch.multiprocessing hands tensors over in shared memory: every rank must train its own copy
+        model = copy.deepcopy(model)
+        if not dist.is_initialized():
+            dist.init_process_group(backend, rank=rank, world_size=world)
+        try:
+            _train(rank, world, model, x, y, epochs, lr, batch, seed, Path(out), held_out, optimizer_name)
+        finally:
+            dist.destroy_process_group()
+    except BaseException as e:
+        if errors is not None:
+            with contextlib.suppress(Exception):  # (failing to report must not hide the error itself)
+                _record_error(Path(errors), rank, e)
+        raise
+
+
+def _record_error(folder: Path, rank: int, e: BaseException) -> None:
+    """This rank's error, written whole (a temporary file renamed) before the process goes."""
+    text = json.dumps({"rank": rank, "time": time.time(), "type": type(e).__name__, "message": str(e),
+                       "traceback": "".join(traceback.format_exception(e))})
+    tmp = folder / f".rank{rank}.json"
+    tmp.write_text(text)
+    os.replace(tmp, folder / f"rank{rank}.json")
+
+
+def _first_real_error(folder: Path) -> dict | None:
+    """The error to show: the earliest that is not a peer's lost connection (else the earliest)."""
+    found = []
+    for path in folder.glob("rank*.json"):
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return min(found, key=lambda r: (bool(_PEER_FAILURE.search(f"{r['type']}: {r['message']}")), r["time"]),
+               default=None)
+
+
+def _spawn(nproc: int, threads: int, args: tuple) -> None:
+    """``nproc`` local ranks; a failure raises the failing rank's own error as a GraphoptError."""
+    errors = Path(tempfile.mkdtemp(prefix="graphopt-finetune-errors-"))
+    try:
+        mp.start_processes(_worker, args=(nproc, threads, str(errors), *args), nprocs=nproc, join=True,
+                           start_method="spawn")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        first = _first_real_error(errors)
+        if first is None:  # (no rank got as far as recording an error: torch.multiprocessing's word is all there is)
+            raise GraphoptError(f"fine-tuning failed: {str(e).strip().splitlines()[0]}",
+                                hint="a rank that exits without a Python error was killed (out of memory?)") from e
+        lost = _PEER_FAILURE.search(f"{first['type']}: {first['message']}")
+        hint = ("no rank recorded an error of its own: one may have been killed (out of memory?)" if lost
+                else "the other ranks stopped because this one did")
+        cause = RuntimeError(f"rank {first['rank']}'s traceback:\n{first['traceback']}")
+        raise GraphoptError(f"fine-tuning failed on rank {first['rank']} of {nproc}: {first['type']}: "
+                            f"{first['message']}", hint=hint) from cause
     finally:
-        dist.destroy_process_group()
+        shutil.rmtree(errors, ignore_errors=True)
 
 
 def _train(rank: int, world: int, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float,
@@ -140,12 +203,12 @@ def finetune(model: nn.Module, train_data: tuple[torch.Tensor, torch.Tensor], ep
         return work.eval()
     args = (work, x, y, epochs, lr, batch, seed, str(folder), held_out, _backend(), optimizer)
     if _under_torchrun():
-        _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), torch.get_num_threads(), *args)
+        _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), torch.get_num_threads(), None, *args)
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ["MASTER_PORT"] = str(_free_port())
         threads = max(1, torch.get_num_threads() // nproc)  # the machine's cores shared out: no oversubscription
-        mp.start_processes(_worker, args=(nproc, threads, *args), nprocs=nproc, join=True, start_method="spawn")
+        _spawn(nproc, threads, args)
     final = folder / f"epoch_{epochs:03d}.safetensors"
     load_state(work, final)
     work.history = json.loads((folder / "metrics.json").read_text())

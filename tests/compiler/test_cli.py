@@ -114,7 +114,66 @@ def test_optimize_command_int8_with_calibration_from_safetensors(tmp_path, capsy
     assert main(["optimize", f"{path}:Tiny", "--input-shape", "2,3,12,12", "--int8", "--calibration",
                  str(tmp_path / "cal.safetensors"), "--out", str(tmp_path / "q")]) == 0
     out = capsys.readouterr().out
-    assert "quantize_int8" in out and "int8: histogram calibration on 3 batches" in out
+    assert "quantize_int8" in out and "histogram calibration on 3 batches" in out
     assert (tmp_path / "q" / "manifest.json").exists()
-    with pytest.raises(SystemExit, match="needs --calibration"):
-        main(["optimize", f"{path}:Tiny", "--input-shape", "2,3,12,12", "--int8"])
+    assert main(["optimize", f"{path}:Tiny", "--input-shape", "2,3,12,12", "--int8"]) == 2
+    assert "needs --calibration" in capsys.readouterr().err
+
+
+# Every bad invocation: (argv with {model} / {tmp} placeholders, exit status, a phrase of the message)
+BAD = [
+    (["optimize", "{model}:Tiny", "--input-shape", "1,x,8"], 2, "bad input shape '1,x,8'"),
+    (["optimize", "{model}:Tiny", "--input-shape", "1,-3"], 2, "bad input shape"),
+    (["optimize", "{tmp}/missing.py:Tiny", "--input-shape", "1,3,8,8"], 2, "no such model file"),
+    (["optimize", "{model}:Nope", "--input-shape", "1,3,8,8"], 2, "defines no nn.Module class 'Nope'"),
+    (["optimize", "{model}", "--input-shape", "1,3,8,8"], 2, "expected path/to/file.py:ClassName"),
+    (["optimize", "{tmp}/broken.py:Net", "--input-shape", "1,3,8,8"], 1, "running"),
+    (["optimize", "{model}:Tiny", "--input-shape", "1,5,12,12"], 1, "fails on the example inputs"),
+    (["optimize", "{model}:Tiny", "--input-shape", "1,3,8,8", "--int8"], 2, "needs --calibration"),
+    (["optimize", "{model}:Tiny", "--input-shape", "1,3,8,8", "--int8", "--calibration", "{tmp}/none.safetensors"],
+     2, "no such calibration file"),
+    (["optimize", "{model}:Tiny", "--input-shape", "1,3,8,8", "--int8", "--calibration", "{model}"], 1,
+     "cannot read"),
+    (["run", "{tmp}"], 1, "manifest.json is missing"),
+    (["export", "{tmp}/gone", "--onnx", "{tmp}/m.onnx"], 2, "no such folder or model file"),
+    (["export", "{model}:Tiny", "--onnx", "{tmp}/m.onnx"], 2, "--input-shape is needed"),
+    (["report", "{tmp}"], 1, "no graphopt dumps"),
+    (["report", "{tmp}/gone"], 1, "is not a folder"),
+    (["finetune", "--init", "{tmp}/none.safetensors"], 2, "no such checkpoint"),
+    (["optimize"], 2, "the following arguments are required"),
+    (["frobnicate"], 2, "invalid choice"),
+    (["bench", "everything"], 2, "invalid choice"),
+    (["run", "{tmp}", "--repeat", "many"], 2, "invalid int value"),
+]
+
+
+@pytest.mark.parametrize("argv, status, phrase", BAD, ids=[" ".join(a[:2]) + f" [{i}]" for i, (a, _, _) in
+                                                         enumerate(BAD)])
+def test_every_error_is_one_line_and_a_nonzero_exit(tmp_path, capsys, argv, status, phrase):
+    (tmp_path / "tiny.py").write_text(MODEL)
+    (tmp_path / "broken.py").write_text("raise RuntimeError('not a model file')\n")
+    argv = [a.format(model=tmp_path / "tiny.py", tmp=tmp_path) for a in argv]
+    assert main(argv) == status
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("graphopt: error: ") and " hint: " in lines[0] and phrase in lines[0], lines[0]
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_debug_shows_the_traceback_and_the_console_command_exits_nonzero(tmp_path):
+    command = [sys.executable, "-m", "graphopt.compiler.ui.cli", "report", str(tmp_path / "gone")]
+    plain = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 1 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
+    debug = subprocess.run(command + ["--debug"], capture_output=True, text=True, timeout=300)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "GraphoptError" in debug.stderr
+
+
+@pytest.mark.parametrize("argv, needs", [(["bench", "models", "--quick"], "bench/models.py"),
+                                         (["fuzz", "--cases", "1"], "tests/fuzz/runner.py")])
+def test_bench_and_fuzz_outside_a_source_checkout_say_so(tmp_path, capsys, monkeypatch, argv, needs):
+    monkeypatch.setattr("graphopt.compiler.ui.cli_errors.SOURCE_ROOT", tmp_path)  # as from a wheel: no bench/, tests/
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("graphopt: error: ") and "needs a source checkout" in line and needs in line
+    assert "clone the graphopt repository" in line

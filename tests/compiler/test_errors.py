@@ -84,8 +84,8 @@ def test_trace_that_loses_aliasing_is_refused():
 
 @pytest.fixture
 def broken_pass():
-    @register("_test_break_relu", kind="fp32")
-    def break_relu(gm, ctx):
+    @register("fp32")
+    def _test_break_relu(gm, ctx):
         n = 0
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target is F.relu:
@@ -115,8 +115,8 @@ def test_pass_error_names_pass_history_and_first_wrong_node(broken_pass):
 
 
 def test_passes_that_raise_become_pass_errors():
-    @register("_test_raise", kind="exact")
-    def boom(gm, ctx):
+    @register("exact")
+    def _test_raise(gm, ctx):
         raise RuntimeError("boom")
 
     try:
@@ -196,8 +196,8 @@ def test_wrong_device_is_a_clear_error():
 
 
 def test_a_pass_that_leaves_dead_nodes_is_caught():
-    @register("_test_leave_dead", kind="exact")
-    def leave_dead(gm, ctx):
+    @register("exact")
+    def _test_leave_dead(gm, ctx):
         out = next(n for n in gm.graph.nodes if n.op == "output")
         with gm.graph.inserting_before(out):
             gm.graph.call_function(torch.sigmoid, (out.args[0],))
@@ -215,8 +215,8 @@ def test_a_nondeterministic_pass_is_caught():
 
     counter = itertools.count()
 
-    @register("_test_flaky", kind="exact")
-    def flaky(gm, ctx):  # names its new node differently on every run
+    @register("exact")
+    def _test_flaky(gm, ctx):  # names its new node differently on every run
         out = next(n for n in gm.graph.nodes if n.op == "output")
         with gm.graph.inserting_before(out):
             node = gm.graph.call_function(torch.mul, (out.args[0], 1.0))

@@ -2,6 +2,8 @@
 
 import json
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from graphopt import GraphoptError
 from graphopt.compiler.core.capture import capture
 from graphopt.compiler.int8.calibrate import collect, value_range
 from graphopt.compiler.workflow.finetune import _free_port, finetune
@@ -102,3 +105,23 @@ def test_observer_statistics_are_all_reduced_across_ranks(tmp_path, method):
     alone = collect(gm, batches, names, method)  # one process seeing everything
     expected = {n: list(value_range(alone, n, method)) for n in sorted(names)}
     assert rank0 == rank1 == expected
+
+
+class FailsOnRank1(Small):
+    """Rank 1 hits a real error and, as a real process may, takes a while to exit; rank 0 then fails the way a
+    peer of a dead rank does. The multiprocessing join sees rank 0 exit first."""
+
+    def forward(self, x):
+        if dist.get_rank() == 1:
+            threading.Thread(target=time.sleep, args=(3.0,)).start()  # (not a daemon: the exit waits for it)
+            raise ValueError("a bad batch that only rank 1 sees")
+        time.sleep(0.5)
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+
+def test_the_failing_ranks_own_error_is_raised_not_its_peers_connection_reset(tmp_path):
+    x, y = _data(16)
+    with pytest.raises(GraphoptError, match="rank 1 of 2.*ValueError: a bad batch that only rank 1 sees") as e:
+        finetune(FailsOnRank1(), (x, y), epochs=1, nproc=2, batch=8, out=tmp_path)
+    assert "Connection reset" not in str(e.value)
+    assert "only rank 1 sees" in str(e.value.__cause__)  # the rank's traceback, for --debug

@@ -91,3 +91,15 @@ def test_int8_exports_as_qdq_with_int8_weights(name, tmp_path, monkeypatch):
         with torch.no_grad():
             assert sqnr(opt(x), got) >= 35.0  # graphopt's int8 and ONNX Runtime's agree
             assert sqnr(model(x), got) >= 30.0
+
+
+def test_export_leaves_a_train_mode_model_as_it_was(tmp_path):
+    make, inputs = ZOO["seed_convnet"]
+    model = randomize_bn(make()).train()
+    model.bn2.eval()  # a mixed model: each module's mode must come back as it was
+    modes = {name: m.training for name, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, (inputs(2),), tmp_path / "train.onnx")
+    assert {name: m.training for name, m in model.named_modules()} == modes and model.training
+    for k, v in model.state_dict().items():  # weights and BN statistics alike
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from graphopt import load, optimize  # noqa: E402
 from graphopt.compiler.core.pipeline import PassManager  # noqa: E402
-from graphopt.passes import DEFAULT_PIPELINE, PassContext  # noqa: E402
+from graphopt.passes.pipeline import DEFAULT_PIPELINE, PassContext  # noqa: E402
 from tests.fuzz.generator import generate  # noqa: E402
 from tests.fuzz.spec_model import SpecModel  # noqa: E402
 
@@ -77,7 +77,7 @@ def check_case(spec: dict, seed: int, each_pass: bool = True) -> list[str]:
                                    torch.cat([t.flatten() for t in _flat(opt(x.clone()))])), "reload changed bits"
         except Exception as e:
             failures.append(f"pipeline: {type(e).__name__}: {e}")
-        for name in DEFAULT_PIPELINE if each_pass else []:
+        for name in [fn.__name__ for fn in DEFAULT_PIPELINE] if each_pass else []:
             try:
                 _compare(optimize(model, (x,), passes=[name])(x.clone()), want, f"pass {name} alone")
             except Exception as e:

@@ -1,4 +1,15 @@
-"""The int8 kernels against the scheme's reference (kernels/reference.py) and a fake-quant oracle."""
+"""The int8 kernels against the scheme's reference (kernels/reference.py) and a fake-quant oracle.
+
+The weights are quantized with the scheme this CPU's oneDNN computes exactly (s8 with VNNI / AMX,
+s7 without); ``test_the_kernels_pass_under_avx2`` runs this file again with oneDNN capped at AVX2,
+so both schemes' kernels are tested on any x86 machine, against the same floors.
+"""
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,7 +17,14 @@ import torch.nn.functional as F
 
 from graphopt.compiler.core.verify import sqnr
 from graphopt.kernels import cpu, reference
-from graphopt.kernels.reference import activation_qparams, weight_qparams
+from graphopt.kernels.reference import SCHEMES, activation_qparams, weight_qparams
+
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
+
+
+def _weights(weight):
+    """The weights as optimize() would quantize them for this CPU."""
+    return weight_qparams(weight, SCHEMES[cpu.int8_scheme()])
 
 # (N, C, H, W, K, R, stride, padding, dilation, groups): odd sizes, depthwise, dilated, 1x1
 CONVS = [
@@ -26,7 +44,7 @@ def _int8_conv_case(case, seed=0):
     weight = torch.randn(k, c // groups, r, r, generator=g) * 0.3
     bias = torch.randn(k, generator=g)
     x_scale, x_zp = activation_qparams(float(x.min()), float(x.max()))
-    wq, w_scale = weight_qparams(weight)
+    wq, w_scale = _weights(weight)
     xq = reference.quantize(x, x_scale, x_zp)
     geometry = ([stride] * 2, [padding] * 2, [dilation] * 2, groups)
     return xq, x_scale, x_zp, wq, w_scale, bias, geometry
@@ -90,7 +108,7 @@ def test_cpu_qlinear_matches_fake_quant(shape, act):
     g = torch.Generator().manual_seed(2)
     x, weight, bias = torch.randn(*shape, generator=g), torch.randn(13, shape[-1], generator=g), torch.randn(13)
     x_scale, x_zp = activation_qparams(float(x.min()), float(x.max()))
-    xq, (wq, w_scale) = reference.quantize(x, x_scale, x_zp), weight_qparams(weight)
+    xq, (wq, w_scale) = reference.quantize(x, x_scale, x_zp), _weights(weight)
     fake = reference.apply_act(F.linear((xq.double() - x_zp) * x_scale, wq.double() * w_scale.double()[:, None],
                                         bias.double()), act)
     got = cpu.qlinear_act(xq, x_scale, x_zp, wq, w_scale, bias, act, None, 0)
@@ -142,3 +160,65 @@ def test_max_pool_u8_matches_aten_in_any_layout():
         for args in [(3, 2, 1, 1), (2, None, 0, 1), (3, 1, 1, 2), ((2, 3), (1, 2), (1, 1), 1)]:
             got = cpu.max_pool2d_u8(x.contiguous(memory_format=layout), *args)
             assert torch.equal(got, F.max_pool2d(x.float(), *args).to(torch.uint8))
+
+
+def test_seven_bit_weights_stay_within_63_and_keep_their_scale():
+    weight = torch.randn(6, 5, 3, 3)
+    weight[4] = 0
+    q8, s8 = weight_qparams(weight, 8)
+    q7, s7 = weight_qparams(weight, 7)
+    assert int(q7.abs().max()) == 63 and torch.equal(q7[4], torch.zeros_like(q7[4]))
+    torch.testing.assert_close(s7[:4], s8[:4] * 127 / 63)
+    assert s7[4] == 1.0
+    torch.testing.assert_close(q7.float() * s7.view(-1, 1, 1, 1), weight, atol=float(s7.max()) / 2, rtol=0)
+    with pytest.raises(ValueError, match="bits"):
+        weight_qparams(weight, 4)
+
+
+def test_8_bit_weights_are_exact_on_any_cpu():
+    """The issue's case (5x256 @ 256x13, full-range activations): 27.8 dB on AVX2 with oneDNN's int8; a CPU
+    without VNNI runs 8-bit weights through the reference, one with VNNI through oneDNN."""
+    g = torch.Generator().manual_seed(2)
+    x, weight, bias = torch.randn(5, 256, generator=g), torch.randn(13, 256, generator=g), torch.randn(13)
+    x_scale, x_zp = activation_qparams(float(x.min()), float(x.max()))
+    xq, (wq, w_scale) = reference.quantize(x, x_scale, x_zp), weight_qparams(weight, 8)
+    fake = F.linear((xq.double() - x_zp) * x_scale, wq.double() * w_scale.double()[:, None], bias.double())
+    assert sqnr(fake, cpu.qlinear_act(xq, x_scale, x_zp, wq, w_scale, bias, "none", None, 0)) >= 60.0
+    conv = cpu.qconv2d_act(xq.view(5, 256, 1, 1), x_scale, x_zp, wq.view(13, 256, 1, 1), w_scale, bias, [1, 1], [0, 0],
+                           [1, 1], 1, "none", None, None, 0)
+    assert sqnr(fake, conv.view(5, 13)) >= 60.0
+
+
+def test_the_scheme_follows_onednn_isa_cap(monkeypatch):
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    for cap, vnni in [(None, True), ("avx2", False), ("AVX512_CORE", False), ("AVX2_VNNI", False),
+                      ("AVX512_CORE_VNNI", True), ("ALL", True)]:
+        if cap is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert cpu.has_vnni() is vnni, cap
+        if not vnni:
+            assert cpu.int8_scheme() == "s7"  # (whatever oneDNN itself does in this process)
+
+
+@pytest.mark.skipif(not X86 or cpu.onednn_isa_cap() is not None, reason="needs an x86 CPU and no ISA cap already")
+def test_the_scheme_is_s8_with_vnni_and_s7_under_avx2():
+    assert cpu.int8_scheme() == ("s8" if cpu.has_vnni() else "s7")
+    out = subprocess.run([sys.executable, "-c", "from graphopt.kernels import cpu; print(cpu.int8_scheme())"],
+                         env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "s7", out.stderr[-2000:]
+
+
+@pytest.mark.skipif(not X86 or cpu.onednn_isa_cap() is not None, reason="needs an x86 CPU and no ISA cap already")
+def test_the_kernels_pass_under_avx2():
+    """This file again in a fresh process with oneDNN capped at AVX2 (set before torch loads oneDNN): the
+    int8 kernels of a CPU without VNNI, against the same references and floors."""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "not under_avx2 and not s7_under_avx2"],
+                         cwd=root, env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout

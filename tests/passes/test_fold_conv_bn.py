@@ -3,6 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from graphopt.passes import PassContext
 from graphopt.passes.fold_conv_bn import fold_conv_bn
 from tests.helpers import apply, close, count, randomize_bn, traced
 
@@ -61,9 +62,10 @@ def test_conv_with_two_users_is_not_folded():
             return self.bn(y), y
 
     m, x = randomize_bn(M()).eval(), torch.randn(2, 4, 8, 8)
-    gm = traced(m, x)
-    assert apply(fold_conv_bn, gm, x) == 0
+    gm, ctx = traced(m, x), PassContext((x,))
+    assert apply(fold_conv_bn, gm, x, ctx=ctx) == 0
     assert count(gm, nn.BatchNorm2d) == 1
+    assert ctx.misses.nodes == {"conv output has another reader": ["bn"]}
 
 
 def test_shared_conv_module_is_not_folded():
@@ -75,9 +77,10 @@ def test_shared_conv_module_is_not_folded():
             return self.bn(self.conv(x)) + self.conv(x).relu()
 
     m, x = randomize_bn(M()).eval(), torch.randn(2, 8, 8, 8)
-    gm = traced(m, x)
-    assert apply(fold_conv_bn, gm, x) == 0
+    gm, ctx = traced(m, x), PassContext((x,))
+    assert apply(fold_conv_bn, gm, x, ctx=ctx) == 0
     close(gm(x), m(x))
+    assert ctx.misses.nodes == {"layer called more than once": ["bn"]}
 
 
 def test_tied_weight_is_not_folded():
@@ -91,15 +94,18 @@ def test_tied_weight_is_not_folded():
             return self.bn(self.a(x)) + self.b(x)
 
     m, x = randomize_bn(M()).eval(), torch.randn(2, 4, 8, 8)
-    gm = traced(m, x)
-    assert apply(fold_conv_bn, gm, x) == 0
+    gm, ctx = traced(m, x), PassContext((x,))
+    assert apply(fold_conv_bn, gm, x, ctx=ctx) == 0
+    assert ctx.misses.nodes == {"weight shared with another layer": ["bn"]}
 
 
 def test_bn_in_training_mode_is_not_folded():
     m, x = randomize_bn(ConvBN()).eval(), torch.randn(2, 4, 8, 8)
     gm = traced(m, x)
     gm.bn.train()
-    assert fold_conv_bn(gm, None) == 0
+    ctx = PassContext((x,))
+    assert fold_conv_bn(gm, ctx) == 0
+    assert ctx.misses.nodes == {"BatchNorm in training mode": ["bn"]}
 
 
 def test_bn_without_running_stats_is_not_folded():
@@ -109,9 +115,10 @@ def test_bn_without_running_stats_is_not_folded():
             self.bn = nn.BatchNorm2d(8, track_running_stats=False)
 
     m, x = M().eval(), torch.randn(2, 4, 8, 8)
-    gm = traced(m, x)
-    assert apply(fold_conv_bn, gm, x) == 0
+    gm, ctx = traced(m, x), PassContext((x,))
+    assert apply(fold_conv_bn, gm, x, ctx=ctx) == 0
     close(gm(x), m(x))
+    assert ctx.misses.nodes == {"BatchNorm without running statistics": ["bn"]}
 
 
 def test_the_users_module_is_untouched():

@@ -4,7 +4,8 @@ import torch.nn as nn
 
 from graphopt.passes.fuse_conv_act import fuse_conv_act
 from graphopt.passes.fuse_linear_act import fuse_linear_act
-from graphopt.passes.lower_to_onednn import CONV, CONV_ADD, LINEAR, lower_to_onednn
+from graphopt.passes.lib.onednn import CONV, CONV_ADD, LINEAR
+from graphopt.passes.lower_to_onednn import lower_to_onednn
 from tests.helpers import apply, close, graphopt_calls, traced
 
 ACTS = [nn.Identity(), nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-1.0, 0.5), nn.SiLU(), nn.Sigmoid(), nn.Tanh(),

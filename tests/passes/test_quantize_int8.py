@@ -10,7 +10,7 @@ from graphopt.compiler.core.pipeline import PassManager
 from graphopt.compiler.core.verify import sqnr
 from graphopt.compiler.int8.quantize import calibrate
 from graphopt.kernels.ops import OPS
-from graphopt.passes import DEFAULT_PIPELINE, PassContext
+from graphopt.passes.pipeline import DEFAULT_PIPELINE, PassContext
 from graphopt.passes.quantize_int8 import quantize_int8
 from tests.helpers import randomize_bn, traced
 from tests.zoo import ResNetish
@@ -23,8 +23,7 @@ def _fp32(model, x):
 
 
 def _quantize(gm, x, batches, skip=()):
-    ctx = PassContext((x,), options={"int8_ranges": calibrate(gm, batches, "minmax", progress=False),
-                                     "int8_skip": list(skip)})
+    ctx = PassContext((x,), int8_ranges=calibrate(gm, batches, "minmax", progress=False), int8_skip=frozenset(skip))
     n = quantize_int8(gm, ctx)
     gm.graph.lint()
     gm.recompile()
@@ -122,14 +121,14 @@ def test_leaves_convs_with_runtime_weights_alone():
     gm = traced(RuntimeWeight(), x, w)
     gm, _ = PassManager(DEFAULT_PIPELINE).run(gm, PassContext((x, w)))
     ranges = calibrate(gm, [(x, w)], "minmax", progress=False)
-    assert quantize_int8(gm, PassContext((x, w), options={"int8_ranges": ranges})) == 0
+    assert quantize_int8(gm, PassContext((x, w), int8_ranges=ranges)) == 0
 
 
 def test_leaves_non_float32_alone():
     model, x = nn.Sequential(nn.Conv2d(3, 4, 3)).double().eval(), torch.randn(1, 3, 6, 6, dtype=torch.float64)
     gm = _fp32(model, x)
     ranges = {n.name: (-1.0, 1.0) for n in gm.graph.nodes}
-    assert quantize_int8(gm, PassContext((x,), options={"int8_ranges": ranges})) == 0
+    assert quantize_int8(gm, PassContext((x,), int8_ranges=ranges)) == 0
 
 
 @pytest.mark.parametrize("ceil_mode", [True])
@@ -159,3 +158,20 @@ def test_an_op_read_by_int8_and_fp32_writes_fp32_and_is_quantized_once_for_the_i
     c1, c2 = _calls(gm, "qconv2d_act")
     assert n == 2 and c1.args[-2] is None
     assert c2.args[0].target is OPS["quantize"] and c2.args[0].args[0] is c1
+
+
+@pytest.mark.parametrize("scheme, widest", [("s8", 127), ("s7", 63)])
+def test_the_scheme_sets_the_weights_range(scheme, widest):
+    x = torch.randn(2, 3, 8, 8)
+    gm = _fp32(Chain().eval(), x)
+    with torch.no_grad():
+        expected = gm(x)
+    ranges = calibrate(gm, _data((2, 3, 8, 8)), "minmax", progress=False)
+    assert quantize_int8(gm, PassContext((x,), int8_ranges=ranges, int8_scheme=scheme)) == 3
+    gm.recompile()
+    weights = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.endswith("_int8")]
+    codes = [int(getattr(gm, n.target).abs().max()) for n in weights]
+    assert len(codes) == 3 and max(codes) == widest
+    with torch.no_grad():
+        got = gm(x)
+    assert sqnr(expected[0], got[0]) >= 30.0

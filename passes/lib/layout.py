@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from graphopt.passes.graph import alias_roots, is_inplace, tensor_meta
+from graphopt.passes.lib.query import alias_roots, is_inplace, tensor_meta
 
 # ops that copy or alias depending on the input's strides: a layout change can flip which
 _MAYBE_COPY = {"contiguous", "reshape", "flatten", "view", "view_as", "reshape_as", "to", "type_as", "float",

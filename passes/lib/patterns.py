@@ -4,6 +4,10 @@ symbolic_trace leaves ``call_module`` nodes (nn.Conv2d, nn.ReLU(inplace=True), .
 torch.compile's graphs and functional models give ``call_function`` / ``call_method``
 (torch.conv2d, F.relu, x.relu_(), operator.iadd, ...). Each recognizer returns a small record
 or None, and never touches the graph.
+
+None means "not this op". A record whose ``problem`` is set is this op in a form the rewrites cannot
+take (a BatchNorm in training mode, a conv with asymmetric padding): the pass reports the problem
+(``ctx.miss``) instead of skipping it in silence. The other fields of such a record may be None.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.kernels.reference import format_act
-from graphopt.passes.graph import arg, constant_value, get_attr, module_of, tensor_meta
+from graphopt.passes.lib.query import arg, attr_value, constant_value, module_of, tensor_meta
 
 # A "ref" below is a graph value (fx.Node) or, for a module's parameter, its attribute path (str).
 
@@ -32,12 +36,13 @@ class Conv:
     weight: Any  # ref
     bias: Any  # ref or None
     stride: list[int]
-    padding: list[int]
+    padding: list[int] | None
     dilation: list[int]
     groups: int
     owner: str | None  # the module's target for call_module, the weight's attribute for get_attr
     pad_mode: str = "zeros"  # reflect / replicate / circular: F.pad(input, pad, pad_mode) first, then padding 0
     pad: list[int] | None = None
+    problem: str | None = None
 
     def padded_input(self, gm: fx.GraphModule) -> fx.Node:
         """The conv's input, padded as its module pads it; call inside ``graph.inserting_before``."""
@@ -60,10 +65,10 @@ class Linear:
     bias: Any
     owner: str | None
 
-    def weight_tensor(self, gm):
+    def weight_tensor(self, gm: fx.GraphModule) -> torch.Tensor | None:
         return _tensor(gm, self.weight)
 
-    def bias_tensor(self, gm):
+    def bias_tensor(self, gm: fx.GraphModule) -> torch.Tensor | None:
         return _tensor(gm, self.bias)
 
 
@@ -71,11 +76,12 @@ class Linear:
 class BatchNorm:
     node: fx.Node
     input: fx.Node
-    mean: torch.Tensor
-    var: torch.Tensor
+    mean: torch.Tensor | None
+    var: torch.Tensor | None
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     eps: float
+    problem: str | None = None
 
     def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, t) in float64 with bn(y) = y * s + t per channel."""
@@ -89,13 +95,8 @@ def _tensor(gm: fx.GraphModule, ref: Any) -> torch.Tensor | None:
     if ref is None:
         return None
     if isinstance(ref, str):
-        return get_attr(gm, ref)
+        return attr_value(gm, ref)
     return constant_value(gm, ref)
-
-
-def as_node(gm: fx.GraphModule, ref: Any) -> Any:
-    """A graph value for a ref; call inside ``graph.inserting_before``."""
-    return gm.graph.get_attr(ref) if isinstance(ref, str) else ref
 
 
 def _tuple(v: Any, dim: int) -> list[int] | None:
@@ -145,12 +146,13 @@ def match_conv(gm: fx.GraphModule, node: fx.Node) -> Conv | None:
     if stride is None or dilation is None or not isinstance(groups, int):
         return None
     padding = _padding(raw[1], kernel, dilation, dim)
-    if padding is None:
+    if padding is None and raw[1] != "same":
         return None
+    problem = "asymmetric padding (padding='same' with an even kernel)" if padding is None else None
     if node.op == "call_module" and m.padding_mode != "zeros":
         return Conv(node, x, dim, weight, bias, stride, padding, dilation, groups, owner, m.padding_mode,
-                    list(m._reversed_padding_repeated_twice))
-    return Conv(node, x, dim, weight, bias, stride, padding, dilation, groups, owner)
+                    list(m._reversed_padding_repeated_twice), problem)
+    return Conv(node, x, dim, weight, bias, stride, padding, dilation, groups, owner, problem=problem)
 
 
 def match_linear(gm: fx.GraphModule, node: fx.Node) -> Linear | None:
@@ -171,25 +173,31 @@ def match_linear(gm: fx.GraphModule, node: fx.Node) -> Linear | None:
 
 
 def match_batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNorm | None:
-    """An inference-mode batch norm with running statistics; anything else is no match."""
+    """A batch norm; foldable (no ``problem``) in inference mode with constant statistics and affine parameters."""
     if node.op == "call_module":
         m = module_of(gm, node)
-        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.training or m.running_mean is None:
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or len(node.args) != 1 \
+                or not isinstance(node.args[0], fx.Node):
             return None
-        if len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
-            return None
-        return BatchNorm(node, node.args[0], m.running_mean, m.running_var, m.weight, m.bias, m.eps)
+        problem = "BatchNorm in training mode" if m.training else \
+            "BatchNorm without running statistics" if m.running_mean is None else None
+        return BatchNorm(node, node.args[0], m.running_mean, m.running_var, m.weight, m.bias, m.eps, problem)
     if node.op == "call_function" and node.target is F.batch_norm:
         x = arg(node, 0, "input")
+        if not isinstance(x, fx.Node):
+            return None
         mean, var = constant_value(gm, arg(node, 1, "running_mean")), constant_value(gm, arg(node, 2, "running_var"))
         w, b = arg(node, 3, "weight"), arg(node, 4, "bias")
         training, eps = arg(node, 5, "training", False), arg(node, 7, "eps", 1e-5)
         weight, bias = constant_value(gm, w), constant_value(gm, b)
-        if training is not False or mean is None or var is None or not isinstance(x, fx.Node):
-            return None
-        if (w is not None and weight is None) or (b is not None and bias is None):
-            return None  # affine parameters computed at run time
-        return BatchNorm(node, x, mean, var, weight, bias, float(eps))
+        problem = None
+        if training is not False:
+            problem = "BatchNorm in training mode"
+        elif mean is None or var is None:
+            problem = "BatchNorm statistics not constant"
+        elif (w is not None and weight is None) or (b is not None and bias is None) or _number(eps) is None:
+            problem = "BatchNorm parameters computed at run time"
+        return BatchNorm(node, x, mean, var, weight, bias, _number(eps) or 0.0, problem)
     return None
 
 
@@ -210,6 +218,10 @@ def _clamp(lo: Any, hi: Any) -> str | None:
 
 def _gelu(approximate: Any) -> str | None:
     return {"none": "gelu", "tanh": "gelu:tanh"}.get(approximate)
+
+
+def _leaky_relu(slope: Any) -> str | None:
+    return format_act("leaky_relu", slope) if _number(slope) is not None else None
 
 
 _ACT_MODULES: dict[type, Callable[[nn.Module], str | None]] = {
@@ -239,10 +251,8 @@ _ACT_CALLS: dict[str, Callable[[fx.Node], str | None]] = {
     "tanh_": lambda n: "tanh",
     "hardswish": lambda n: "hardswish",
     "gelu": lambda n: _gelu(arg(n, 1, "approximate", "none")),
-    "leaky_relu": lambda n: _number(arg(n, 1, "negative_slope", 0.01)) is not None
-    and format_act("leaky_relu", arg(n, 1, "negative_slope", 0.01)) or None,
-    "leaky_relu_": lambda n: _number(arg(n, 1, "negative_slope", 0.01)) is not None
-    and format_act("leaky_relu", arg(n, 1, "negative_slope", 0.01)) or None,
+    "leaky_relu": lambda n: _leaky_relu(arg(n, 1, "negative_slope", 0.01)),
+    "leaky_relu_": lambda n: _leaky_relu(arg(n, 1, "negative_slope", 0.01)),
 }
 _ACT_FUNCTIONS = {
     F.relu: "relu", torch.relu: "relu", torch.relu_: "relu_", F.relu_: "relu_", F.relu6: "relu6",

@@ -1,7 +1,7 @@
-"""Matching helpers shared by the passes, and the networkx view of an fx graph.
+"""Read-only questions about a graph: constants, shapes, purity, aliasing, readers.
 
-Every helper answers a question about the graph without changing it; passes check
-everything with these first and mutate only once a match is certain.
+Nothing here changes the graph: passes check everything with these first and mutate only once a
+match is certain (the helpers that mutate are in rewrite.py).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -17,31 +16,18 @@ import torch.nn as nn
 # ---------------------------------------------------------------- attributes
 
 
-def get_attr(gm: fx.GraphModule, target: str) -> Any:
+def attr_value(gm: fx.GraphModule, target: str) -> Any:
+    """The object behind a get_attr target (``gm.graph.get_attr`` is the other thing: it makes a node)."""
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
 
 
-def add_constant(gm: fx.GraphModule, hint: str, value: torch.Tensor, buffer: bool = True) -> str:
-    """Store ``value`` on ``gm`` under a fresh name and return that name.
-
-    A buffer (part of the state dict) by default; ``buffer=False`` for backend-specific tensors
-    (prepacked weights) that are rebuilt from the buffers, never saved."""
-    base = "_" + "".join(c if c.isalnum() else "_" for c in hint).strip("_")
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    gm.register_buffer(name, value.detach(), persistent=buffer)
-    return name
-
-
 def constant_value(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
     """The tensor behind a get_attr node, or None for anything computed at run time."""
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        value = get_attr(gm, arg.target)
+        value = attr_value(gm, arg.target)
         return value if isinstance(value, torch.Tensor) else None
     return None
 
@@ -182,10 +168,6 @@ def mutated_between(gm: fx.GraphModule, value: fx.Node, first: fx.Node, last: fx
 # ---------------------------------------------------------------- traversal
 
 
-def users_of(node: fx.Node) -> list[fx.Node]:
-    return list(node.users)
-
-
 def only_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
@@ -202,66 +184,9 @@ def shares_tensor(gm: fx.GraphModule, tensor: torch.Tensor, owner: str) -> bool:
             if any(p is tensor for p in gm.get_submodule(n.target).parameters()):
                 return True
         if n.op == "get_attr" and n.target != owner and not n.target.startswith(owner + "."):
-            if get_attr(gm, n.target) is tensor:
+            if attr_value(gm, n.target) is tensor:
                 return True
     return False
-
-
-def erase_chain(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
-    """Erase matched nodes last-first, once the match's output has been redirected, and the weight
-    reads (get_attr) that only they used."""
-    for node in reversed(nodes):
-        if not node.users:
-            inputs = node.all_input_nodes
-            gm.graph.erase_node(node)
-            for inp in inputs:
-                if inp.op == "get_attr" and not inp.users:
-                    gm.graph.erase_node(inp)
-
-
-def copy_meta(new: fx.Node, old: fx.Node, replaced: list[fx.Node]) -> None:
-    """Carry shape, source and provenance over so that later passes and errors still see them."""
-    for key in ("tensor_meta", "stack_trace", "module"):
-        if key in old.meta:
-            new.meta[key] = old.meta[key]
-    for key in ("stack_trace", "module"):
-        if key not in new.meta and key in replaced[0].meta:
-            new.meta[key] = replaced[0].meta[key]
-    new.meta["replaces"] = [r.name for r in replaced]
-    # the module the fused op is named after: the first op's (the conv of conv + bn + relu)
-    first = replaced[0]
-    layer = first.meta.get("layer") or first.meta.get("module") or old.meta.get("layer")
-    if layer:
-        new.meta["layer"] = layer
-
-
-def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
-    g = nx.DiGraph()
-    for node in gm.graph.nodes:
-        g.add_node(node.name, op=node.op, target=describe_target(node), shape=_shape(node))
-        for inp in node.all_input_nodes:
-            g.add_edge(inp.name, node.name)
-    return g
-
-
-def describe_target(node: fx.Node) -> str:
-    """A short readable name for what a node calls: torch.conv2d, F.relu, mkldnn._convolution_pointwise, ..."""
-    t = node.target
-    if isinstance(t, str):
-        if node.op == "call_module" and node.graph.owning_module is not None:
-            return type(node.graph.owning_module.get_submodule(t)).__name__
-        return t
-    if isinstance(t, torch._ops.OpOverload):
-        return f"{t.namespace}.{t._opname}" + ("" if t._overloadname == "default" else f".{t._overloadname}")
-    module = {"torch.nn.functional": "F", "_operator": "operator"}.get(getattr(t, "__module__", None) or "",
-                                                                    getattr(t, "__module__", None) or "")
-    name = getattr(t, "__name__", None) or str(t)
-    return f"{module}.{name}" if module else name
-
-
-def _shape(node: fx.Node) -> str:
-    meta = tensor_meta(node)
-    return "x".join(map(str, meta.shape)) if meta is not None and hasattr(meta, "shape") else ""
 
 
 def calls(gm: fx.GraphModule, *targets: Any) -> list[fx.Node]:

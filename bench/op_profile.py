@@ -1,7 +1,7 @@
 """Where the time goes, op by op: graphopt's optimized module (torch.profiler) next to ONNX Runtime's
 session (its own profiler), on the same bench model and input.
 
-    python bench/profile.py --model mobilenetv2_b1 [--calls 50]
+    python bench/op_profile.py --model mobilenetv2_b1 [--calls 50]
 
 Prints, per op kind, milliseconds per forward for each engine (graphopt's ops by aten / oneDNN name,
 ONNX Runtime's nodes by ONNX op type) and the end-to-end medians, and writes

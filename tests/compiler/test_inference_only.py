@@ -1,0 +1,57 @@
+"""An optimized module is for inference: its outputs never require grad, and an input that requires grad
+(with grad mode on) is refused with a clear error instead of gradients that would silently be None."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from graphopt import InputError, load, optimize
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 3, 6, 6)
+    opt = optimize(model, (x,))
+    folder = tmp_path_factory.mktemp("saved")
+    opt.save(folder / "m")
+    return model, opt, load(folder / "m"), x
+
+
+def test_outputs_do_not_require_grad_even_though_the_weights_do(pair):
+    model, opt, loaded, x = pair
+    assert any(p.requires_grad for p in opt.parameters())  # (what made outputs require grad before)
+    for module in (opt, loaded):
+        out = module(x)
+        assert not out.requires_grad and out.grad_fn is None
+        with torch.no_grad():
+            torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_an_input_that_requires_grad_is_refused_under_grad_mode(pair):
+    model, opt, loaded, x = pair
+    wants = x.clone().requires_grad_()
+    for module in (opt, loaded):
+        with pytest.raises(InputError, match="input 0 requires grad") as e:
+            module(wants)
+        assert "torch.no_grad()" in e.value.hint and "eager model" in e.value.hint
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_the_same_input_runs_without_grad_mode(pair, context):
+    model, opt, _, x = pair
+    wants = x.clone().requires_grad_()
+    with context():
+        out = opt(wants)
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+    assert not out.requires_grad
+    torch.testing.assert_close(opt(wants.detach()), out, rtol=0, atol=0)  # or detached
