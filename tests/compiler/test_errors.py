@@ -229,3 +229,11 @@ def test_a_nondeterministic_pass_is_caught():
             optimize(nn.Linear(2, 2).eval(), (torch.randn(1, 2),), passes=["_test_flaky"])
     finally:
         del REGISTRY["_test_flaky"]
+
+
+def test_a_submodule_left_in_training_mode_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    model[1].train()  # eval() on the model, then one layer back to training: batch statistics at inference
+    with pytest.raises(CaptureError, match="submodule 1 is in training mode"):
+        optimize(model, (torch.randn(2, 3, 8, 8),))
+    assert model[1].training and not model.training  # (the user's model untouched)
