@@ -100,7 +100,8 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     script = source_checkout_file("fuzz", "tests", "fuzz", "runner.py")
     import subprocess
 
-    return subprocess.run([sys.executable, str(script), "--cases", str(args.cases), "--seed", str(args.seed)]
+    extra = ["--artifacts", str(args.artifacts)] if args.artifacts else []
+    return subprocess.run([sys.executable, str(script), "--cases", str(args.cases), "--seed", str(args.seed), *extra]
                           ).returncode
 
 
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("fuzz", help="differential fuzzing: random programs against eager; failures saved as JSON")
     p.add_argument("--cases", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--artifacts", type=int, default=0, metavar="N",
+                   help="instead: load N randomly altered saved folders (the loader's fuzzer)")
     p.set_defaults(fn=cmd_fuzz)
 
     p = add("demo", help="train the seed ConvNet on digits, optimize it, compare")
