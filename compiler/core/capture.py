@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils._pytree import tree_flatten
 
 from graphopt.compiler.core.errors import CaptureError, is_internal, node_source, user_frame
@@ -235,15 +235,30 @@ def propagate(gm: fx.GraphModule, inputs: tuple) -> Any:
             hint="check the example inputs' shapes and dtypes against what the model expects") from e
 
 
-class _Recorder(ShapeProp):
-    """ShapeProp on real tensors (also inside torch.compile's fake mode), remembering the current node."""
+class _Recorder(fx.Interpreter):
+    """Shape propagation on real tensors (also inside torch.compile's fake mode), remembering the current node:
+    each node gets ``meta['tensor_meta']`` as torch.fx's ShapeProp writes it. (ShapeProp itself prints a
+    traceback to stderr for every failing node, which a refused graph must not do.)"""
 
     current: fx.Node | None = None
 
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.fake_module = self.fake_mode = None
+    def propagate(self, *args: Any) -> Any:
+        return self.run(*args)
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
-        return super().run_node(n)
+        result = super().run_node(n)
+        found = False
+
+        def meta(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        value = fx.node.map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = value
+        n.meta["type"] = type(result)
+        return result
