@@ -109,6 +109,9 @@ def linear_act(x, weight, bias, act):
 # oneDNN's int8 primitives read activations as uint8: the lowering runs every int8 tensor of the
 # scheme (kernels/reference.py) shifted by 128, q_u8 = q_i8 + 128 with zero point zp + 128, which
 # is the same number on the same grid. Weights stay int8, symmetric, per output channel.
+# Without VNNI / AMX, oneDNN adds uint8 x int8 products in pairs into a saturating int16, exact
+# for 7-bit weights only: int8_scheme() names the weights exact here, and the kernels below run
+# any others on the reference (the lowering, on fp32 oneDNN).
 
 U8_SHIFT = 128
 
@@ -170,12 +173,12 @@ def int8_scheme() -> str:
     return "s8" if has_vnni() and _full_range_is_exact() else "s7"
 
 
+S7_EXACT_CODE = 64  # 2 * 255 * 64 = 32640 fits vpmaddubsw's int16 pair sum; 2 * 255 * 65 does not
+
+
 def exact_here(weight: torch.Tensor) -> bool:
     """Does oneDNN multiply these int8 weight codes exactly on this CPU (any code, or |code| <= 64)?"""
-    return int8_scheme() == "s8" or int(weight.abs().max()) <= S7_EXACT_CODE
-
-
-S7_EXACT_CODE = 64  # 2 * 255 * 64 = 32640 fits vpmaddubsw's int16 pair sum; 2 * 255 * 65 does not
+    return weight.numel() == 0 or int8_scheme() == "s8" or int(weight.abs().max()) <= S7_EXACT_CODE
 
 
 @functools.lru_cache(maxsize=1)

@@ -214,10 +214,18 @@ def sqnr(reference: torch.Tensor, value: torch.Tensor) -> float:
     finite = ref.isfinite() & val.isfinite()
     if not bool(torch.equal(finite, ref.isfinite())):
         return float("-inf")  # a value went non-finite where the reference is finite
-    signal, noise = float((ref[finite] ** 2).sum()), float(((ref[finite] - val[finite]) ** 2).sum())
-    if noise == 0.0:
-        return float("inf")
-    return 10.0 * math.log10(max(signal, 1e-30) / noise)
+    return sqnr_db(*sqnr_terms(ref[finite], val[finite]))
+
+
+def sqnr_terms(reference: torch.Tensor, value: torch.Tensor) -> tuple[float, float]:
+    """(sum ref^2, sum (ref - value)^2) in float64: add them up over batches, then ``sqnr_db``."""
+    ref, val = reference.detach().double(), value.detach().double()
+    return float((ref ** 2).sum()), float(((ref - val) ** 2).sum())
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """The one SQNR formula: 10 log10(signal / noise) in dB, inf when the noise is 0."""
+    return float("inf") if noise == 0.0 else 10.0 * math.log10(max(signal, 1e-30) / noise)
 
 
 class _Recording(fx.Interpreter):

@@ -32,10 +32,12 @@ import torch.nn as nn
 from graphopt.compiler.core.backend import has_triton
 from graphopt.compiler.core.capture import propagate
 from graphopt.compiler.core.errors import LoadError
+from graphopt.compiler.core.fast_path import fast_context, worth_it
 from graphopt.compiler.core.module import OptimizedModule, finalize
 from graphopt.compiler.deploy.graph_json import MAX_JSON_BYTES, graph_from_json
 from graphopt.compiler.deploy.save import FILES, MANIFEST_VERSION, sha256
 from graphopt.compiler.deploy.shape_check import MAX_ELEMENTS, check_shapes
+from graphopt.compiler.int8.scheme import warn_on_load
 
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 64 << 30
@@ -185,10 +187,18 @@ def load(path: str | os.PathLike) -> OptimizedModule:
                             hint="load it on a machine with a GPU, or save it from a CPU model")
         inputs = tuple(t.cuda() if t is not None else None for t in inputs)
     ctx = PassContext(inputs, backend=manifest["backend"])
+    warn_on_load(portable, manifest["backend"])  # (8-bit int8 weights on a CPU whose int8 would saturate on them)
     try:
         propagate(portable, inputs)  # (shapes on every node, for the lowering; bounded by the check above)
         lowered, report = PassManager(LOWERING[manifest["backend"]], check=False).run(clone(portable), ctx)
+        fast = fast_context(portable, ctx)  # the same plan optimize() made: compiler/core/fast_path.py
+        fast = fast if fast is not None and worth_it(portable, inputs) else None
+        if fast is not None:
+            fused, _ = PassManager(LOWERING[manifest["backend"]], check=False).run(clone(portable), fast[0])
     except Exception as e:
         raise LoadError(f"the saved graph could not be lowered for {manifest['backend']}: {str(e)[:300]}",
                         hint=_HINT) from e
-    return OptimizedModule(finalize(lowered), report, specs, manifest["backend"], portable=finalize(portable))
+    module = OptimizedModule(finalize(lowered), report, specs, manifest["backend"], portable=finalize(portable))
+    if fast is not None:
+        module.use_fast_path(finalize(fused), fast[1])
+    return module

@@ -3,7 +3,8 @@
     DIR/graph.json          the portable graph (graphopt ops, torch ops), compiler/deploy/graph_json.py
     DIR/weights.safetensors every tensor the graph reads
     DIR/code.py             the generated forward, for people to read (never run by load)
-    DIR/manifest.json       versions, backend, input specs, the op set, and a sha256 of every file above
+    DIR/manifest.json       versions, backend, input specs, the op set, the int8 scheme (compiler/int8/scheme.py),
+                            and a sha256 of every file above
 
 The files are written into a temporary sibling folder and flushed to disk; only then does the
 folder take its place, by one atomic exchange of the two names (Linux's renameat2 RENAME_EXCHANGE)
@@ -31,6 +32,7 @@ import torch.fx as fx
 from graphopt.compiler.core.errors import GraphoptError
 from graphopt.compiler.deploy.graph_json import FORMAT_VERSION, graph_to_json, plain_names
 from graphopt.compiler.deploy.inline import inline_modules
+from graphopt.compiler.int8.scheme import scheme_of
 
 FILES = ("graph.json", "weights.safetensors", "code.py")
 MANIFEST_VERSION = 1
@@ -93,7 +95,8 @@ def save(portable: fx.GraphModule, path: str | os.PathLike, *, backend: str, inp
         manifest = {
             "format": "graphopt-module", "version": MANIFEST_VERSION, "graph_version": FORMAT_VERSION,
             "graphopt": _version(), "torch": torch.__version__, "backend": backend, "inputs": input_specs,
-            "ops": ops, "passes": [{"name": r.name, "rewrites": r.rewrites} for r in report], **(extra or {}),
+            "ops": ops, "passes": [{"name": r.name, "rewrites": r.rewrites} for r in report],
+            "int8_scheme": scheme_of(portable), **(extra or {}),
             "sha256": {name: sha256(tmp / name) for name in FILES},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

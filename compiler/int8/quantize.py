@@ -27,7 +27,7 @@ import torch.fx as fx
 from graphopt.compiler.core.capture import fresh
 from graphopt.compiler.core.errors import GraphoptError, InputError
 from graphopt.compiler.core.pipeline import PassManager, clone, lower
-from graphopt.compiler.core.verify import record_values
+from graphopt.compiler.core.verify import record_values, sqnr_db, sqnr_terms
 from graphopt.compiler.int8.calibrate import METHODS, collect, value_range
 from graphopt.compiler.int8.scheme import choose
 from graphopt.kernels.ops import OPS
@@ -214,10 +214,9 @@ def _output_sqnr(reference: list[list], module: Callable, batches: list[tuple]) 
             out = out if isinstance(out, (tuple, list)) else (out,)
             for r, o in zip(ref, out):
                 if isinstance(r, torch.Tensor) and r.is_floating_point():
-                    r, o = r.double(), o.double()
-                    signal += float((r ** 2).sum())
-                    noise += float(((r - o) ** 2).sum())
-    return float("inf") if noise == 0 else 10 * torch.log10(torch.tensor(max(signal, 1e-30) / noise)).item()
+                    s, n = sqnr_terms(r, o)
+                    signal, noise = signal + s, noise + n
+    return sqnr_db(signal, noise)
 
 
 class Quantizer:
@@ -265,11 +264,9 @@ class Quantizer:
                     val = (val.float() - zp) * scale
                 if ref.shape != val.shape or not ref.is_floating_point():
                     continue
-                r, v = ref.double(), val.double()
-                signal[key] = signal.get(key, 0.0) + float((r ** 2).sum())
-                noise[key] = noise.get(key, 0.0) + float(((r - v) ** 2).sum())
-        return {k: (float("inf") if noise[k] == 0 else 10 * torch.log10(
-            torch.tensor(max(signal[k], 1e-30) / noise[k])).item()) for k in signal}
+                s, n = sqnr_terms(ref, val)
+                signal[key], noise[key] = signal.get(key, 0.0) + s, noise.get(key, 0.0) + n
+        return {k: sqnr_db(signal[k], noise[k]) for k in signal}
 
 
 def _as_list(out: Any) -> list:

@@ -81,3 +81,14 @@ def test_an_op_without_a_bound_keeps_the_graph_strict():
 def test_nan_checks_is_validated():
     with pytest.raises(GraphoptError, match="nan_checks"):
         optimize(nn.Linear(2, 2).eval(), (torch.randn(1, 2),), nan_checks="off")
+
+
+def test_a_reloaded_module_runs_the_same_plan(tmp_path, monkeypatch):
+    from graphopt import load
+
+    monkeypatch.setattr(fast_path, "MIN_CLAMPED_ELEMENTS", 0)
+    model, x, fast, _ = _pair("resnet_blocks")
+    loaded = load(fast.save(tmp_path / "saved"))
+    assert loaded.fast_graph_module is not None and loaded._fast_limit == fast._fast_limit
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fast(x))
