@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from graphopt.compiler.core.capture import fresh
 from graphopt.compiler.core.errors import GraphoptError, InputError
-from graphopt.compiler.core.pipeline import PassManager, clone, lower
+from graphopt.compiler.core.pipeline import INT8_PASS_FLOOR_DB, PassManager, clone, lower
 from graphopt.compiler.core.verify import record_values, sqnr_db, sqnr_terms
 from graphopt.compiler.int8.calibrate import METHODS, collect, value_range
 from graphopt.compiler.int8.scheme import choose
@@ -198,9 +198,14 @@ class _progress:
             self.bar.stop()
 
 
+# Without an accuracy budget, int8 still never fails a model it can run: layers return to fp32, most
+# sensitive first, until the output SQNR is this far above the int8 check's floor (core/pipeline.py)
+AUTO_FLOOR_DB = INT8_PASS_FLOOR_DB + 5.0
+
+
 def _budget_text(budget: Any) -> str | None:
     if budget is None:
-        return None
+        return f"none given: layers return to fp32 only below {AUTO_FLOOR_DB:.0f} dB output SQNR"
     if isinstance(budget, (int, float)):
         return f"output SQNR >= {float(budget):.1f} dB"
     return f"metric within {budget[1]} of fp32"
@@ -317,10 +322,9 @@ def quantize(fp32: fx.GraphModule, ctx: PassContext, manager: PassManager, calib
                 reasons[node.name] = (f"small: {macs(node):,} multiply-adds per call; int8 runs slower than fp32 "
                                       f"below {least:,}{where}")
     skip = set(reasons)
-    if budget is not None:
-        budget_skip, budget_reasons = _hold_budget(q, budget, report, skip)
-        skip |= budget_skip
-        reasons.update(budget_reasons)
+    budget_skip, budget_reasons = _hold_budget(q, AUTO_FLOOR_DB if budget is None else budget, report, skip)
+    skip |= budget_skip
+    reasons.update(budget_reasons)
     final = PassManager(["quantize_int8"], check=manager.check, dumper=manager.dumper)
     gm = q.build(skip, manager=final)
     layer_db = q.layer_sqnr(gm)

@@ -335,3 +335,38 @@ def test_a_conv_summing_into_its_own_input_gets_a_copy():
     x = torch.randn(3, 3, 12, 12)
     with torch.no_grad():
         assert sqnr(opt.portable(x), opt(x)) >= 40.0 and sqnr(model(x), opt(x)) >= 30.0
+
+
+class _Outlier(torch.nn.Module):
+    """One input channel of the second conv is 10^4 times larger than the rest and has zero weights: with
+    per-tensor int8 activations it sets the scale, and every channel that matters rounds to 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.register_buffer("gain", torch.ones(1, 16, 1, 1))
+        self.gain[0, 0] = 1e4
+        with torch.no_grad():
+            self.conv2.weight[:, 0] = 0.0
+        self.head = torch.nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv2(torch.relu(self.conv1(x)) * self.gain)))
+
+
+def test_int8_without_a_budget_returns_sensitive_layers_to_fp32_instead_of_failing(monkeypatch):
+    from graphopt.compiler.core.verify import sqnr
+    from graphopt.compiler.int8.quantize import AUTO_FLOOR_DB
+
+    monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 0)
+    torch.manual_seed(0)
+    model = _Outlier().eval()
+    x = torch.randn(2, 3, 16, 16)
+    q = optimize(model, (x,), quantize="int8", calibration=[(torch.randn(2, 3, 16, 16),) for _ in range(6)],
+                 calibration_method="minmax", progress=False)
+    assert q.int8_report.fallback, "a layer should have gone back to fp32"
+    assert all(layer["reason"].startswith("budget") for layer in q.int8_report.layers
+               if layer["name"] in q.int8_report.fallback)
+    assert q.int8_report.output_sqnr_db >= AUTO_FLOOR_DB
+    with torch.no_grad():
+        assert sqnr(model(x), q(x)) >= AUTO_FLOOR_DB
