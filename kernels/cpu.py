@@ -23,60 +23,30 @@ import torch
 import torch.nn.functional as F
 
 from graphopt.kernels import reference
+from graphopt.kernels.activations import ACTS
 from graphopt.kernels.reference import parse_act
-
-# act name -> (function, its parameters as (args, kwargs)): fn(y, *args, **kwargs) applies the act,
-# in place where torch has an in-place form
-_INPLACE: dict[str, tuple[Callable, Callable[[tuple], tuple[tuple, dict]]]] = {
-    "relu": (torch.relu_, lambda p: ((), {})),
-    "relu6": (torch.clamp_, lambda p: ((0.0, 6.0), {})),
-    "hardtanh": (torch.clamp_, lambda p: ((float(p[0]), float(p[1])), {})),
-    "silu": (F.silu, lambda p: ((), {"inplace": True})),
-    "sigmoid": (torch.sigmoid_, lambda p: ((), {})),
-    "tanh": (torch.tanh_, lambda p: ((), {})),
-    "hardswish": (F.hardswish, lambda p: ((), {"inplace": True})),
-    "leaky_relu": (F.leaky_relu_, lambda p: ((float(p[0]),), {})),
-    "gelu": (F.gelu, lambda p: ((), {"approximate": p[0] if p else "none"})),  # gelu has no in-place form
-}
-
-# act name -> oneDNN post-op (attr, scalars, algorithm); only those that keep eager's NaN / inf
-_POSTOPS: dict[str, Callable[[tuple], tuple[str, list, str]]] = {
-    "silu": lambda p: ("swish", [], ""),
-    "sigmoid": lambda p: ("sigmoid", [], ""),
-    "tanh": lambda p: ("tanh", [], ""),
-    "hardswish": lambda p: ("hardswish", [], ""),
-    "leaky_relu": lambda p: ("leaky_relu", [float(p[0])], ""),
-    "gelu": lambda p: ("gelu", [], p[0] if p else "none"),
-}
 
 
 def inplace_act(act: str) -> tuple[Callable, tuple, dict] | None:
-    """(fn, args, kwargs) with fn(y, *args, **kwargs) applying ``act`` to y; None for 'none'."""
+    """(fn, args, kwargs) with fn(y, *args, **kwargs) applying ``act`` to y, in place where torch has an
+    in-place form (kernels/activations.py); None for 'none'."""
     name, params = parse_act(act)
-    if name == "none":
-        return None
-    fn, extra = _INPLACE[name]
-    return (fn, *extra(params))
+    rule = ACTS[name].inplace
+    return rule(*params) if rule is not None else None
 
 
 def onednn_postop(act: str) -> tuple[str, list, str] | None:
     """The oneDNN post-op for ``act`` when its results equal eager's, NaN and inf included; else None."""
     name, params = parse_act(act)
-    if name == "none":
-        return ("none", [], "")
-    rule = _POSTOPS.get(name)
-    return rule(params) if rule else None
+    record = ACTS[name]
+    return record.postop(*params) if record.postop is not None and record.nan_exact else None
 
 
 def clamp_postop(act: str) -> tuple[str, list, str] | None:
     """oneDNN's post-op for relu / relu6 / hardtanh, which maps NaN to 0: exact only on NaN-free values."""
     name, params = parse_act(act)
-    if name == "relu":
-        return ("relu", [], "")
-    if name in ("relu6", "hardtanh"):
-        lo, hi = (0.0, 6.0) if name == "relu6" else (float(params[0]), float(params[1]))
-        return ("hardtanh", [lo, hi], "")
-    return None
+    record = ACTS[name]
+    return record.postop(*params) if record.postop is not None and not record.nan_exact else None
 
 
 def pack_conv_weight(weight: torch.Tensor, padding: list[int], stride: list[int], dilation: list[int],
@@ -115,22 +85,15 @@ def linear_act(x, weight, bias, act):
 
 U8_SHIFT = 128
 
-# act name -> oneDNN int8 post-op (attr, scalars, algorithm), per primitive; int8 inputs carry no
-# NaN, so relu and clip are exact here
-_QCONV_POSTOPS = {"none": lambda p: ("none", [], ""), "relu": lambda p: ("relu", [], ""),
-                  "relu6": lambda p: ("hardtanh", [0.0, 6.0], ""),
-                  "hardtanh": lambda p: ("hardtanh", [float(p[0]), float(p[1])], ""),
-                  "hardswish": lambda p: ("hardswish", [], ""), "silu": lambda p: ("swish", [], "")}
-_QLINEAR_POSTOPS = {**_QCONV_POSTOPS, "tanh": lambda p: ("tanh", [], ""),
-                    "gelu": lambda p: ("gelu", [], p[0] if p else "none"),
-                    "leaky_relu": lambda p: ("leaky_relu", [float(p[0])], "")}
-
-
 def int8_postop(act: str, linear: bool) -> tuple[str, list, str] | None:
-    """oneDNN's int8 post-op for ``act`` (conv or linear primitive); None where it has none."""
+    """oneDNN's int8 post-op for ``act`` (conv or linear primitive); None where it has none. int8 inputs
+    carry no NaN, so relu and clip are exact here (kernels/activations.py)."""
     name, params = parse_act(act)
-    rule = (_QLINEAR_POSTOPS if linear else _QCONV_POSTOPS).get(name)
-    return rule(params) if rule else None
+    record = ACTS[name]
+    rule = record.qlinear if linear else record.qconv
+    if rule is True:
+        rule = record.postop
+    return rule(*params) if rule else None
 
 
 # oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA, or DNNL_MAX_CPU_ISA; any case) under which it has no int8

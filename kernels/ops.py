@@ -1,16 +1,29 @@
 """The fused ops as torch.library custom ops in the ``graphopt`` namespace.
 
 Each op has a fake (meta) impl for shape propagation, a CPU kernel (kernels/cpu.py), a CUDA
-kernel (kernels/triton/) and the reference (kernels/reference.py) for every other device. Graphs hold these
+kernel (kernels/triton/) and the reference (kernels/reference.py) for every other device. The
+arguments, by name, are the records of kernels/signatures.py. Graphs hold these
 ops, so an optimized graph prints, saves and reloads like any fx graph.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
 from graphopt.kernels import cpu, reference
+
+
+def _triton(name: str) -> Callable[..., Tensor]:
+    """The Triton launcher ``name``, imported on first CUDA use: triton is optional."""
+    def launch(*args):
+        from graphopt.kernels import triton as triton_kernels
+
+        return getattr(triton_kernels, name)(*args)
+
+    return launch
 
 
 @torch.library.custom_op("graphopt::conv2d_act", mutates_args=())
@@ -28,16 +41,8 @@ def conv2d_act(
     return reference.conv2d_act(x, weight, bias, stride, padding, dilation, groups, act, residual)
 
 
-@conv2d_act.register_kernel("cpu")
-def _(x, weight, bias, stride, padding, dilation, groups, act, residual):
-    return cpu.conv2d_act(x, weight, bias, stride, padding, dilation, groups, act, residual)
-
-
-@conv2d_act.register_kernel("cuda")
-def _(x, weight, bias, stride, padding, dilation, groups, act, residual):
-    from graphopt.kernels import triton as triton_kernels  # imported on first CUDA use: triton is optional
-
-    return triton_kernels.conv2d_act(x, weight, bias, stride, padding, dilation, groups, act, residual)
+conv2d_act.register_kernel("cpu", cpu.conv2d_act)
+conv2d_act.register_kernel("cuda", _triton("conv2d_act"))
 
 
 @conv2d_act.register_fake
@@ -54,16 +59,8 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None, act: str) -> Tens
     return reference.linear_act(x, weight, bias, act)
 
 
-@linear_act.register_kernel("cpu")
-def _(x, weight, bias, act):
-    return cpu.linear_act(x, weight, bias, act)
-
-
-@linear_act.register_kernel("cuda")
-def _(x, weight, bias, act):
-    from graphopt.kernels import triton as triton_kernels
-
-    return triton_kernels.linear_act(x, weight, bias, act)
+linear_act.register_kernel("cpu", cpu.linear_act)
+linear_act.register_kernel("cuda", _triton("linear_act"))
 
 
 @linear_act.register_fake
@@ -102,18 +99,8 @@ def qconv2d_act(x: Tensor, x_scale: float, x_zp: int, weight: Tensor, w_scale: T
                                  residual, out_scale, out_zp)
 
 
-@qconv2d_act.register_kernel("cpu")
-def _(x, x_scale, x_zp, weight, w_scale, bias, stride, padding, dilation, groups, act, residual, out_scale, out_zp):
-    return cpu.qconv2d_act(x, x_scale, x_zp, weight, w_scale, bias, stride, padding, dilation, groups, act, residual,
-                           out_scale, out_zp)
-
-
-@qconv2d_act.register_kernel("cuda")
-def _(x, x_scale, x_zp, weight, w_scale, bias, stride, padding, dilation, groups, act, residual, out_scale, out_zp):
-    from graphopt.kernels import triton as triton_kernels
-
-    return triton_kernels.qconv2d_act(x, x_scale, x_zp, weight, w_scale, bias, stride, padding, dilation, groups,
-                                      act, residual, out_scale, out_zp)
+qconv2d_act.register_kernel("cpu", cpu.qconv2d_act)
+qconv2d_act.register_kernel("cuda", _triton("qconv2d_act"))
 
 
 @qconv2d_act.register_fake
@@ -131,16 +118,8 @@ def qlinear_act(x: Tensor, x_scale: float, x_zp: int, weight: Tensor, w_scale: T
     return reference.qlinear_act(x, x_scale, x_zp, weight, w_scale, bias, act, out_scale, out_zp)
 
 
-@qlinear_act.register_kernel("cpu")
-def _(x, x_scale, x_zp, weight, w_scale, bias, act, out_scale, out_zp):
-    return cpu.qlinear_act(x, x_scale, x_zp, weight, w_scale, bias, act, out_scale, out_zp)
-
-
-@qlinear_act.register_kernel("cuda")
-def _(x, x_scale, x_zp, weight, w_scale, bias, act, out_scale, out_zp):
-    from graphopt.kernels import triton as triton_kernels
-
-    return triton_kernels.qlinear_act(x, x_scale, x_zp, weight, w_scale, bias, act, out_scale, out_zp)
+qlinear_act.register_kernel("cpu", cpu.qlinear_act)
+qlinear_act.register_kernel("cuda", _triton("qlinear_act"))
 
 
 @qlinear_act.register_fake

@@ -6,6 +6,8 @@ artifact: ``name`` or ``name:p1[:p2]``.
     none, relu, relu6, silu, sigmoid, tanh, hardswish, gelu, gelu:tanh,
     hardtanh:LO:HI (also clamp, with inf for a missing bound), leaky_relu:SLOPE
 
+Each is one record of kernels/activations.py, which holds its formula.
+
 conv2d_act(x, w, b, ...) = act(conv2d(x, w, b) + residual)       # residual added before the act
 linear_act(x, w, b, act) = act(x @ w.T + b)
 """
@@ -17,49 +19,27 @@ import math
 import torch
 import torch.nn.functional as F
 
-_UNARY = {
-    "none": lambda y: y,
-    "relu": F.relu,
-    "relu6": F.relu6,
-    "silu": F.silu,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "hardswish": F.hardswish,
-    "gelu": F.gelu,
-}
-_WITH_PARAMS = {
-    "gelu": lambda y, approximate: F.gelu(y, approximate=approximate),
-    "hardtanh": lambda y, lo, hi: torch.clamp(y, float(lo), float(hi)),
-    "leaky_relu": lambda y, slope: F.leaky_relu(y, float(slope)),
-}
-ACTIVATIONS = tuple(sorted(set(_UNARY) | set(_WITH_PARAMS)))
+from graphopt.kernels.activations import ACTIVATIONS, ACTS
+from graphopt.kernels.activations import format_act as format_act  # (re-exported: its home is the table)
 
 
 def parse_act(act: str) -> tuple[str, tuple[str, ...]]:
     """'hardtanh:0.0:6.0' -> ('hardtanh', ('0.0', '6.0')); raises ValueError for an unknown name."""
     name, *params = act.split(":")
-    arity = {"hardtanh": 2, "leaky_relu": 1}.get(name, 0)
-    if name == "gelu" and params in ([], ["none"], ["tanh"]):
+    record = ACTS.get(name)
+    if record is not None and record.variants and len(params) <= 1 and all(
+            p in ("none", *record.variants) for p in params):
         return name, tuple(p for p in params if p != "none")
-    if name not in _UNARY and name not in _WITH_PARAMS or len(params) != arity:
+    if record is None or len(params) != len(record.params):
         raise ValueError(f"unknown activation {act!r}; expected one of {', '.join(ACTIVATIONS)}")
     for p in params:
         float(p)  # raises for a malformed number
     return name, tuple(params)
 
 
-def format_act(name: str, *params: float | str) -> str:
-    """The canonical string for an activation: format_act('hardtanh', 0, 6) -> 'hardtanh:0.0:6.0'."""
-    if not params:
-        return name
-    return ":".join([name, *(p if isinstance(p, str) else repr(float(p)) for p in params)])
-
-
 def apply_act(y: torch.Tensor, act: str) -> torch.Tensor:
     name, params = parse_act(act)
-    if params:
-        return _WITH_PARAMS[name](y, *params)
-    return _UNARY[name](y)
+    return ACTS[name].reference(y, *params)
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:

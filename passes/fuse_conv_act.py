@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from graphopt.kernels.ops import OPS
+from graphopt.kernels.signatures import ConvAct
 from graphopt.passes import PassContext, register
 from graphopt.passes.lib.epilogue import inputs_stable, match_epilogue
 from graphopt.passes.lib.patterns import Conv, match_conv
@@ -54,9 +55,9 @@ def fuse_conv_act(gm: fx.GraphModule, ctx: PassContext) -> int:
         if ep.missed is not None:
             ctx.miss(ep.missed, node)  # the conv fuses; what follows it stays apart
         with gm.graph.inserting_before(ep.last):
-            args = (conv.padded_input(gm), as_node(gm, conv.weight), as_node(gm, conv.bias), conv.stride, conv.padding,
-                    conv.dilation, conv.groups, ep.act, ep.residual)
-            fused = gm.graph.call_function(OPS["conv2d_act"], args)
+            sig = ConvAct(conv.padded_input(gm), as_node(gm, conv.weight), as_node(gm, conv.bias), conv.stride,
+                          conv.padding, conv.dilation, conv.groups, ep.act, ep.residual)
+            fused = gm.graph.call_function(OPS[sig.op], sig.as_args())
         replace_chain(gm, fused, ep.nodes)
         rewrites += 1
     return rewrites

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from graphopt.kernels.ops import OPS
+from graphopt.kernels.signatures import LinearAct
 from graphopt.passes import PassContext, register
 from graphopt.passes.lib.epilogue import inputs_stable, match_epilogue
 from graphopt.passes.lib.patterns import Linear, match_linear
@@ -50,8 +51,8 @@ def fuse_linear_act(gm: fx.GraphModule, ctx: PassContext) -> int:
         if ep.missed is not None:
             ctx.miss(ep.missed, node)  # the linear fuses; the activation after it stays apart
         with gm.graph.inserting_before(ep.last):
-            args = (linear.input, as_node(gm, linear.weight), as_node(gm, linear.bias), ep.act)
-            fused = gm.graph.call_function(OPS["linear_act"], args)
+            sig = LinearAct(linear.input, as_node(gm, linear.weight), as_node(gm, linear.bias), ep.act)
+            fused = gm.graph.call_function(OPS[sig.op], sig.as_args())
         replace_chain(gm, fused, ep.nodes)
         rewrites += 1
     return rewrites

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from graphopt.kernels import cpu
 from graphopt.kernels.ops import OPS
+from graphopt.kernels.signatures import ConvAct, LinearAct, QConvAct, QLinearAct, signature_of
 from graphopt.passes import PassContext, register
 from graphopt.passes.lib.layout import layout_changes_aliasing, restore_default_layout
 from graphopt.passes.lib.onednn import QCONV, QCONV_SUM, QLINEAR
@@ -56,7 +57,7 @@ def _accumulator(gm: fx.GraphModule, node: fx.Node, residual: fx.Node, out_int8:
     else:
         value, scale, zp = residual, 1.0, 0
     roots = alias_roots(gm.graph)
-    in_place = _last_reader(node, value) and roots[value] is not roots[node.args[0]]
+    in_place = _last_reader(node, value) and roots[value] is not roots[QConvAct.from_node(node).x]
     with gm.graph.inserting_before(node):
         value = gm.graph.call_method("contiguous" if in_place else "clone", (value,),
                                      {"memory_format": torch.channels_last})
@@ -64,36 +65,35 @@ def _accumulator(gm: fx.GraphModule, node: fx.Node, residual: fx.Node, out_int8:
 
 
 def _lower_qconv(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    (x, x_scale, x_zp, w, w_scale, b, stride, padding, dilation, groups, act, residual, out_scale,
-     out_zp) = node.args
-    weight, scales, meta = constant_value(gm, w), constant_value(gm, w_scale), tensor_meta(x)
+    q = QConvAct.from_node(node)
+    weight, scales, meta = constant_value(gm, q.weight), constant_value(gm, q.w_scale), tensor_meta(q.x)
     if weight is None or scales is None or meta is None:
         return None
-    out_int8 = out_scale is not None
-    packed = torch.ops.onednn.qconv_prepack(weight, scales, x_scale, x_zp + _SHIFT, stride, padding, dilation,
-                                            groups, list(meta.shape))
-    postop = cpu.int8_postop(act, linear=False)
-    acc = _accumulator(gm, node, residual, out_int8) if residual is not None and postop is not None \
+    out_int8 = q.out_scale is not None
+    packed = torch.ops.onednn.qconv_prepack(weight, scales, q.x_scale, q.x_zp + _SHIFT, q.stride, q.padding,
+                                            q.dilation, q.groups, list(meta.shape))
+    postop = cpu.int8_postop(q.act, linear=False)
+    acc = _accumulator(gm, node, q.residual, out_int8) if q.residual is not None and postop is not None \
         and postop[0] in ("none", "relu") else None
-    fused = postop is not None and (residual is None or acc is not None)
+    fused = postop is not None and (q.residual is None or acc is not None)
     # what the primitive writes: int8 when the act (and residual) fuse; else fp32, finished below
     prim_int8 = out_int8 and fused
-    o_scale, o_zp, o_dtype = (out_scale, out_zp + _SHIFT, None) if prim_int8 else (1.0, 0, torch.float32)
+    o_scale, o_zp, o_dtype = (q.out_scale, q.out_zp + _SHIFT, None) if prim_int8 else (1.0, 0, torch.float32)
     with gm.graph.inserting_before(node):
-        wp = gm.graph.get_attr(add_constant(gm, f"{w.target}_onednn", packed, buffer=False))
-        wz = gm.graph.get_attr(add_constant(gm, f"{w.target}_zp", torch.zeros(weight.shape[0], dtype=torch.int64),
-                                            buffer=False))
-        head = (x, x_scale, x_zp + _SHIFT, wp, w_scale, wz)
-        geometry = (stride, padding, dilation, groups, o_scale, o_zp, o_dtype)
+        wp = gm.graph.get_attr(add_constant(gm, f"{q.weight.target}_onednn", packed, buffer=False))
+        wz = gm.graph.get_attr(add_constant(gm, f"{q.weight.target}_zp",
+                                            torch.zeros(weight.shape[0], dtype=torch.int64), buffer=False))
+        head = (q.x, q.x_scale, q.x_zp + _SHIFT, wp, q.w_scale, wz)
+        geometry = (q.stride, q.padding, q.dilation, q.groups, o_scale, o_zp, o_dtype)
         if fused and acc is not None:
             value, a_scale, a_zp = acc
-            new = gm.graph.call_function(QCONV_SUM, (*head, value, b, *geometry, float(a_scale), int(a_zp), "sum",
-                                                     1.0, postop[0], [], ""))
+            new = gm.graph.call_function(QCONV_SUM, (*head, value, q.bias, *geometry, float(a_scale), int(a_zp),
+                                                     "sum", 1.0, postop[0], [], ""))
         elif fused:
-            new = gm.graph.call_function(QCONV, (*head, b, *geometry, *postop))
+            new = gm.graph.call_function(QCONV, (*head, q.bias, *geometry, *postop))
         else:
-            new = gm.graph.call_function(QCONV, (*head, b, *geometry, "none", [], ""))
-            new = _fp32_epilogue(gm, new, act, residual, out_scale, out_zp)
+            new = gm.graph.call_function(QCONV, (*head, q.bias, *geometry, "none", [], ""))
+            new = _fp32_epilogue(gm, new, q.act, q.residual, q.out_scale, q.out_zp)
     return new
 
 
@@ -112,45 +112,42 @@ def _fp32_epilogue(gm: fx.GraphModule, y: fx.Node, act: str, residual: fx.Node |
 
 
 def _lower_qlinear(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    x, x_scale, x_zp, w, w_scale, b, act, out_scale, out_zp = node.args
-    weight, meta = constant_value(gm, w), tensor_meta(x)
+    q = QLinearAct.from_node(node)
+    weight, meta = constant_value(gm, q.weight), tensor_meta(q.x)
     if weight is None or meta is None:
         return None
-    postop = cpu.int8_postop(act, linear=True)
-    prim_int8 = out_scale is not None and postop is not None
-    o_scale, o_zp, o_dtype = (out_scale, out_zp + _SHIFT, None) if prim_int8 else (1.0, 0, torch.float32)
+    postop = cpu.int8_postop(q.act, linear=True)
+    prim_int8 = q.out_scale is not None and postop is not None
+    o_scale, o_zp, o_dtype = (q.out_scale, q.out_zp + _SHIFT, None) if prim_int8 else (1.0, 0, torch.float32)
     packed = torch.ops.onednn.qlinear_prepack(weight, None)
     with gm.graph.inserting_before(node):
-        wp = gm.graph.get_attr(add_constant(gm, f"{w.target}_onednn", packed, buffer=False))
-        wz = gm.graph.get_attr(add_constant(gm, f"{w.target}_zp", torch.zeros(weight.shape[0], dtype=torch.int64),
-                                            buffer=False))
-        new = gm.graph.call_function(QLINEAR, (x, x_scale, x_zp + _SHIFT, wp, w_scale, wz, b, o_scale, o_zp, o_dtype,
-                                               *(postop or ("none", [], ""))))
+        wp = gm.graph.get_attr(add_constant(gm, f"{q.weight.target}_onednn", packed, buffer=False))
+        wz = gm.graph.get_attr(add_constant(gm, f"{q.weight.target}_zp",
+                                            torch.zeros(weight.shape[0], dtype=torch.int64), buffer=False))
+        new = gm.graph.call_function(QLINEAR, (q.x, q.x_scale, q.x_zp + _SHIFT, wp, q.w_scale, wz, q.bias, o_scale,
+                                               o_zp, o_dtype, *(postop or ("none", [], ""))))
         if postop is None:
-            new = _fp32_epilogue(gm, new, act, None, out_scale, out_zp)
+            new = _fp32_epilogue(gm, new, q.act, None, q.out_scale, q.out_zp)
     return new
 
 
 def _lower_fp32(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The int8 op as its fp32 op on the dequantized input and weights, for weights int8 is not exact for here."""
-    conv = node.target is OPS["qconv2d_act"]
-    x, x_scale, x_zp, w, w_scale = node.args[:5]
-    weight, scales = constant_value(gm, w), constant_value(gm, w_scale)
+    q = signature_of(node)
+    weight, scales = constant_value(gm, q.weight), constant_value(gm, q.w_scale)
     if weight is None or scales is None:
         return None
-    out_scale, out_zp = node.args[-2:]
     w32 = weight.float() * scales.float().view(-1, *[1] * (weight.dim() - 1))
     with gm.graph.inserting_before(node):
-        wf = gm.graph.get_attr(add_constant(gm, f"{w.target}_fp32", w32))
-        xf = gm.graph.call_function(cpu.dequantize_u8, (x, x_scale, x_zp + _SHIFT))
-        if conv:
-            b, stride, padding, dilation, groups, act, residual = node.args[5:12]
-            new = gm.graph.call_function(OPS["conv2d_act"], (xf, wf, b, stride, padding, dilation, groups, act,
-                                                             residual))
+        wf = gm.graph.get_attr(add_constant(gm, f"{q.weight.target}_fp32", w32))
+        xf = gm.graph.call_function(cpu.dequantize_u8, (q.x, q.x_scale, q.x_zp + _SHIFT))
+        if isinstance(q, QConvAct):
+            fp32 = ConvAct(xf, wf, q.bias, q.stride, q.padding, q.dilation, q.groups, q.act, q.residual)
         else:
-            new = gm.graph.call_function(OPS["linear_act"], (xf, wf, node.args[5], node.args[6]))
-        if out_scale is not None:
-            new = gm.graph.call_function(cpu.quantize_u8, (new, out_scale, out_zp + _SHIFT))
+            fp32 = LinearAct(xf, wf, q.bias, q.act)
+        new = gm.graph.call_function(OPS[fp32.op], fp32.as_args())
+        if q.out_scale is not None:
+            new = gm.graph.call_function(cpu.quantize_u8, (new, q.out_scale, q.out_zp + _SHIFT))
     return new
 
 
@@ -194,7 +191,8 @@ def lower_int8_onednn(gm: fx.GraphModule, ctx: PassContext) -> int:
             node.target, node.args = cpu.dequantize_u8, (q, scale, zp + _SHIFT)
         elif node.target in (OPS["qconv2d_act"], OPS["qlinear_act"]):
             lower = _lower_qconv if node.target is OPS["qconv2d_act"] else _lower_qlinear
-            w, w_scale = node.args[3:5]
+            q = signature_of(node)
+            w, w_scale = q.weight, q.w_scale
             weight = constant_value(gm, w)
             if weight is not None and not cpu.exact_here(weight):
                 ctx.miss("8-bit weights where this CPU's int8 saturates: runs fp32", node)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from graphopt.kernels import cpu
 from graphopt.kernels.ops import OPS
+from graphopt.kernels.signatures import ConvAct, LinearAct
 from graphopt.passes import PassContext, register
 from graphopt.passes.lib.layout import layout_changes_aliasing, restore_default_layout
 from graphopt.passes.lib.onednn import CONV, CONV_ADD, LINEAR
@@ -64,29 +65,29 @@ def lower_to_onednn(gm: fx.GraphModule, ctx: PassContext) -> int:
         return 0  # (oneDNN writes channels-last: see passes/lib/layout.py)
     rewrites = 0
     for node in calls(gm, OPS["conv2d_act"]):
-        x, w, b, stride, padding, dilation, groups, act, residual = node.args
-        weight = _lowerable(gm, x, w, b)
-        if weight is None or (residual is not None and tensor_meta(residual) is None):
+        c = ConvAct.from_node(node)
+        weight = _lowerable(gm, c.x, c.weight, c.bias)
+        if weight is None or (c.residual is not None and tensor_meta(c.residual) is None):
             continue
-        packed = cpu.pack_conv_weight(weight, padding, stride, dilation, groups, tensor_meta(x).shape)
+        packed = cpu.pack_conv_weight(weight, c.padding, c.stride, c.dilation, c.groups, tensor_meta(c.x).shape)
         # oneDNN's binary (residual) form takes no unary post-op but relu, which is NaN-safe only on NaN-free values
-        postop = (cpu.onednn_postop(act) or (cpu.clamp_postop(act) if ctx.nan_free else None)) \
-            if residual is None else (("relu", [], "") if ctx.nan_free and act == "relu" else None)
+        postop = (cpu.onednn_postop(c.act) or (cpu.clamp_postop(c.act) if ctx.nan_free else None)) \
+            if c.residual is None else (("relu", [], "") if ctx.nan_free and c.act == "relu" else None)
+        geometry = (c.padding, c.stride, c.dilation, c.groups)  # (oneDNN's order: padding first)
         with gm.graph.inserting_before(node):
-            wp = gm.graph.get_attr(add_constant(gm, f"{w.target}_onednn", packed, buffer=False))
-            if residual is None:
-                attr, scalars, algorithm = postop or ("none", [], "")
-                new = gm.graph.call_function(CONV, (x, wp, b, padding, stride, dilation, groups, attr, scalars,
-                                                    algorithm))
+            wp = gm.graph.get_attr(add_constant(gm, f"{c.weight.target}_onednn", packed, buffer=False))
+            if c.residual is None:
+                new = gm.graph.call_function(CONV, (c.x, wp, c.bias, *geometry, *(postop or ("none", [], ""))))
             else:
                 unary = postop[0] if postop else None
-                new = gm.graph.call_function(CONV_ADD, (x, residual, wp, b, padding, stride, dilation, groups, "add",
-                                                        None, unary, [], None))
-        _finish(gm, node, new, act, postop is not None)
-        _erase_unused(gm, w)
+                new = gm.graph.call_function(CONV_ADD, (c.x, c.residual, wp, c.bias, *geometry, "add", None, unary,
+                                                        [], None))
+        _finish(gm, node, new, c.act, postop is not None)
+        _erase_unused(gm, c.weight)
         rewrites += 1
     for node in calls(gm, OPS["linear_act"]):
-        x, w, b, act = node.args
+        lin = LinearAct.from_node(node)
+        x, w, b, act = lin.x, lin.weight, lin.bias, lin.act
         weight = _lowerable(gm, x, w, b)
         if weight is None:
             continue

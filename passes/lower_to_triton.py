@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from graphopt.kernels.ops import OPS
+from graphopt.kernels.signatures import ConvAct
 from graphopt.passes import PassContext, register
 from graphopt.passes.lib.query import calls, constant_value
 from graphopt.passes.lib.rewrite import add_constant
@@ -27,10 +28,11 @@ def lower_to_triton(gm: fx.GraphModule, ctx: PassContext) -> int:
         return 0
     rewrites = 0
     for node in calls(gm, OPS["conv2d_act"]):
-        weight = constant_value(gm, node.args[1])
+        c = ConvAct.from_node(node)
+        weight = constant_value(gm, c.weight)
         if weight is None:
             continue
-        name = add_constant(gm, f"{node.args[1].target}_gemm", prepare_weight(weight, node.args[6]), buffer=False)
+        name = add_constant(gm, f"{c.weight.target}_gemm", prepare_weight(weight, c.groups), buffer=False)
         with gm.graph.inserting_before(node):
             w_gemm = gm.graph.get_attr(name)
         node.target, node.kwargs = triton_kernels.conv2d_act, {"w_gemm": w_gemm}

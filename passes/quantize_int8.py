@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from graphopt.kernels.ops import OPS
 from graphopt.kernels.reference import SCHEMES, activation_qparams, weight_qparams
+from graphopt.kernels.signatures import ConvAct, QConvAct, QLinearAct, signature_of
 from graphopt.passes import PassContext, register
 from graphopt.passes.lib.query import constant_value, tensor_meta
 from graphopt.passes.lib.rewrite import add_constant, copy_meta
@@ -42,11 +43,11 @@ def candidates(gm: fx.GraphModule) -> list[fx.Node]:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in _FLOAT_OPS:
             continue
-        x, w, b = node.args[:3]
-        weight, meta = constant_value(gm, w), tensor_meta(x)
+        sig = signature_of(node)
+        weight, meta = constant_value(gm, sig.weight), tensor_meta(sig.x)
         if weight is None or weight.dtype != torch.float32 or meta is None or meta.dtype != torch.float32:
             continue
-        if b is not None and constant_value(gm, b) is None:
+        if sig.bias is not None and constant_value(gm, sig.bias) is None:
             continue
         found.append(node)
     return found
@@ -71,8 +72,8 @@ def _plan(gm: fx.GraphModule, targets: set[fx.Node]) -> set[fx.Node]:
 
     def reads_int8(user: fx.Node, value: fx.Node) -> bool:
         if user in targets:
-            residual = user.args[8] if user.target is OPS["conv2d_act"] else None
-            return user.args[0] is value or residual is value
+            sig = signature_of(user)
+            return sig.x is value or (isinstance(sig, ConvAct) and sig.residual is value)
         if passes_int8_through(gm, user) and user.args[0] is value and value not in user.args[1:]:
             return emits(user)
         return False
@@ -98,7 +99,8 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> int:
     ranges: dict[str, tuple[float, float]] = ctx.int8_ranges or {}
     skip = set(ctx.int8_skip)
     bits = SCHEMES[ctx.int8_scheme]
-    targets = {n for n in candidates(gm) if n.name not in skip and n.args[0].name in ranges and n.name in ranges}
+    targets = {n for n in candidates(gm)
+               if n.name not in skip and signature_of(n).x.name in ranges and n.name in ranges}
     if not targets:
         return 0
     plan = _plan(gm, targets)
@@ -127,21 +129,23 @@ def quantize_int8(gm: fx.GraphModule, ctx: PassContext) -> int:
 
     for node in list(gm.graph.nodes):
         if node in targets:
-            x, w, b = node.args[:3]
-            xq, x_scale, x_zp = as_int8(x, node)
+            sig = signature_of(node)
+            w = sig.weight
+            xq, x_scale, x_zp = as_int8(sig.x, node)
             wq, w_scale = weight_qparams(constant_value(gm, w), bits)
             out_scale, out_zp = activation_qparams(*ranges[node.name]) if node in plan else (None, 0)
             with gm.graph.inserting_before(node):
                 wq_node = gm.graph.get_attr(add_constant(gm, f"{w.target}_int8", wq))
                 ws_node = gm.graph.get_attr(add_constant(gm, f"{w.target}_scale", w_scale))
-            if node.target is OPS["conv2d_act"]:
-                stride, padding, dilation, groups, act, residual = node.args[3:9]
-                args = (xq, x_scale, x_zp, wq_node, ws_node, b, stride, padding, dilation, groups, act,
-                        as_fp32(residual, node), out_scale, out_zp)
+            common = dict(x=xq, x_scale=x_scale, x_zp=x_zp, weight=wq_node, w_scale=ws_node, bias=sig.bias,
+                          act=sig.act, out_scale=out_scale, out_zp=out_zp)
+            if isinstance(sig, ConvAct):
+                q = QConvAct(**common, stride=sig.stride, padding=sig.padding, dilation=sig.dilation,
+                             groups=sig.groups, residual=as_fp32(sig.residual, node))
             else:
-                args = (xq, x_scale, x_zp, wq_node, ws_node, b, node.args[3], out_scale, out_zp)
+                q = QLinearAct(**common)
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(_FLOAT_OPS[node.target], args)
+                new = gm.graph.call_function(_FLOAT_OPS[node.target], q.as_args())
             copy_meta(new, node, [node])
             new.meta.pop("tensor_meta", None)  # (its dtype may change: propagation sets it again)
             node.replace_all_uses_with(new)

@@ -7,8 +7,9 @@ can only come from a NaN or an inf in the input or from an overflow to inf. So:
 
     bound(v) >= max |v| for every value v, propagated from the input's bound B:
       conv / linear    max over output channels of sum |w| * bound(x) + |b|  (+ bound(residual))
-      activation       relu, leaky_relu, silu, gelu, hardswish: <= bound(x); relu6: <= 6;
-                       hardtanh(lo, hi): <= max(|lo|, |hi|); sigmoid, tanh: <= 1
+      activation       relu, silu, gelu, hardswish: <= bound(x); leaky_relu: <= max(1, |slope|) bound(x);
+                       relu6: <= 6;
+                       hardtanh(lo, hi): <= max(|lo|, |hi|); sigmoid, tanh: <= 1  (kernels/activations.py)
       add / mul        bound(a) + bound(b) / bound(a) * bound(b)
       pooling, views, flatten, cat, mean, dropout: <= the largest bound in
 
@@ -31,25 +32,26 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from graphopt.kernels.activations import ACTS
 from graphopt.kernels.reference import parse_act
+from graphopt.kernels.signatures import ConvAct, LinearAct, signature_of
 
 log = logging.getLogger("graphopt")
 SAFE = torch.finfo(torch.float32).max / 2 ** 20
 
 _SAME = {  # ops whose output is bounded by their largest tensor input
     F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.flatten, torch.cat,
-    torch.mean, F.dropout, torch.relu, F.relu, F.relu6, F.hardtanh, F.leaky_relu, F.silu, F.gelu, F.hardswish,
+    torch.mean, F.dropout, torch.relu, F.relu, F.relu6, F.hardtanh, F.silu, F.gelu, F.hardswish,
     torch.clamp, torch.transpose, torch.permute, torch.reshape, torch.squeeze, torch.unsqueeze, torch.max_pool2d,
     operator.getitem, torch.nn.functional.max_pool1d, torch.nn.functional.avg_pool1d, getattr,
 }
 _METHODS_SAME = {"view", "reshape", "flatten", "mean", "permute", "transpose", "contiguous", "relu", "relu_",
                  "clamp", "squeeze", "unsqueeze", "size", "dim"}
 _MODULES_SAME = {nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout,
-                 nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish,
+                 nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.GELU, nn.Hardswish,
                  nn.MaxPool1d, nn.AvgPool1d}
 _MODULES_UNIT = {nn.Sigmoid, nn.Tanh, nn.Hardsigmoid}
 _UNIT = {torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardsigmoid}  # outputs in [-1, 1]
-_ACT_UNIT = {"sigmoid", "tanh"}
 
 
 def _tensor_bounds(values: list[Any], env: dict) -> list[float]:
@@ -76,21 +78,18 @@ def _affine(gm: fx.GraphModule, w: Any, b: Any) -> tuple[float, float] | None:
 
 def _rule(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float | None] | None:
     """How to bound ``node``'s value from the bounds in ``env``; None where this analysis cannot."""
-    target, args = node.target, node.args
-    if node.op == "call_function" and target in (torch.ops.graphopt.conv2d_act.default,
-                                                 torch.ops.graphopt.linear_act.default):
-        conv = target is torch.ops.graphopt.conv2d_act.default
-        act, residual = (args[7], args[8] if len(args) > 8 else None) if conv else (args[3], None)
-        affine = _affine(gm, args[1], args[2])
-        name = parse_act(act)[0]
-        if affine is None or name not in {"none", "relu", "relu6", "hardtanh", "leaky_relu", "silu", "gelu",
-                                          "hardswish", "sigmoid", "tanh"}:
+    target, args, sig = node.target, node.args, signature_of(node)
+    if isinstance(sig, (ConvAct, LinearAct)):
+        residual = sig.residual if isinstance(sig, ConvAct) else None
+        affine = _affine(gm, sig.weight, sig.bias)
+        if affine is None:
             return None
         gain, shift = affine
-        params = [abs(float(p)) for p in parse_act(act)[1]]
-        cap = 1.0 if name in _ACT_UNIT else 6.0 if name == "relu6" else max(params) if name == "hardtanh" else math.inf
-        return lambda env: min(cap, gain * env[args[0]] + shift
-                               + (env[residual] if isinstance(residual, fx.Node) else 0.0))
+        name, params = parse_act(sig.act)
+        cap = ACTS[name].cap(*params)
+        slope = max(1.0, abs(float(params[0]))) if name == "leaky_relu" else 1.0  # (a slope above 1 grows)
+        return lambda env: min(cap, slope * (gain * env[sig.x] + shift
+                                             + (env[residual] if isinstance(residual, fx.Node) else 0.0)))
     if node.op == "call_module":
         kind = type(gm.get_submodule(target))
         if kind in _MODULES_UNIT:

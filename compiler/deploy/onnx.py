@@ -52,6 +52,7 @@ def _portable_reference(model: nn.Module) -> nn.Module:
 def _fake_quantized(gm) -> None:
     """int8 ops -> fake quantization around the float ops (what ONNX's QDQ form says), in place."""
     from graphopt.kernels.ops import OPS
+    from graphopt.kernels.signatures import ConvAct, LinearAct, QConvAct, signature_of
     from graphopt.passes.lib.query import constant_value
     from graphopt.passes.lib.rewrite import add_constant
 
@@ -67,8 +68,9 @@ def _fake_quantized(gm) -> None:
         elif node.target is OPS["dequantize"]:
             node.replace_all_uses_with(node.args[0])
         elif node.target in (OPS["qconv2d_act"], OPS["qlinear_act"]):
-            x, _, _, w, w_scale, b = node.args[:6]
-            wq, scale = constant_value(gm, w), constant_value(gm, w_scale)
+            q = signature_of(node)
+            w = q.weight
+            wq, scale = constant_value(gm, w), constant_value(gm, q.w_scale)
             shape = (-1,) + (1,) * (wq.dim() - 1)
             with gm.graph.inserting_before(node):
                 wf = gm.graph.get_attr(add_constant(gm, f"{w.target}_dq", wq.float() * scale.view(shape)))
@@ -76,15 +78,13 @@ def _fake_quantized(gm) -> None:
                 zp = gm.graph.get_attr(add_constant(gm, f"{w.target}_dq_zp", torch.zeros(len(scale),
                                                                                          dtype=torch.int32)))
                 wfq = gm.graph.call_function(torch.fake_quantize_per_channel_affine, (wf, sc, zp, 0, -128, 127))
-                if node.target is OPS["qconv2d_act"]:
-                    stride, padding, dilation, groups, act, residual, out_scale, out_zp = node.args[6:]
-                    y = gm.graph.call_function(OPS["conv2d_act"], (x, wfq, b, stride, padding, dilation, groups, act,
-                                                                   residual))
+                if isinstance(q, QConvAct):
+                    fp32 = ConvAct(q.x, wfq, q.bias, q.stride, q.padding, q.dilation, q.groups, q.act, q.residual)
                 else:
-                    act, out_scale, out_zp = node.args[6:]
-                    y = gm.graph.call_function(OPS["linear_act"], (x, wfq, b, act))
-                if out_scale is not None:
-                    y = fq(y, out_scale, out_zp)
+                    fp32 = LinearAct(q.x, wfq, q.bias, q.act)
+                y = gm.graph.call_function(OPS[fp32.op], fp32.as_args())
+                if q.out_scale is not None:
+                    y = fq(y, q.out_scale, q.out_zp)
             node.replace_all_uses_with(y)
         else:
             continue

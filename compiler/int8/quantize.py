@@ -31,6 +31,7 @@ from graphopt.compiler.core.verify import record_values, sqnr_db, sqnr_terms
 from graphopt.compiler.int8.calibrate import METHODS, collect, value_range
 from graphopt.compiler.int8.scheme import choose
 from graphopt.kernels.ops import OPS
+from graphopt.kernels.signatures import signature_of
 from graphopt.passes.pipeline import LOWERING, PassContext
 from graphopt.passes.quantize_int8 import candidates
 
@@ -66,7 +67,7 @@ def requantized_elements(gm: fx.GraphModule, node: fx.Node, layers: set[fx.Node]
     value = node
     while len(value.users) == 1 and passes_int8_through(gm, next(iter(value.users))):
         value = next(iter(value.users))
-    if not any(u in layers and u.args[0] is value for u in value.users):
+    if not any(u in layers and signature_of(u).x is value for u in value.users):
         return 0
     meta = value.meta.get("tensor_meta")
     return meta.shape.numel() if meta is not None else 0
@@ -74,8 +75,9 @@ def requantized_elements(gm: fx.GraphModule, node: fx.Node, layers: set[fx.Node]
 
 def macs(node: fx.Node) -> int:
     """Multiply-adds of one call of a fused conv / linear, from the traced shapes."""
-    x, w = node.args[0].meta.get("tensor_meta"), node.meta.get("tensor_meta")
-    weight_shape = node.args[1].meta.get("tensor_meta")
+    sig = signature_of(node)
+    x, w = sig.x.meta.get("tensor_meta"), node.meta.get("tensor_meta")
+    weight_shape = sig.weight.meta.get("tensor_meta")
     if x is None or w is None or weight_shape is None:
         return 0
     out, kernel = w.shape, weight_shape.shape  # conv: (N, K, P, Q) and (K, C/g, R, S); linear: (..., N), (N, K)
@@ -155,7 +157,7 @@ def observed_nodes(gm: fx.GraphModule) -> set[str]:
     """What calibration measures: the input and the output of every op the int8 pass can quantize."""
     names = set()
     for node in candidates(gm):
-        names |= {node.name, node.args[0].name}
+        names |= {node.name, signature_of(node).x.name}
     return names
 
 
@@ -233,7 +235,7 @@ class Quantizer:
         self.eval = batches[:EVAL_BATCHES]
         with torch.no_grad():
             self.reference = [_as_list(fp32(*fresh(b))) for b in self.eval]
-        self.layers = [n for n in candidates(fp32) if n.name in ranges and n.args[0].name in ranges]
+        self.layers = [n for n in candidates(fp32) if n.name in ranges and signature_of(n).x.name in ranges]
 
     def build(self, skip: set[str], *, check: bool = False, manager: PassManager | None = None) -> fx.GraphModule:
         ctx = PassContext(self.ctx.example_inputs, backend=self.ctx.backend,
@@ -265,8 +267,8 @@ class Quantizer:
                 if not isinstance(ref, torch.Tensor) or not isinstance(val, torch.Tensor):
                     continue
                 if val.dtype == torch.int8:
-                    scale, zp = node.args[-2], node.args[-1]
-                    val = (val.float() - zp) * scale
+                    q = signature_of(node)
+                    val = (val.float() - q.out_zp) * q.out_scale
                 if ref.shape != val.shape or not ref.is_floating_point():
                     continue
                 s, n = sqnr_terms(ref, val)

@@ -19,6 +19,7 @@ import warnings
 import torch.fx as fx
 
 from graphopt.kernels.ops import OPS
+from graphopt.kernels.signatures import signature_of
 from graphopt.passes.lib.query import constant_value
 
 _INT8_LAYERS = ("qconv2d_act", "qlinear_act")
@@ -39,7 +40,7 @@ def scheme_of(portable: fx.GraphModule) -> str | None:
     widest = None
     for node in portable.graph.nodes:
         if node.op == "call_function" and node.target in targets:
-            weight = constant_value(portable, node.args[3])
+            weight = constant_value(portable, signature_of(node).weight)
             code = int(weight.abs().max()) if weight is not None and weight.numel() else 0
             widest = max(widest or 0, code)
     if widest is None:

@@ -27,18 +27,19 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from graphopt.kernels import activations
 from graphopt.passes.lib.query import tensor_meta
 
 ROUND_TO = 8
 CRITERIA = ("l1", "bn_scale")
 
-_SAME_CHANNELS_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
-                          nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Dropout, nn.Identity, nn.MaxPool2d,
-                          nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ELU, nn.Mish)
-_SAME_CHANNELS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.dropout,
-                            F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.hardswish,
-                            F.hardsigmoid, F.leaky_relu, F.elu, F.mish, F.hardtanh, torch.clamp}
-_SAME_CHANNELS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clamp", "clamp_"}
+# elementwise ops keep channels: every spelling of the fused ops' activations (kernels/activations.py), and more
+_SAME_CHANNELS_MODULES = (*activations.MODULES, nn.BatchNorm1d, nn.BatchNorm2d, nn.Hardsigmoid, nn.Dropout,
+                          nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ELU,
+                          nn.Mish)
+_SAME_CHANNELS_FUNCTIONS = {*activations.FUNCTIONS, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+                            F.adaptive_max_pool2d, F.hardsigmoid, F.elu, F.mish}
+_SAME_CHANNELS_METHODS = {*activations.METHODS, "contiguous"}
 _TIE_FUNCTIONS = {operator.add, operator.mul, torch.add, torch.mul, operator.iadd, operator.imul}
 _TIE_METHODS = {"add", "add_", "mul", "mul_"}
 

@@ -12,17 +12,16 @@ take (a BatchNorm in training mode, a conv with asymmetric padding): the pass re
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphopt.kernels.reference import format_act
+from graphopt.kernels import activations
 from graphopt.passes.lib.query import arg, attr_value, constant_value, module_of, tensor_meta
 
 # A "ref" below is a graph value (fx.Node) or, for a module's parameter, its attribute path (str).
@@ -201,79 +200,28 @@ def match_batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNorm | None:
     return None
 
 
-# ---------------------------------------------------------------- activations, as data
-
-
 def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def _clamp(lo: Any, hi: Any) -> str | None:
-    lo = -math.inf if lo is None else _number(lo)
-    hi = math.inf if hi is None else _number(hi)
-    if lo is None or hi is None or (math.isinf(lo) and math.isinf(hi)):
-        return None
-    return format_act("hardtanh", lo, hi)
-
-
-def _gelu(approximate: Any) -> str | None:
-    return {"none": "gelu", "tanh": "gelu:tanh"}.get(approximate)
-
-
-def _leaky_relu(slope: Any) -> str | None:
-    return format_act("leaky_relu", slope) if _number(slope) is not None else None
-
-
-_ACT_MODULES: dict[type, Callable[[nn.Module], str | None]] = {
-    nn.ReLU: lambda m: "relu",
-    nn.ReLU6: lambda m: "relu6",
-    nn.Hardtanh: lambda m: _clamp(m.min_val, m.max_val),
-    nn.SiLU: lambda m: "silu",
-    nn.Sigmoid: lambda m: "sigmoid",
-    nn.Tanh: lambda m: "tanh",
-    nn.Hardswish: lambda m: "hardswish",
-    nn.GELU: lambda m: _gelu(m.approximate),
-    nn.LeakyReLU: lambda m: format_act("leaky_relu", m.negative_slope),
-}
-# call_function and call_method spellings: name -> act from (node)
-_ACT_CALLS: dict[str, Callable[[fx.Node], str | None]] = {
-    "relu": lambda n: "relu",
-    "relu_": lambda n: "relu",
-    "relu6": lambda n: "relu6",
-    "hardtanh": lambda n: _clamp(arg(n, 1, "min_val", -1.0), arg(n, 2, "max_val", 1.0)),
-    "hardtanh_": lambda n: _clamp(arg(n, 1, "min_val", -1.0), arg(n, 2, "max_val", 1.0)),
-    "clamp": lambda n: _clamp(arg(n, 1, "min"), arg(n, 2, "max")),
-    "clamp_": lambda n: _clamp(arg(n, 1, "min"), arg(n, 2, "max")),
-    "silu": lambda n: "silu",
-    "sigmoid": lambda n: "sigmoid",
-    "sigmoid_": lambda n: "sigmoid",
-    "tanh": lambda n: "tanh",
-    "tanh_": lambda n: "tanh",
-    "hardswish": lambda n: "hardswish",
-    "gelu": lambda n: _gelu(arg(n, 1, "approximate", "none")),
-    "leaky_relu": lambda n: _leaky_relu(arg(n, 1, "negative_slope", 0.01)),
-    "leaky_relu_": lambda n: _leaky_relu(arg(n, 1, "negative_slope", 0.01)),
-}
-_ACT_FUNCTIONS = {
-    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu_", F.relu_: "relu_", F.relu6: "relu6",
-    F.hardtanh: "hardtanh", F.hardtanh_: "hardtanh_", torch.clamp: "clamp", torch.clamp_: "clamp_",
-    F.silu: "silu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid_",
-    torch.tanh: "tanh", F.tanh: "tanh", torch.tanh_: "tanh_", F.hardswish: "hardswish", F.gelu: "gelu",
-    F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu_",
-}
-_ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_"}
+# ---------------------------------------------------------------- activations (spellings: kernels/activations.py)
 
 
 def match_act(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, str] | None:
     """(input, act string) for an elementwise activation the fused ops implement."""
     act = None
     if node.op == "call_module":
-        rule = _ACT_MODULES.get(type(module_of(gm, node)))
-        act = rule(module_of(gm, node)) if rule and len(node.args) == 1 else None
-    elif node.op == "call_function" and node.target in _ACT_FUNCTIONS:
-        act = _ACT_CALLS[_ACT_FUNCTIONS[node.target]](node)
-    elif node.op == "call_method" and node.target in _ACT_METHODS:
-        act = _ACT_CALLS[node.target](node)
+        m = module_of(gm, node)
+        found = activations.MODULES.get(type(m))
+        if found is not None and len(node.args) == 1:
+            record, attrs = found
+            act = activations.spell(record, tuple(getattr(m, a) for a in attrs))
+    else:
+        found = activations.FUNCTIONS.get(node.target) if node.op == "call_function" else \
+            activations.METHODS.get(node.target) if node.op == "call_method" else None
+        if found is not None:
+            record, call = found
+            act = activations.spell(record, tuple(arg(node, i, key, default) for i, key, default in call.args))
     x = node.args[0] if node.args else node.kwargs.get("input")
     return (x, act) if act and isinstance(x, fx.Node) else None
 

@@ -6,10 +6,10 @@ import torch.nn.functional as F
 
 import graphopt.kernels.ops  # noqa: F401  (registers torch.ops.graphopt)
 from graphopt.kernels import cpu, reference
+from graphopt.kernels.activations import EXAMPLES
 from graphopt.kernels.reference import ACTIVATIONS, apply_act, parse_act
 
-ACTS = ["none", "relu", "relu6", "silu", "sigmoid", "tanh", "hardswish", "gelu", "gelu:tanh",
-        "hardtanh:-0.5:0.75", "hardtanh:0.0:inf", "leaky_relu:0.1"]
+ACTS = [*EXAMPLES, "hardtanh:0.0:inf"]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10),
        torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 

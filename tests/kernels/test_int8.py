@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from graphopt.compiler.core.verify import sqnr
 from graphopt.kernels import cpu, reference
+from graphopt.kernels.activations import EXAMPLES
 from graphopt.kernels.reference import SCHEMES, activation_qparams, weight_qparams
 
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
@@ -34,7 +35,7 @@ CONVS = [
     (1, 17, 5, 6, 33, 1, 1, 0, 1, 1),
     (2, 4, 15, 4, 7, 5, 2, 2, 1, 1),
 ]
-ACTS = ["none", "relu", "relu6", "hardtanh:-1.0:2.0", "hardswish", "silu", "gelu", "sigmoid", "leaky_relu:0.1"]
+ACTS = list(EXAMPLES)
 
 
 def _int8_conv_case(case, seed=0):

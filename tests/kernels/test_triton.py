@@ -12,9 +12,9 @@ pytest.importorskip("triton")
 
 import graphopt.kernels.triton as kt  # noqa: E402
 from graphopt.kernels import reference  # noqa: E402
+from graphopt.kernels.activations import EXAMPLES  # noqa: E402
 
-ACTS = ["none", "relu", "relu6", "hardtanh:-0.5:0.75", "silu", "sigmoid", "tanh", "hardswish", "gelu",
-        "gelu:tanh", "leaky_relu:0.1"]
+ACTS = list(EXAMPLES)
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-4, atol=1e-4)}
 
 # (N, C, H, W, K, (R, S), stride, padding, dilation, groups): odd sizes, 1, tile +- 1, non-square

@@ -6,12 +6,14 @@ import os
 import pytest
 import torch
 
+from graphopt.kernels.activations import EXAMPLES
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="needs a CUDA device and TRITON_INTERPRET=0")
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2),
        torch.bfloat16: dict(rtol=4e-2, atol=4e-2)}
-ACTS = ["none", "relu", "relu6", "silu", "gelu", "gelu:tanh", "hardswish", "sigmoid", "leaky_relu:0.1"]
+ACTS = list(EXAMPLES)
 CONVS = [  # (N, C, H, W, K, kernel, stride, padding, groups)
     (1, 3, 224, 224, 64, 7, 2, 3, 1), (2, 64, 56, 56, 64, 3, 1, 1, 1), (1, 144, 56, 56, 144, 3, 1, 1, 144),
     (3, 17, 13, 7, 33, 3, 2, 1, 1), (1, 24, 9, 9, 36, 1, 1, 0, 3),

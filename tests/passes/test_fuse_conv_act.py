@@ -5,6 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from graphopt.kernels.activations import ACTIVATIONS
+from graphopt.kernels.reference import parse_act
+from graphopt.kernels.signatures import ConvAct as ConvActArgs
 from graphopt.passes.fuse_conv_act import fuse_conv_act
 from tests.helpers import apply, close, graphopt_calls, traced
 
@@ -24,6 +27,7 @@ ACTS = {
     "gelu tanh": (nn.GELU(approximate="tanh"), "gelu:tanh"),
     "hardswish": (nn.Hardswish(), "hardswish"),
     "sigmoid": (torch.sigmoid, "sigmoid"),
+    "tanh_ method": (lambda y: y.tanh_(), "tanh"),
     "leaky_relu": (nn.LeakyReLU(0.2), "leaky_relu:0.2"),
 }
 
@@ -46,6 +50,10 @@ class Wrap(nn.Module):
         return self.fn(y)
 
 
+def test_every_activation_has_a_spelling_here():
+    assert {parse_act(act)[0] for _, act in ACTS.values()} == set(ACTIVATIONS) - {"none"}
+
+
 @pytest.mark.parametrize("spelling", ACTS)
 def test_conv_act_four_ways(spelling):
     fn, act = ACTS[spelling]
@@ -53,7 +61,8 @@ def test_conv_act_four_ways(spelling):
     gm = traced(m, x)
     assert apply(fuse_conv_act, gm, x) == 1
     (fused,) = graphopt_calls(gm, "conv2d_act")
-    assert fused.args[7] == act and fused.args[8] is None
+    sig = ConvActArgs.from_node(fused)
+    assert sig.act == act and sig.residual is None
     assert not [n for n in gm.graph.nodes if n.op == "call_module"]
     close(gm(x), m(x))
     assert apply(fuse_conv_act, gm, x) == 0

@@ -2,14 +2,24 @@ import pytest
 import torch
 import torch.nn as nn
 
+from graphopt.kernels.activations import ACTS as ACTIVATION_TABLE
+from graphopt.kernels.activations import EXAMPLES
+from graphopt.kernels.reference import parse_act
 from graphopt.passes.fuse_conv_act import fuse_conv_act
 from graphopt.passes.fuse_linear_act import fuse_linear_act
 from graphopt.passes.lib.onednn import CONV, CONV_ADD, LINEAR
 from graphopt.passes.lower_to_onednn import lower_to_onednn
 from tests.helpers import apply, close, graphopt_calls, traced
 
-ACTS = [nn.Identity(), nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-1.0, 0.5), nn.SiLU(), nn.Sigmoid(), nn.Tanh(),
-        nn.Hardswish(), nn.GELU(), nn.GELU(approximate="tanh"), nn.LeakyReLU(0.2)]
+
+def _module(act: str) -> nn.Module:
+    """The nn.Module spelling of an act string, e.g. 'hardtanh:-0.5:0.75' -> nn.Hardtanh(-0.5, 0.75)."""
+    name, params = parse_act(act)
+    cls = next(iter(ACTIVATION_TABLE[name].modules), nn.Identity)
+    return cls(*(p if p == "tanh" else float(p) for p in params))
+
+
+ACTS = [_module(act) for act in EXAMPLES]  # every activation (kernels/activations.py), as a module
 
 
 class ConvRes(nn.Module):
