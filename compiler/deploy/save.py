@@ -62,7 +62,8 @@ def _tensor(module: torch.nn.Module, target: str) -> torch.Tensor:
     return obj
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file or a folder (its entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -101,7 +102,7 @@ def save(portable: fx.GraphModule, path: str | os.PathLike, *, backend: str, inp
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         for name in (*FILES, "manifest.json"):
-            _fsync(tmp / name)
+            fsync(tmp / name)
         _replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -155,4 +156,4 @@ def _replace(tmp: Path, out: Path) -> None:
             os.rename(old, out)
             raise
         shutil.rmtree(old, ignore_errors=True)
-    _fsync(out.parent)
+    fsync(out.parent)

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -19,21 +18,12 @@ import socket
 from pathlib import Path
 
 from graphopt.compiler.core.errors import GraphoptError
+from graphopt.compiler.deploy.save import fsync, sha256
 
 GRACE_S = 120  # a RUNNING trial with no heartbeat (or no owner) for this long was interrupted
 _BEST_NAME = re.compile(r"best-[0-9]+(-[0-9a-f]+)?")
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_best(out: Path) -> dict | None:
@@ -66,7 +56,7 @@ def publish_best(out: Path, opt, record: dict) -> Path:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out / "best.json")
-    _fsync_dir(out)
+    fsync(out)
     remove_stale(out, record)
     return folder
 
