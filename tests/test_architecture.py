@@ -15,13 +15,14 @@ from pathlib import Path
 
 import networkx as nx
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository root is the graphopt package
-SOURCES = ("__init__.py", "compiler", "passes", "kernels")
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_INIT = ROOT / "compiler" / "api" / "__init__.py"  # graphopt/__init__.py (pyproject's package-dir)
+SOURCES = ("compiler", "passes", "kernels")
 
 
 def _modules() -> dict[str, Path]:
-    files = [ROOT / "__init__.py"] + [p for d in SOURCES[1:] for p in sorted((ROOT / d).rglob("*.py"))]
-    out = {}
+    files = [p for d in SOURCES for p in sorted((ROOT / d).rglob("*.py")) if p != PACKAGE_INIT]
+    out = {"graphopt": PACKAGE_INIT}
     for path in files:
         parts = list(path.relative_to(ROOT).with_suffix("").parts)
         if parts[-1] == "__init__":

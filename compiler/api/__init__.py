@@ -5,8 +5,9 @@
     opt(x)                                 # eager's answers, faster
     opt.code, opt.report                   # what it runs, and what each pass did
 
-This package's subpackages are the repository's folders: ``graphopt.compiler`` (the driver),
-``graphopt.passes`` and ``graphopt.kernels``. Importing ``graphopt`` is light: the names below
+This file is ``graphopt/__init__.py`` (pyproject maps it here, so that the repository keeps only its
+three source folders); the package's subpackages are those folders: ``graphopt.compiler`` (the
+driver), ``graphopt.passes`` and ``graphopt.kernels``. Importing ``graphopt`` is light: the names below
 are imported on first use, and the workflow parts (prune, finetune, tune, ONNX export) only when
 called, so ``import graphopt`` pulls in neither torch.distributed nor Optuna nor ONNX.
 """
@@ -21,7 +22,7 @@ from graphopt.compiler.core import errors  # light (no torch): the error classes
 
 sys.modules[__name__ + ".errors"] = errors
 
-# public name -> the module that defines it (absolute: this file is only ever graphopt/__init__.py)
+# public name -> the module that defines it
 _EXPORTS = {
     "optimize": "graphopt.compiler.optimize",
     "OptimizedModule": "graphopt.compiler.core.module",
