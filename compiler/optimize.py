@@ -17,7 +17,7 @@ import torch.nn as nn
 from graphopt.compiler.core.backend import resolve_backend
 from graphopt.compiler.core.capture import capture, normalize_inputs
 from graphopt.compiler.core.errors import GraphoptError
-from graphopt.compiler.core.fast_path import fast_context, worth_it
+from graphopt.compiler.core.fast_path import fast_plan
 from graphopt.compiler.core.module import OptimizedModule, finalize, input_specs
 from graphopt.compiler.core.pipeline import PassManager, PassRecord, count_nodes, lower
 from graphopt.passes.pipeline import DEFAULT_PIPELINE, LOWERING, PassContext
@@ -76,8 +76,8 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
     opt = OptimizedModule(finalize(lowered), report + lowering_report, input_specs(inputs), backend,
                           portable=finalize(portable))
     opt.int8_report = int8_report
-    fast = fast_context(portable, ctx) if nan_checks == "fast" else None
-    if fast is not None and worth_it(portable, inputs):
+    fast = fast_plan(portable, ctx) if nan_checks == "fast" else None
+    if fast is not None:
         fast_lowered, fast_report = lower(portable, fast[0], LOWERING[backend], check=check, manager=manager)
         opt.report += [dataclasses.replace(r, name=f"{r.name} (fused clamps)") for r in fast_report]
         opt.use_fast_path(finalize(fast_lowered), fast[1])

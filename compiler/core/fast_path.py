@@ -18,45 +18,37 @@ import torch.fx as fx
 
 from graphopt.compiler.core.finite_range import input_limit
 from graphopt.kernels.cpu import clamp_postop
-from graphopt.kernels.signatures import ConvAct, LinearAct, signature_of
+from graphopt.kernels.signatures import ConvAct, signature_of
+
+MIN_CLAMPED_ELEMENTS = 1 << 18  # below this the per-call input check costs more than the passes it saves (bench)
 
 
-def _is_clamp(node: fx.Node) -> bool:
-    """A fused fp32 op whose activation has a oneDNN post-op exact only on NaN-free values (relu, relu6, hardtanh)."""
-    sig = signature_of(node)
-    return isinstance(sig, (ConvAct, LinearAct)) and clamp_postop(sig.act) is not None
+def _clamped_elements(gm: fx.GraphModule) -> int:
+    """Elements (at the traced shapes) that convs with a relu / relu6 / hardtanh write: what fusing saves a pass
+    over. (Linears keep their separate activation even on NaN-free values: lower_to_onednn says why.)"""
+    total = 0
+    for node in gm.graph.nodes:
+        sig, meta = signature_of(node), node.meta.get("tensor_meta")
+        if isinstance(sig, ConvAct) and meta is not None and clamp_postop(sig.act) is not None:
+            total += meta.shape.numel()
+    return total
 
 
-def _has_clamps(gm: fx.GraphModule) -> bool:
-    return any(n.op == "call_function" and _is_clamp(n) for n in gm.graph.nodes)
-
-
-def fast_context(portable: fx.GraphModule, ctx):
-    """(the PassContext of the fused lowering, the input limit), or None when it would not help or not be exact."""
-    if ctx.backend != "cpu" or not _has_clamps(portable):
+def fast_plan(portable: fx.GraphModule, ctx):
+    """(the PassContext of the fused lowering, the input limit), or None where the fused graph would not pay for
+    its input check or could not be proven exact. Deterministic: no timing decides the graph."""
+    if ctx.backend != "cpu":
         return None
     inputs = [t for t in ctx.example_inputs if isinstance(t, torch.Tensor)]
     if not inputs or any(not t.is_floating_point() for t in inputs):
+        return None
+    clamped = _clamped_elements(portable)
+    if clamped < MIN_CLAMPED_ELEMENTS or clamped < 4 * sum(t.numel() for t in inputs):
         return None
     limit = input_limit(portable)
     if limit is None:
         return None
     return dataclasses.replace(ctx, nan_free=True, misses=type(ctx.misses)()), limit
-
-
-MIN_CLAMPED_ELEMENTS = 1 << 18  # below this the per-call input check costs more than the passes it saves (bench)
-
-
-def worth_it(portable: fx.GraphModule, inputs: tuple) -> bool:
-    """Do the separate activations touch enough memory (at the traced shapes) to pay for the input check,
-    a read of every input element per call? Deterministic: no timing decides the graph."""
-    clamped = 0
-    for node in portable.graph.nodes:
-        meta = node.meta.get("tensor_meta")
-        if node.op == "call_function" and meta is not None and _is_clamp(node):
-            clamped += meta.shape.numel()
-    read = sum(t.numel() for t in inputs if isinstance(t, torch.Tensor))
-    return clamped >= MIN_CLAMPED_ELEMENTS and clamped >= 4 * read
 
 
 def within(limit: float, args: tuple) -> bool:

@@ -32,7 +32,7 @@ import torch.nn as nn
 from graphopt.compiler.core.backend import has_triton
 from graphopt.compiler.core.capture import propagate
 from graphopt.compiler.core.errors import LoadError
-from graphopt.compiler.core.fast_path import fast_context, worth_it
+from graphopt.compiler.core.fast_path import fast_plan
 from graphopt.compiler.core.module import OptimizedModule, finalize
 from graphopt.compiler.deploy.graph_json import MAX_JSON_BYTES, graph_from_json
 from graphopt.compiler.deploy.save import FILES, MANIFEST_VERSION, sha256
@@ -191,8 +191,7 @@ def load(path: str | os.PathLike) -> OptimizedModule:
     try:
         propagate(portable, inputs)  # (shapes on every node, for the lowering; bounded by the check above)
         lowered, report = PassManager(LOWERING[manifest["backend"]], check=False).run(clone(portable), ctx)
-        fast = fast_context(portable, ctx)  # the same plan optimize() made: compiler/core/fast_path.py
-        fast = fast if fast is not None and worth_it(portable, inputs) else None
+        fast = fast_plan(portable, ctx)  # the same plan optimize() made: compiler/core/fast_path.py
         if fast is not None:
             fused, _ = PassManager(LOWERING[manifest["backend"]], check=False).run(clone(portable), fast[0])
     except Exception as e:
