@@ -46,9 +46,8 @@ def _raised(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
         return _indexing(node)
     if target in _SPECIAL and not (target in _PLAIN_OPS and node.kwargs):
         fn, order = _SPECIAL[target]
+        # (the order lists the arguments the torch-level call takes: aten's trailing cudnn_enabled flag is dropped)
         args = tuple(node.args[i] for i in order if i < len(node.args)) if order else node.args
-        if order and len(node.args) > 8:
-            args = args[:8]  # (aten's trailing cudnn_enabled flag has no functional counterpart)
         return "call_function", fn, args, dict(node.kwargs)
     if name in _METHODS:
         return "call_method", "size" if name == "sym_size" else name, node.args, dict(node.kwargs)

@@ -73,16 +73,13 @@ iadd isub imul itruediv
 """
 _MATH = "sqrt floor ceil exp log"
 
-# int8 and other graphopt ops carry strings; and the ops that take no tensor allocate from their size arguments
-CREATES_FROM_SIZES = frozenset({"torch.arange", "torch.zeros", "torch.ones", "torch.full", "torch.eye"})
-
 
 def _key(fn: Any) -> str:
     """The dotted name a callable is saved under."""
     if isinstance(fn, torch._ops.OpOverload):
         return f"torch.ops.{fn.namespace}.{fn._opname}.{fn._overloadname}"
     module = getattr(fn, "__module__", None) or ""
-    return f"{ {'_operator': 'operator'}.get(module, module) }.{fn.__name__}".replace(" ", "")
+    return f"{'operator' if module == '_operator' else module}.{fn.__name__}"
 
 
 def _build() -> dict[str, Callable]:

@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from graphopt.compiler.core.errors import GraphoptError
+from graphopt.compiler.deploy.save import sha256
 from graphopt.compiler.workflow import tune_state
 from graphopt.compiler.workflow.timing import median_ms
 from graphopt.compiler.workflow.tune_state import (
@@ -52,7 +53,6 @@ from graphopt.compiler.workflow.tune_state import (
     publish_best,
     read_best,
     remove_stale,
-    sha256,
     this_process,
 )
 

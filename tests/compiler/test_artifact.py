@@ -1,6 +1,5 @@
 """Saved modules: bitwise round trips, no pickle anywhere, and a clear LoadError for every bad artifact."""
 
-import hashlib
 import json
 import pickle
 
@@ -8,6 +7,7 @@ import pytest
 import torch
 
 from graphopt import LoadError, load, optimize
+from tests.fuzz.artifacts import rehash
 from tests.helpers import randomize_bn
 from tests.zoo import ZOO
 
@@ -17,14 +17,6 @@ def _saved(tmp_path, name="resnet_blocks", backend="auto"):
     model = randomize_bn(make()).eval()
     opt = optimize(model, (inputs(2),), backend=backend)
     return opt, opt.save(tmp_path / "saved"), inputs
-
-
-def _rehash(folder):
-    """Rewrite the manifest's hashes, as someone tampering with the files would."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    for name in manifest["sha256"]:
-        manifest["sha256"][name] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
-    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -83,7 +75,7 @@ def test_hash_mismatch(tmp_path):
 def test_malformed_json(tmp_path):
     _, folder, _ = _saved(tmp_path)
     (folder / "graph.json").write_text('{"format": "graphopt-graph", "nodes": [')
-    _rehash(folder)
+    rehash(folder)
     with pytest.raises(LoadError, match="graph.json is not valid JSON"):
         load(folder)
 
@@ -96,7 +88,7 @@ def test_op_outside_the_allow_list(tmp_path, target):
     node = next(n for n in graph["nodes"] if n["op"] == "call_function")
     node["target"] = target
     (folder / "graph.json").write_text(json.dumps(graph))
-    _rehash(folder)
+    rehash(folder)
     with pytest.raises(LoadError, match="not among the ops a saved graph may call"):
         load(folder)
 
@@ -107,7 +99,7 @@ def test_private_method_is_refused(tmp_path):
     graph["nodes"].insert(1, {"name": "evil", "op": "call_method", "target": "__reduce_ex__",
                               "args": {"tuple": [{"node": graph["nodes"][0]["name"]}, 2]}, "kwargs": {"dict": {}}})
     (folder / "graph.json").write_text(json.dumps(graph))
-    _rehash(folder)
+    rehash(folder)
     with pytest.raises(LoadError, match="which a saved graph never calls"):
         load(folder)
 
@@ -123,7 +115,7 @@ def test_unreadable_versions(tmp_path):
     graph = json.loads((folder2 / "graph.json").read_text())
     graph["version"] = 7
     (folder2 / "graph.json").write_text(json.dumps(graph))
-    _rehash(folder2)
+    rehash(folder2)
     with pytest.raises(LoadError, match="format version 7"):
         load(folder2)
 
@@ -144,7 +136,7 @@ def test_pickle_posing_as_an_artifact_file(tmp_path, victim):
     trap = tmp_path / "pwned"
     (folder / victim).write_bytes(pickle.dumps(_Trap(trap)))
     if victim != "manifest.json":
-        _rehash(folder)
+        rehash(folder)
     with pytest.raises(LoadError):
         load(folder)
     assert not trap.exists()
@@ -154,7 +146,7 @@ def test_code_py_is_never_run(tmp_path):
     opt, folder, inputs = _saved(tmp_path)
     trap = tmp_path / "ran"
     (folder / "code.py").write_text(f"open({str(trap)!r}, 'w')\n")
-    _rehash(folder)
+    rehash(folder)
     x = inputs(1)
     with torch.no_grad():
         assert torch.equal(load(folder)(x), opt(x))
