@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engines import ENGINES, INT8_ENGINES  # noqa: E402
+from bench.engines import DEFAULT_ENGINES, ENGINES, INT8_ENGINES  # noqa: E402
 from bench.machine import cpu_features  # noqa: E402
 from bench.zoo import MODELS, randomize_bn  # noqa: E402
 from graphopt.compiler.workflow import timing  # noqa: E402
@@ -87,11 +87,11 @@ def bench_model(name: str, engines: list[str], rounds: int, per_round: int, int8
             "sqnr_gap_db_vs_best_peer": sqnr_db["graphopt_int8"] - best_peer_db
             if best_peer_db is not None and "graphopt_int8" in sqnr_db else None,
         }
-    peers = {e: v for e, v in median_ms.items() if e not in ("graphopt", "eager")}
+    peers = {e: v for e, v in median_ms.items() if not e.startswith("graphopt") and e != "eager"}
     fastest = min(peers, key=peers.get) if peers else None
     return {
         "model": name, "input_shape": list(shape), "median_ms": median_ms, "build_s": build_s,
-        "max_abs_diff_vs_eager": errors, "skipped": skipped, "fastest_peer": fastest,
+        "max_abs_diff_vs_eager": errors, "skipped": skipped, "fastest_peer": fastest, "notes": notes,
         "graphopt_vs_fastest_peer": (median_ms["graphopt"] / peers[fastest]) if fastest and "graphopt" in median_ms
         else None,
         "graphopt_vs_eager": median_ms["graphopt"] / median_ms["eager"] if {"graphopt", "eager"} <= set(median_ms)
@@ -100,12 +100,13 @@ def bench_model(name: str, engines: list[str], rounds: int, per_round: int, int8
 
 
 def markdown(results: list[dict], engines: list[str]) -> str:
-    head = ["model"] + [f"{e} ms" for e in engines] + ["graphopt / fastest peer", "graphopt / eager",
-                                                         "graphopt optimize s"]
+    head = ["model"] + [f"{e} ms" for e in engines] + ["graphopt ran in", "graphopt / fastest peer",
+                                                         "graphopt / eager", "graphopt optimize s"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [r["model"]] + [f"{r['median_ms'][e]:.3f}" if e in r["median_ms"] else "n/a" for e in engines]
         ratio = r["graphopt_vs_fastest_peer"]
+        cells.append(((r.get("notes") or {}).get("graphopt") or {}).get("engine", "n/a"))
         cells.append(f"{ratio:.2f} ({r['fastest_peer']})" if ratio else "n/a")
         cells.append(f"{r['graphopt_vs_eager']:.2f}" if r["graphopt_vs_eager"] else "n/a")
         cells.append(f"{r['build_s'].get('graphopt', float('nan')):.2f}")
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: bench one model, write its JSON here
     args = p.parse_args(argv)
-    args.engines = args.engines or ",".join(INT8_ENGINES if args.int8 else ENGINES)
+    args.engines = args.engines or ",".join(INT8_ENGINES if args.int8 else DEFAULT_ENGINES)
     models, engines = args.models.split(","), args.engines.split(",")
     rounds, per_round = (2, 2) if args.quick else (args.rounds, args.per_round)
     if args.one:

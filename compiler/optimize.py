@@ -8,16 +8,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch.nn as nn
 
 from graphopt.compiler.core.backend import resolve_backend
 from graphopt.compiler.core.capture import capture, normalize_inputs
+from graphopt.compiler.core.engines import choose, resolve_engines
 from graphopt.compiler.core.errors import GraphoptError
-from graphopt.compiler.core.fast_path import fast_plan
+from graphopt.compiler.core.fast_path import NAN_CHECKS, fast_plan
 from graphopt.compiler.core.module import OptimizedModule, finalize, input_specs
 from graphopt.compiler.core.pipeline import PassManager, PassRecord, count_nodes, lower
 from graphopt.passes.pipeline import DEFAULT_PIPELINE, LOWERING, PassContext
@@ -27,7 +29,8 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
              calibration: Iterable | None = None, passes: list[str] | None = None, backend: str = "auto",
              dump_dir: str | os.PathLike | None = None, check: bool = True, *,
              calibration_method: str = "histogram", accuracy_budget: Any = None,
-             fp32_layers: Iterable[str] = (), progress: bool = True, nan_checks: str = "fast") -> OptimizedModule:
+             fp32_layers: Iterable[str] = (), progress: bool = True, nan_checks: str = "fast",
+             engines: str | Sequence[str] | None = None) -> OptimizedModule:
     """Trace ``model`` on ``example_inputs``, optimize its graph and return a module with the same answers.
 
     The model is never modified. Every pass that changes the graph is checked against the
@@ -41,13 +44,22 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
 
     ``nan_checks="fast"`` (the default) also builds a graph with relu / relu6 / hardtanh fused into
     oneDNN, which the module runs on inputs that provably make no NaN or inf (compiler/core/fast_path.py):
-    eager's results either way. ``"strict"`` keeps only the graph with separate activations.
+    eager's results either way. ``"strict"`` keeps only the graph with separate activations (and no other
+    kernel library). ``"off"`` gives up eager's NaN / inf results on inputs that hold NaN or inf or overflow:
+    the fused graph and the chosen library run on every call, unchecked (the one mode that may differ
+    from eager there, and only there).
+
+    ``engines="auto"`` (the default, or ``GRAPHOPT_ENGINES``) also measures the optimized graph in every
+    installed kernel library (ONNX Runtime, OpenVINO) and runs it in the fastest where that is faster than
+    graphopt's own kernels, on inputs that provably make no NaN (compiler/core/engines.py); ``opt.engine``
+    and the report's last row say which. ``"graphopt"`` keeps graphopt's own kernels only.
     """
-    if nan_checks not in ("fast", "strict"):
-        raise GraphoptError(f"unknown nan_checks={nan_checks!r}", hint="use 'fast' (the default) or 'strict'")
+    if nan_checks not in NAN_CHECKS:
+        raise GraphoptError(f"unknown nan_checks={nan_checks!r}", hint="use 'fast' (the default), 'strict' or 'off'")
     if quantize not in (None, "int8"):
         raise GraphoptError(f"unknown quantize={quantize!r}", hint="use quantize='int8', or None for fp32")
     inputs = normalize_inputs(example_inputs)
+    engine_names = resolve_engines(engines)
     backend = resolve_backend(backend, inputs)
     if quantize is not None:
         from graphopt.compiler.int8.quantize import check_batches
@@ -76,9 +88,31 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
     opt = OptimizedModule(finalize(lowered), report + lowering_report, input_specs(inputs), backend,
                           portable=finalize(portable))
     opt.int8_report = int8_report
-    fast = fast_plan(portable, ctx) if nan_checks == "fast" else None
+    opt.nan_checks = nan_checks
+    fast = fast_plan(portable, ctx, nan_checks)
     if fast is not None:
         fast_lowered, fast_report = lower(portable, fast[0], LOWERING[backend], check=check, manager=manager)
         opt.report += [dataclasses.replace(r, name=f"{r.name} (fused clamps)") for r in fast_report]
         opt.use_fast_path(finalize(fast_lowered), fast[1])
+    if backend == "cpu" and engine_names and nan_checks != "strict":
+        _choose_engine(opt, portable, ctx, manager, engine_names)
     return opt
+
+
+def _choose_engine(opt: OptimizedModule, portable, ctx: PassContext, manager: PassManager, names) -> None:
+    """Measure the graph in other kernel libraries and keep the fastest (compiler/core/engines.py)."""
+    from graphopt.compiler.core.verify import Oracle
+
+    start = time.perf_counter()
+    oracle = manager.oracle or Oracle.build(portable, ctx.example_inputs)
+    dump = manager.dumper.root if manager.dumper else None
+    plan, runner = choose(opt, opt.portable, opt, ctx.example_inputs, names, oracle.fp32_error, dump_dir=dump,
+                          guarded=opt.nan_checks == "fast")
+    opt.use_engine(plan, runner)
+    record = PassRecord(plan.summary(), rewrites=int(runner is not None), seconds=time.perf_counter() - start,
+                        nodes_before=count_nodes(opt.graph_module), nodes_after=count_nodes(opt.graph_module),
+                        misses={f"{name}: {why}": 1 for name, why in plan.reasons.items()})
+    opt.report.append(record)
+    if manager.dumper:
+        manager.dumper.report([record])
+        (dump / "engine.md").write_text(f"# {plan.summary()}\n\n```json\n{json.dumps(plan.as_dict(), indent=1)}\n```\n")

@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphopt.compiler.core.errors import InputError
-from graphopt.compiler.core.fast_path import within
+from graphopt.compiler.core.fast_path import within, within_numpy
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -60,6 +60,9 @@ class OptimizedModule(nn.Module):
         self._forward = gm.forward
         self.fast_graph_module: fx.GraphModule | None = None  # see compiler/core/fast_path.py
         self._fast, self._fast_limit = None, None
+        self.engine_plan = None  # which library runs the graph: compiler/core/engines.py
+        self._engine, self._engine_limit, self._engine_shapes = None, None, None
+        self.nan_checks = "fast"  # as optimize() was told: saved, so that a reload makes the same plan
         self._checks = [(i, len(s["shape"]), getattr(torch, s["dtype"]), s["device"])
                         for i, s in enumerate(specs) if s is not None]
         self.eval()
@@ -68,9 +71,24 @@ class OptimizedModule(nn.Module):
     def code(self) -> str:
         return self.graph_module.code
 
-    def use_fast_path(self, gm: fx.GraphModule, limit: float) -> None:
-        """Run ``gm`` (relu / clamps fused into oneDNN) on calls whose inputs are finite with max |x| <= limit."""
+    def use_fast_path(self, gm: fx.GraphModule, limit: float | None) -> None:
+        """Run ``gm`` (relu / clamps fused into oneDNN) on calls whose inputs are finite with max |x| <= limit
+        (on every call where limit is None: nan_checks="off")."""
         self.fast_graph_module, self._fast, self._fast_limit = gm, gm.forward, limit
+
+    def use_engine(self, plan, runner) -> None:
+        """Run ``runner`` (another library's session over the whole graph) on calls with the plan's input shapes
+        whose inputs are finite with max |x| <= plan.limit (no check where it is None: nan_checks="off");
+        graphopt's own graph on every other call."""
+        self.engine_plan = plan
+        if runner is not None:
+            self._engine, self._engine_limit = runner, plan.limit
+            self._engine_shapes = [(i, torch.Size(shape)) for i, shape in enumerate(plan.shapes)]
+
+    @property
+    def engine(self) -> str:
+        """The library that runs the graph on calls within its plan ("graphopt": graphopt's own kernels)."""
+        return self.engine_plan.engine if self.engine_plan is not None else "graphopt"
 
     @property
     def op_counts(self) -> dict[str, int]:
@@ -86,7 +104,8 @@ class OptimizedModule(nn.Module):
         """Write the module to a folder: graph.json, weights.safetensors, code.py, manifest.json (no pickle)."""
         from graphopt.compiler.deploy.save import save
 
-        return save(self.portable, path, backend=self.backend, input_specs=self.input_specs, report=self.report)
+        return save(self.portable, path, backend=self.backend, input_specs=self.input_specs, report=self.report,
+                    extra={"engine": self.engine, "nan_checks": self.nan_checks})
 
     def forward(self, *args: Any) -> Any:
         if len(args) != len(self.input_specs):
@@ -108,8 +127,11 @@ class OptimizedModule(nn.Module):
                                  hint="train the eager model; call the optimized one for inference, under "
                                       "torch.no_grad() or torch.inference_mode(), or on x.detach()")
         # no autograd graph: outputs never require grad (and recording nothing is cheaper than recording)
+        if (self._engine is not None and all(args[i].shape == shape for i, shape in self._engine_shapes)
+                and (self._engine_limit is None or within_numpy(self._engine_limit, args))):
+            return self._engine(*args)  # (another library: no autograd either way)
         forward = self._forward
-        if self._fast is not None and within(self._fast_limit, args):
+        if self._fast is not None and (self._fast_limit is None or within(self._fast_limit, args)):
             forward = self._fast
         with torch.no_grad():
             return forward(*args)  # the generated code itself: no module-call machinery per call

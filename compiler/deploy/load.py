@@ -22,6 +22,7 @@ import json
 import math
 import os
 import stat
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,9 @@ import torch.nn as nn
 
 from graphopt.compiler.core.backend import has_triton
 from graphopt.compiler.core.capture import propagate
+from graphopt.compiler.core.engines import ENGINES, restore
 from graphopt.compiler.core.errors import LoadError
-from graphopt.compiler.core.fast_path import fast_plan
+from graphopt.compiler.core.fast_path import NAN_CHECKS, fast_plan
 from graphopt.compiler.core.module import OptimizedModule, finalize
 from graphopt.compiler.deploy.graph_json import MAX_JSON_BYTES, graph_from_json
 from graphopt.compiler.deploy.save import FILES, MANIFEST_VERSION, sha256
@@ -113,6 +115,13 @@ def _manifest(root: Path) -> dict:
                         hint="pip install 'graphopt[triton]' on a machine with a CUDA GPU")
     if not isinstance(inputs, list) or not inputs or len(inputs) > MAX_INPUTS:
         raise LoadError(f"manifest.json has no list of 1 to {MAX_INPUTS} input specs", hint=_HINT)
+    if manifest.setdefault("nan_checks", "fast") not in NAN_CHECKS:
+        raise LoadError(f"manifest.json names the NaN checks {str(manifest['nan_checks'])[:20]!r}; graphopt has "
+                        f"{', '.join(NAN_CHECKS)}", hint=_HINT)
+    engine = manifest.setdefault("engine", "graphopt")
+    if engine not in ("graphopt",) + ENGINES:
+        raise LoadError(f"manifest.json names the engine {str(engine)[:20]!r}; graphopt knows "
+                        f"{', '.join(('graphopt',) + ENGINES)}", hint=_HINT)
     manifest["inputs"] = [_input_spec(i, s) for i, s in enumerate(inputs)]
     if sum(math.prod(s["shape"]) for s in manifest["inputs"] if s is not None) > MAX_ELEMENTS:
         raise LoadError(f"manifest.json: the inputs hold more than {MAX_ELEMENTS} elements in all", hint=_HINT)
@@ -191,13 +200,21 @@ def load(path: str | os.PathLike) -> OptimizedModule:
     try:
         propagate(portable, inputs)  # (shapes on every node, for the lowering; bounded by the check above)
         lowered, report = PassManager(LOWERING[manifest["backend"]], check=False).run(clone(portable), ctx)
-        fast = fast_plan(portable, ctx)  # the same plan optimize() made: compiler/core/fast_path.py
+        fast = fast_plan(portable, ctx, manifest["nan_checks"])  # the plan optimize() made: core/fast_path.py
         if fast is not None:
             fused, _ = PassManager(LOWERING[manifest["backend"]], check=False).run(clone(portable), fast[0])
     except Exception as e:
         raise LoadError(f"the saved graph could not be lowered for {manifest['backend']}: {str(e)[:300]}",
                         hint=_HINT) from e
     module = OptimizedModule(finalize(lowered), report, specs, manifest["backend"], portable=finalize(portable))
+    module.nan_checks = manifest["nan_checks"]
     if fast is not None:
         module.use_fast_path(finalize(fused), fast[1])
+    if manifest["engine"] != "graphopt":
+        plan, runner, why = restore(manifest["engine"], module, module.portable, inputs, module,
+                                    guarded=manifest["nan_checks"] == "fast")
+        if why is not None:
+            warnings.warn(f"{root.name}: running graphopt's own kernels, not {manifest['engine']}: {why}",
+                          stacklevel=2)
+        module.use_engine(plan, runner)
     return module

@@ -150,6 +150,26 @@ class _Exportable(nn.Module):
         return self.inner(*args)
 
 
+def write_onnx(module: nn.Module, inputs: tuple, f: Any, *, dynamic_batch: bool, opset: int = 17) -> list[str]:
+    """The TorchScript exporter on a plain-aten module (it handles a dynamic batch simply); ``f`` is a path or a
+    file object. Inputs are named input_<i>, outputs output_<i> in their flattened order; returns the input names."""
+    names = [f"input_{i}" for i in range(len(inputs))]
+    with torch.no_grad():
+        outputs = tree_flatten(module(*inputs))[0]
+    out_names = [f"output_{i}" for i in range(len(outputs))]
+    axes = {n: {0: "batch"} for n in names + out_names} if dynamic_batch else None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(module, inputs, f, input_names=names, output_names=out_names, dynamic_axes=axes,
+                          opset_version=opset, dynamo=False)
+    return names
+
+
+def exportable(model: nn.Module) -> nn.Module:
+    """What the exporter traces: a copy of ``model`` (for an OptimizedModule, its portable graph in plain aten)."""
+    return _Exportable(_portable_reference(model)).eval()
+
+
 def _check_inputs(inputs: tuple, batch: int | None) -> list[tuple]:
     """The inputs the export is checked on: the example, negatives, large values, and another batch size.
     Integer inputs (token ids, masks) keep the example's values: other values may not be valid ids."""
@@ -174,18 +194,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, simplif
 
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     quantized = isinstance(model, OptimizedModule) and is_quantized(model.portable)
-    module = _Exportable(_portable_reference(model)).eval()
+    module = exportable(model)
     path = Path(path)
-    names = [f"input_{i}" for i in range(len(inputs))]
-    with torch.no_grad():
-        outputs = tree_flatten(module(*inputs))[0]
-    out_names = [f"output_{i}" for i in range(len(outputs))]
-    axes = {n: {0: "batch"} for n in names + out_names} if dynamic_batch else None
-    with torch.no_grad(), warnings.catch_warnings():
-        # the TorchScript exporter: the graph is plain aten by now, and it handles a dynamic batch simply
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(module, inputs, str(path), input_names=names, output_names=out_names, dynamic_axes=axes,
-                          opset_version=opset, dynamo=False)
+    names = write_onnx(module, inputs, str(path), dynamic_batch=dynamic_batch, opset=opset)
     proto = onnx.load(str(path))
     if quantized:
         _int8_initializers(proto)

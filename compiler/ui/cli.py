@@ -44,11 +44,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         batches = calibration_batches(args.calibration, len(inputs), args.calibration_batch)
         int8 = dict(quantize="int8", calibration=batches, calibration_method=args.calibration_method)
     opt = optimize(model, inputs, passes=args.passes.split(",") if args.passes else None,
-                   backend=args.backend, dump_dir=args.dump_dir, **int8)
+                   backend=args.backend, dump_dir=args.dump_dir, engines=args.engines, **int8)
     print_report(opt.report)
     if opt.int8_report is not None:
         print(opt.int8_report.table())
-    print("runs: " + ", ".join(f"{op} x{n}" for op, n in sorted(opt.op_counts.items())))
+    print("runs: " + ", ".join(f"{op} x{n}" for op, n in sorted(opt.op_counts.items()))
+          + (f"; on NaN-free inputs of the example's shapes, in {opt.engine}" if opt.engine != "graphopt" else ""))
     if args.dump_dir:
         print(f"dumps written to {args.dump_dir}")
     if args.out:
@@ -151,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-dir", help="write pass-by-pass dumps here")
     p.add_argument("--passes", help="comma-separated pass names (default: the default pipeline)")
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "triton", "reference"])
+    p.add_argument("--engines", help="kernel libraries to measure: auto (default: the installed ones), graphopt "
+                                     "(its own only), or onnxruntime,openvino")
     p.add_argument("--print-code", action="store_true", help="print the generated forward")
     p.add_argument("--out", help="save the optimized module to this folder (no pickle)")
     p.add_argument("--int8", action="store_true", help="quantize to int8 (needs --calibration)")

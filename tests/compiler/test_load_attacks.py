@@ -361,6 +361,14 @@ def test_a_manifest_for_a_missing_or_unknown_backend_is_a_load_error(folder):
     _refused(folder, "backend")
 
 
+@pytest.mark.parametrize("engine", ["os.system", "../engine.onnx", ["onnxruntime"], {"path": "/etc/passwd"}])
+def test_a_manifest_naming_an_unknown_engine_is_a_load_error(folder, engine):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["engine"] = engine  # (a saved folder never holds a model file for an engine: load exports its own)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _refused(folder, "engine")
+
+
 def test_a_hostile_safetensors_header_is_a_load_error(folder):
     header = json.dumps({"w": {"dtype": "F32", "shape": [2 ** 40], "data_offsets": [0, 2 ** 42]}}).encode()
     (folder / "weights.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)

@@ -1,0 +1,253 @@
+"""Kernel-library choice: run the graph in ONNX Runtime or OpenVINO where that measures faster than graphopt's own.
+
+graphopt's CPU graph calls oneDNN through PyTorch, one op at a time. On some networks another installed
+library's kernels are faster (ONNX Runtime's MLAS on small convnets and MLPs, where its per-op cost is
+lower; OpenVINO's depthwise and 1x1 kernels on MobileNet-style networks: bench/results/). So optimize()
+exports the optimized graph (the portable graph in plain aten, compiler/deploy/onnx.py), builds a session
+in each installed library named by ``engines``, checks its outputs with the same numerics oracle as every
+pass, times it against graphopt's own graph (interleaved, median) and keeps the fastest, if it is at least
+``MARGIN`` faster. The partition is the whole graph: these libraries run every op graphopt's CPU graphs
+keep, and one handoff is cheapest.
+
+Guarantees kept:
+- NaN / inf as eager: another library's relu may map NaN to a number, so the engine runs only on calls
+  whose inputs provably make no NaN or inf (compiler/core/finite_range.py: finite, max |x| under the
+  graph's limit); any other call runs graphopt's own graph, which keeps eager's semantics. A graph the
+  bound analysis cannot cover never uses an engine.
+- Only at the measured shapes: a call whose input shapes differ from the example's runs graphopt's graph.
+- The plan is saved (manifest.json names the engine); load() rebuilds the session from the loaded graph
+  (no ONNX file is ever read from a saved folder), checks it against graphopt's graph, and runs the same plan.
+- The choice is in ``opt.report`` (a row "engine: <name> (its ms; the others' ms)"), ``opt.engine`` and
+  ``opt.engine_plan``, and in the dumps (engine.md, and the exported graph as engine.onnx).
+- Thread-safe: an ONNX Runtime session may be run from several threads; OpenVINO gets one infer request
+  per thread. Both use torch's thread count at the time the session is built.
+
+``engines="graphopt"`` (or ``GRAPHOPT_ENGINES=graphopt``) keeps graphopt's own kernels only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from graphopt.compiler.core.errors import GraphoptError
+
+ENGINES = ("onnxruntime", "openvino")  # tried in this order; a tie keeps the earlier
+MARGIN = 0.95  # another library must take at most this fraction of graphopt's time (noise must not decide)
+TIMING_BUDGET_S = 1.5  # measuring stops after about this long (at least MIN_SAMPLES calls each)
+ROUNDS, MIN_SAMPLES, MAX_SAMPLES, WARMUP = 5, 5, 200, 5  # (a session's first calls set up its memory)
+
+
+def installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def resolve_engines(engines: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The libraries optimize() may choose: "auto" (every installed one), "graphopt" (none), or a list."""
+    if engines is None:
+        engines = os.environ.get("GRAPHOPT_ENGINES", "auto")
+    names = [e.strip() for e in engines.split(",")] if isinstance(engines, str) else list(engines)
+    if names == ["auto"]:
+        return tuple(e for e in ENGINES if installed(e))
+    unknown = [e for e in names if e not in ENGINES + ("graphopt",)]
+    if unknown:
+        raise GraphoptError(f"unknown engine(s): {', '.join(map(str, unknown))}",
+                            hint=f"use 'auto', 'graphopt' or a list of {', '.join(ENGINES)}")
+    missing = [e for e in names if e in ENGINES and not installed(e)]
+    if missing:
+        raise GraphoptError(f"engine(s) not installed: {', '.join(missing)}",
+                            hint="pip install them, or use engines='auto' (the installed ones)")
+    return tuple(e for e in ENGINES if e in names)
+
+
+def onnx_model(module: torch.nn.Module, inputs: tuple) -> bytes:
+    """The optimized graph as ONNX, at the example's shapes (the engine runs only there)."""
+    from graphopt.compiler.core.capture import locked_tracing
+    from graphopt.compiler.deploy.onnx import exportable, write_onnx
+
+    buffer = io.BytesIO()
+    with locked_tracing():  # (the exporter traces: one at a time, like every trace)
+        write_onnx(exportable(module), inputs, buffer, dynamic_batch=False)
+    return buffer.getvalue()
+
+
+def _onnxruntime(model: bytes, spec: Any) -> Callable:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # (no busy threads between calls)
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(*args: torch.Tensor) -> Any:
+        outputs = session.run(None, {n: a.detach().contiguous().numpy() for n, a in zip(names, args)})
+        return tree_unflatten([torch.from_numpy(o) for o in outputs], spec)
+    return run
+
+
+def _openvino(model: bytes, spec: Any) -> Callable:
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
+              "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    compiled = core.compile_model(core.read_model(model), "CPU", config)
+    local = threading.local()  # an infer request serves one call at a time: one per thread
+
+    def run(*args: torch.Tensor) -> Any:
+        request = getattr(local, "request", None)
+        if request is None:
+            request = local.request = compiled.create_infer_request()
+        outputs = request.infer([a.detach().contiguous().numpy() for a in args], share_outputs=False)
+        return tree_unflatten([torch.from_numpy(outputs[o]) for o in compiled.outputs], spec)
+    return run
+
+
+_BUILDERS = {"onnxruntime": _onnxruntime, "openvino": _openvino}
+
+
+
+def build(name: str, model: bytes, spec: Any) -> Callable:
+    return _BUILDERS[name](model, spec)
+
+
+@dataclass
+class EnginePlan:
+    """Which library runs the graph, on which calls, and the measurements that chose it."""
+    engine: str  # "graphopt" where no other library runs it
+    limit: float | None = None  # calls with finite inputs within +-limit may run the engine
+    shapes: tuple = ()  # ... and with exactly these input shapes
+    measured_ms: dict[str, float] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)  # library -> why it was not chosen
+
+    def summary(self) -> str:
+        others = [f"{k} {v:.3f} ms" for k, v in self.measured_ms.items() if k != self.engine]
+        others += [f"{k}: {v}" for k, v in self.reasons.items() if k not in self.measured_ms]
+        mine = f"{self.measured_ms[self.engine]:.3f} ms; " if self.engine in self.measured_ms else ""
+        return f"engine: {self.engine} ({mine}{', '.join(others)})" if mine or others else f"engine: {self.engine}"
+
+    def as_dict(self) -> dict:
+        return {"engine": self.engine, "partition": "whole graph", "input_limit": self.limit,
+                "shapes": [list(s) for s in self.shapes], "measured_ms": self.measured_ms, "reasons": self.reasons}
+
+
+def eligible(portable: torch.fx.GraphModule, inputs: tuple, outputs: list, guarded: bool = True
+             ) -> tuple[float | None, str | None]:
+    """(the input limit under which an engine may run the graph, None) or (None, why no engine may).
+    Unguarded (nan_checks="off"): (None, None) where an engine may run it on every call."""
+    from graphopt.compiler.core.finite_range import input_limit
+    from graphopt.compiler.core.pipeline import is_quantized
+
+    if is_quantized(portable):
+        return None, "an int8 graph runs graphopt's own int8 kernels"
+    if not inputs or not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
+                             for t in inputs):
+        return None, "the inputs are not all float32 CPU tensors"
+    if not outputs or not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in outputs):
+        return None, "the outputs are not all float32 tensors"
+    if not guarded:
+        return None, None
+    limit = input_limit(portable)
+    if limit is None:
+        return None, ("no proven NaN-free input range (an op without a bound, or gains past float32's range): "
+                      "eager's NaN semantics need graphopt's graph (nan_checks='off' gives them up)")
+    return limit, None
+
+
+def _samples(fns: dict[str, Callable], inputs: tuple) -> int:
+    """Calls per library so that the measurement takes about TIMING_BUDGET_S."""
+    with torch.no_grad():
+        for fn in fns.values():
+            for _ in range(WARMUP):
+                fn(*inputs)
+        start = time.perf_counter()
+        for fn in fns.values():
+            fn(*inputs)
+    per_round = max(time.perf_counter() - start, 1e-6)
+    return int(min(MAX_SAMPLES, max(MIN_SAMPLES, TIMING_BUDGET_S / per_round)))
+
+
+def choose(own: Callable, portable: torch.fx.GraphModule, module: torch.nn.Module, inputs: tuple, names: Sequence[str],
+           check: Callable[[list], str | None], dump_dir: Any = None, guarded: bool = True
+           ) -> tuple[EnginePlan, Callable | None]:
+    """Measure graphopt's graph (``own``) against each library in ``names``; (the plan, the engine's runner or None).
+
+    ``check`` is the numerics oracle: flattened outputs on ``inputs`` -> None, or what is wrong with them."""
+    from graphopt.compiler.core.capture import fresh
+    from graphopt.compiler.workflow.timing import median_ms
+
+    with torch.no_grad():
+        outputs, spec = tree_flatten(own(*fresh(inputs)))
+    limit, reason = eligible(portable, inputs, outputs, guarded)
+    plan = EnginePlan("graphopt", limit=limit, shapes=tuple(tuple(t.shape) for t in inputs))
+    if reason is not None:
+        plan.reasons = {name: reason for name in names}
+        return plan, None
+    try:
+        model = onnx_model(module, fresh(inputs))
+    except Exception as e:  # an op the exporter cannot write: graphopt runs it
+        plan.reasons = {name: f"the ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                        for name in names}
+        return plan, None
+    if dump_dir is not None:
+        (dump_dir / "engine.onnx").write_bytes(model)
+    runners: dict[str, Callable] = {}
+    for name in names:
+        try:
+            runner = build(name, model, spec)
+            with torch.no_grad():
+                problem = check(tree_flatten(runner(*fresh(inputs)))[0])
+        except Exception as e:
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        if problem is None:
+            runners[name] = runner
+        else:
+            plan.reasons[name] = f"rejected by the numerics check: {problem}"
+    if not runners:
+        return plan, None
+    candidates = {"graphopt": own, **runners}
+    samples = _samples(candidates, fresh(inputs))
+    # blocks of calls in turn: each library's thread pool wakes once per block (as it would in use), not per call
+    plan.measured_ms = median_ms(candidates, fresh(inputs), rounds=ROUNDS, per_round=max(1, samples // ROUNDS),
+                                 warmup=0)
+    best = min(runners, key=lambda n: plan.measured_ms[n])
+    if plan.measured_ms[best] <= MARGIN * plan.measured_ms["graphopt"]:
+        plan.engine = best
+        return plan, runners[best]
+    return plan, None
+
+
+def restore(name: str, module: torch.nn.Module, portable: torch.fx.GraphModule, inputs: tuple,
+            own: Callable, guarded: bool = True) -> tuple[EnginePlan | None, Callable | None, str | None]:
+    """The saved plan on load: rebuild ``name``'s session from the loaded graph and check it against graphopt's
+    own graph on a seeded input. (plan, runner, None), or (None, None, why graphopt's graph runs instead)."""
+    from graphopt.compiler.core.capture import fresh
+
+    if not installed(name):
+        return None, None, f"it was saved to run in {name}, which is not installed here"
+    with torch.no_grad():
+        outputs, spec = tree_flatten(own(*fresh(inputs)))
+    limit, reason = eligible(portable, inputs, outputs, guarded)
+    if reason is not None:
+        return None, None, reason
+    g = torch.Generator().manual_seed(0)
+    probe = tuple(torch.randn(t.shape, generator=g).clamp(-(limit or 1.0), limit or 1.0) for t in inputs)
+    try:
+        runner = build(name, onnx_model(module, fresh(inputs)), spec)
+        with torch.no_grad():
+            want, got = tree_flatten(own(*fresh(probe)))[0], tree_flatten(runner(*fresh(probe)))[0]
+        for w, o in zip(want, got, strict=True):
+            torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5 * max(1.0, float(w.abs().max())))
+    except Exception as e:
+        return None, None, f"{name} could not run it as saved: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return EnginePlan(name, limit=limit, shapes=tuple(tuple(t.shape) for t in inputs)), runner, None

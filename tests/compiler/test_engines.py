@@ -1,0 +1,252 @@
+"""Kernel-library choice (compiler/core/engines.py): the whole graph in ONNX Runtime or OpenVINO where faster.
+
+The choice is made by timing; these tests force its outcome (engines.MARGIN) so that what they check
+does not depend on the machine's speed, and check everything around it: the numerics check, the NaN
+guard, the shape guard, save / load, threads, the report and the dumps.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from graphopt import GraphoptError, load, optimize
+from graphopt.compiler.core import engines
+from tests.fuzz.artifacts import process_state, same_state
+from tests.helpers import randomize_bn
+from tests.zoo import ZOO
+
+LIBRARIES = [name for name in engines.ENGINES if engines.installed(name)]
+
+
+@pytest.fixture
+def always(monkeypatch):
+    """Any library that passes the numerics check wins, however long it takes."""
+    monkeypatch.setattr(engines, "MARGIN", float("inf"))
+
+
+def _convnet(batch: int = 2):
+    make, inputs = ZOO["resnet_blocks"]
+    torch.manual_seed(0)
+    return randomize_bn(make()).eval(), inputs(batch)
+
+
+def _spy(opt):
+    calls = []
+    runner = opt._engine
+
+    def counted(*args):
+        calls.append(args)
+        return runner(*args)
+    opt._engine = counted
+    return calls
+
+
+def test_onnxruntime_is_a_dependency_and_some_library_is_installed():
+    assert "onnxruntime" in LIBRARIES
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_a_chosen_library_runs_the_graph_with_eagers_answers(always, library):
+    model, x = _convnet()
+    opt = optimize(model, (x,), engines=library)
+    assert opt.engine == library and opt.engine_plan.engine == library
+    calls = _spy(opt)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
+    assert len(calls) == 1
+    row = opt.report[-1]
+    assert row.name.startswith(f"engine: {library} (") and row.rewrites == 1
+    plan = opt.engine_plan.as_dict()
+    assert plan["partition"] == "whole graph" and set(plan["measured_ms"]) == {"graphopt", library}
+    assert plan["shapes"] == [list(x.shape)] and plan["input_limit"] > 1.0
+
+
+def test_graphopt_keeps_the_graph_when_no_library_is_faster(monkeypatch):
+    monkeypatch.setattr(engines, "MARGIN", 0.0)
+    model, x = _convnet()
+    opt = optimize(model, (x,), engines="onnxruntime")
+    assert opt.engine == "graphopt" and opt._engine is None
+    assert set(opt.engine_plan.measured_ms) == {"graphopt", "onnxruntime"}  # measured, and slower
+    assert opt.report[-1].name.startswith("engine: graphopt (") and opt.report[-1].rewrites == 0
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 1e30])
+def test_inputs_that_could_make_nan_run_graphopts_graph(always, value):
+    model, x = _convnet()
+    opt = optimize(model, (x,), engines="onnxruntime")
+    calls = _spy(opt)
+    bad = x.clone()
+    bad.view(-1)[7] = value
+    with torch.no_grad():
+        got, want = opt(bad), model(bad)
+    assert calls == []
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    finite = want.isfinite()
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_other_shapes_run_graphopts_graph(always):
+    model, x = _convnet(batch=2)
+    opt = optimize(model, (x,), engines="onnxruntime")
+    calls = _spy(opt)
+    other = torch.randn(3, *x.shape[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(opt(other), model(other), rtol=1e-4, atol=1e-5)
+    assert calls == []
+
+
+def test_a_library_with_wrong_answers_is_rejected_by_the_numerics_check(always, monkeypatch):
+    real = engines.build
+
+    def off_by_a_little(name, model, spec):
+        runner = real(name, model, spec)
+        return lambda *args: runner(*args) * 1.001
+    monkeypatch.setattr(engines, "build", off_by_a_little)
+    model, x = _convnet()
+    opt = optimize(model, (x,), engines="onnxruntime")
+    assert opt.engine == "graphopt"
+    assert "rejected by the numerics check" in opt.engine_plan.reasons["onnxruntime"]
+    assert any("numerics check" in reason for reason in opt.report[-1].misses)
+
+
+class _Softmax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.softmax(self.fc(x), dim=-1)
+
+
+def test_graphs_without_a_nan_bound_int8_graphs_and_integer_inputs_keep_graphopts_kernels(always):
+    opt = optimize(_Softmax().eval(), (torch.randn(2, 8),), engines="onnxruntime")
+    assert opt.engine == "graphopt" and "NaN" in opt.engine_plan.reasons["onnxruntime"]
+
+    model, x = _convnet()
+    q = optimize(model, (x,), quantize="int8", calibration=[(x,)], engines="onnxruntime", progress=False)
+    assert q.engine == "graphopt" and "int8" in q.engine_plan.reasons["onnxruntime"]
+
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e = nn.Embedding(10, 4)
+
+        def forward(self, ids):
+            return self.e(ids)
+    e = optimize(Embed().eval(), (torch.tensor([[1, 2, 3]]),), engines="onnxruntime")
+    assert e.engine == "graphopt" and "float32" in e.engine_plan.reasons["onnxruntime"]
+
+
+def test_save_and_load_run_the_same_plan_with_the_same_bits(always, tmp_path):
+    model, x = _convnet()
+    opt = optimize(model, (x,), engines="onnxruntime")
+    folder = opt.save(tmp_path / "m")
+    assert json.loads((folder / "manifest.json").read_text())["engine"] == "onnxruntime"
+    assert not list(folder.glob("*.onnx"))  # load exports its own graph: no model file is ever read
+    before = process_state()
+    back = load(folder)
+    assert same_state(before, process_state()) == []  # (rebuilding the session changes no process state)
+    assert back.engine == "onnxruntime"
+    calls = _spy(back)
+    with torch.no_grad():
+        assert torch.equal(back(x), opt(x))
+    assert len(calls) == 1
+
+
+def test_a_load_without_the_library_warns_and_runs_graphopts_graph(always, tmp_path, monkeypatch):
+    model, x = _convnet()
+    folder = optimize(model, (x,), engines="onnxruntime").save(tmp_path / "m")
+    monkeypatch.setattr(engines, "installed", lambda name: False)
+    with pytest.warns(UserWarning, match="not installed"):
+        back = load(folder)
+    assert back.engine == "graphopt"
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_graphopt_plan_loads_without_warnings(tmp_path):
+    model, x = _convnet()
+    folder = optimize(model, (x,), engines="graphopt").save(tmp_path / "m")
+    assert json.loads((folder / "manifest.json").read_text())["engine"] == "graphopt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load(folder).engine == "graphopt"
+
+
+def test_the_engine_may_run_in_several_threads_at_once(always):
+    model, x = _convnet()
+    opt = optimize(model, (x,), engines=LIBRARIES)
+    assert opt.engine != "graphopt"
+    inputs = [torch.randn(x.shape) for _ in range(4)]
+    with torch.no_grad():
+        want = [model(i) for i in inputs]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                with torch.no_grad():
+                    torch.testing.assert_close(opt(inputs[i]), want[i], rtol=1e-4, atol=1e-5)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_the_choice_is_in_the_dumps(always, tmp_path):
+    model, x = _convnet()
+    optimize(model, (x,), engines="onnxruntime", dump_dir=tmp_path / "d")
+    assert (tmp_path / "d" / "engine.md").read_text().startswith("# engine: onnxruntime")
+    assert (tmp_path / "d" / "engine.onnx").stat().st_size > 0
+    assert "engine: onnxruntime" in (tmp_path / "d" / "report.md").read_text()
+
+
+def test_engine_names_are_checked(monkeypatch):
+    assert engines.resolve_engines("graphopt") == ()
+    assert engines.resolve_engines("auto") == tuple(LIBRARIES)
+    assert engines.resolve_engines(["openvino", "onnxruntime"])[0] == "onnxruntime"  # (always in ENGINES' order)
+    monkeypatch.setenv("GRAPHOPT_ENGINES", "onnxruntime")
+    assert engines.resolve_engines(None) == ("onnxruntime",)
+    with pytest.raises(GraphoptError, match="unknown engine"):
+        engines.resolve_engines("tvm")
+    monkeypatch.setattr(engines, "installed", lambda name: False)
+    with pytest.raises(GraphoptError, match="not installed"):
+        engines.resolve_engines("onnxruntime")
+
+
+def test_nan_checks_off_runs_the_library_on_every_call_and_strict_on_none(always, tmp_path, monkeypatch):
+    from graphopt.compiler.core import fast_path
+
+    monkeypatch.setattr(fast_path, "MIN_CLAMPED_ELEMENTS", 0)  # (so that "fast" would build the fused graph)
+    model, x = _Softmax().eval(), torch.randn(2, 8)  # (no proven NaN-free range: the guarded mode keeps graphopt)
+    off = optimize(model, (x,), engines="onnxruntime", nan_checks="off")
+    assert off.engine == "onnxruntime" and off.engine_plan.limit is None
+    calls = _spy(off)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with torch.no_grad():
+        off(bad)
+        torch.testing.assert_close(off(x), model(x), rtol=1e-4, atol=1e-5)
+    assert len(calls) == 2  # unchecked, as the user asked
+    folder = off.save(tmp_path / "off")
+    assert json.loads((folder / "manifest.json").read_text())["nan_checks"] == "off"
+    back = load(folder)
+    assert back.nan_checks == "off" and back.engine == "onnxruntime" and back._engine_limit is None
+
+    convnet, y = _convnet()
+    strict = optimize(convnet, (y,), engines="onnxruntime", nan_checks="strict")
+    assert strict.engine == "graphopt" and strict.engine_plan is None and strict.fast_graph_module is None
+    assert not any(r.name.startswith("engine:") for r in strict.report)
+    assert optimize(convnet, (y,), engines="graphopt").fast_graph_module is not None
+    folder = strict.save(tmp_path / "strict")
+    assert load(folder).fast_graph_module is None  # (the reload makes the same plan: no fused graph either)
