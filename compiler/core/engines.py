@@ -89,8 +89,12 @@ def _onnxruntime(model: bytes, spec: Any) -> Callable:
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
+    single = spec.is_leaf()
+
     def run(*args: torch.Tensor) -> Any:
         outputs = session.run(None, {n: a.detach().contiguous().numpy() for n, a in zip(names, args)})
+        if single:
+            return torch.from_numpy(outputs[0])
         return tree_unflatten([torch.from_numpy(o) for o in outputs], spec)
     return run
 

@@ -22,6 +22,7 @@ from graphopt.kernels.cpu import clamp_postop
 from graphopt.kernels.signatures import ConvAct, signature_of
 
 NAN_CHECKS = ("fast", "strict", "off")  # optimize(nan_checks=...)
+TORCH_GRAIN = 32768  # at::internal::GRAIN_SIZE: smaller reductions stay in the calling thread
 MIN_CLAMPED_ELEMENTS = 1 << 18  # below this the per-call input check costs more than the passes it saves (bench)
 
 
@@ -76,8 +77,13 @@ def within_numpy(limit: float, args: tuple) -> bool:
     11.7 ms after torch.aminmax of its input); numpy's min / max run in the calling thread. They
     propagate NaN, and NaN compares False."""
     for x in args:
-        if x.numel():
+        if x.numel() >= TORCH_GRAIN:
             a = x.detach().numpy()
-            if not (-limit <= a.min() and a.max() <= limit):
-                return False
+            lo, hi = a.min(), a.max()
+        elif x.numel():
+            lo, hi = torch.aminmax(x.detach())  # (below the grain, torch reduces in the calling thread, faster)
+        else:
+            continue
+        if not (-limit <= float(lo) and float(hi) <= limit):
+            return False
     return True

@@ -83,7 +83,7 @@ class OptimizedModule(nn.Module):
         self.engine_plan = plan
         if runner is not None:
             self._engine, self._engine_limit = runner, plan.limit
-            self._engine_shapes = [(i, torch.Size(shape)) for i, shape in enumerate(plan.shapes)]
+            self._engine_shapes = [torch.Size(shape) for shape in plan.shapes]
 
     @property
     def engine(self) -> str:
@@ -107,7 +107,22 @@ class OptimizedModule(nn.Module):
         return save(self.portable, path, backend=self.backend, input_specs=self.input_specs, report=self.report,
                     extra={"engine": self.engine, "nan_checks": self.nan_checks})
 
+    def _engine_takes(self, args: tuple) -> bool:
+        """Is this call the engine's: float32 CPU tensors of exactly the measured shapes, no grad wanted, and
+        (unless nan_checks="off") provably NaN-free? Everything the general checks below would pass, so a
+        call it takes needs no other check (this is the per-call cost of the engine path: a few us)."""
+        if len(args) != len(self._engine_shapes):
+            return False
+        grad = torch.is_grad_enabled()
+        for x, shape in zip(args, self._engine_shapes):
+            if (type(x) is not torch.Tensor or x.shape != shape or x.dtype != torch.float32
+                    or x.device.type != "cpu" or (grad and x.requires_grad)):
+                return False
+        return self._engine_limit is None or within_numpy(self._engine_limit, args)
+
     def forward(self, *args: Any) -> Any:
+        if self._engine is not None and self._engine_takes(args):
+            return self._engine(*args)  # (another library: no autograd either way)
         if len(args) != len(self.input_specs):
             raise InputError(f"expected {len(self.input_specs)} inputs, got {len(args)}",
                              hint="call the optimized module with the same inputs as the example inputs")
@@ -127,9 +142,6 @@ class OptimizedModule(nn.Module):
                                  hint="train the eager model; call the optimized one for inference, under "
                                       "torch.no_grad() or torch.inference_mode(), or on x.detach()")
         # no autograd graph: outputs never require grad (and recording nothing is cheaper than recording)
-        if (self._engine is not None and all(args[i].shape == shape for i, shape in self._engine_shapes)
-                and (self._engine_limit is None or within_numpy(self._engine_limit, args))):
-            return self._engine(*args)  # (another library: no autograd either way)
         forward = self._forward
         if self._fast is not None and (self._fast_limit is None or within(self._fast_limit, args)):
             forward = self._fast

@@ -250,3 +250,21 @@ def test_nan_checks_off_runs_the_library_on_every_call_and_strict_on_none(always
     assert optimize(convnet, (y,), engines="graphopt").fast_graph_module is not None
     folder = strict.save(tmp_path / "strict")
     assert load(folder).fast_graph_module is None  # (the reload makes the same plan: no fused graph either)
+
+
+def test_the_engine_path_keeps_the_input_checks(always):
+    from graphopt import InputError
+
+    model, x = _convnet()
+    opt = optimize(model, (x,), engines="onnxruntime")
+    calls = _spy(opt)
+    with pytest.raises(InputError, match="requires grad"):
+        opt(x.clone().requires_grad_())
+    with pytest.raises(InputError, match="float64"):
+        opt(x.double())
+    with pytest.raises(InputError, match="expected 1 inputs"):
+        opt(x, x)
+    assert calls == []
+    with torch.no_grad():
+        opt(x.clone().requires_grad_())  # (under no_grad, an input that requires grad is fine)
+    assert len(calls) == 1
