@@ -172,7 +172,7 @@ def run_demo(out: str | Path, epochs: int = 8, quick: bool = False, seed: int = 
     stages = []
     for name, m in engines.items():
         stages.append({"name": name, "accuracy": accuracy(m, x_test, y_test), "latency_ms": latency[name],
-                       "params": n_params(m)})
+                       "params": n_params(m), "kernels": getattr(m, "engine", "eager")})
     stages[1]["optimize_s"] = timings["optimize_s"]
     stages[2].update(optimize_s=timings["int8_optimize_s"], output_sqnr_db=int8.int8_report.output_sqnr_db,
                      int8_layers=sum(layer["int8"] for layer in int8.int8_report.layers))
@@ -189,11 +189,11 @@ def run_demo(out: str | Path, epochs: int = 8, quick: bool = False, seed: int = 
         console.print("matplotlib not installed: no plot")
 
     table = Table(title="graphopt demo: seed ConvNet on digits (batch-1 latency, median)")
-    for col in ("stage", "test accuracy", "latency ms", "vs fp32", "params"):
-        table.add_column(col, justify="right" if col != "stage" else "left")
+    for col in ("stage", "test accuracy", "latency ms", "vs fp32", "params", "kernels"):
+        table.add_column(col, justify="left" if col in ("stage", "kernels") else "right")
     for s in stages:
         table.add_row(s["name"], f"{s['accuracy']:.4f}", f"{s['latency_ms']:.3f}",
-                      f"{s['latency_ms'] / stages[0]['latency_ms']:.2f}x", f"{s['params']:,}")
+                      f"{s['latency_ms'] / stages[0]['latency_ms']:.2f}x", f"{s['params']:,}", s["kernels"])
     console.print(table)
     console.print(f"results in {out / 'demo.json'} and {out / 'demo.png'}; dumps in {out / 'dumps'}; "
                   f"tuned model in {out / (tuned_path or '-')}")
