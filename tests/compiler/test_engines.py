@@ -268,3 +268,21 @@ def test_the_engine_path_keeps_the_input_checks(always):
     with torch.no_grad():
         opt(x.clone().requires_grad_())  # (under no_grad, an input that requires grad is fine)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("seed", range(9000, 9008))
+def test_random_programs_in_the_library_keep_eagers_answers_nan_and_bits(always, seed, monkeypatch):
+    """The program fuzzer's checks (eager's answers, another batch, determinism, reload bits) with the library
+    chosen wherever it may run (half of these programs), plus eager's NaN positions on an input holding a NaN."""
+    from tests.fuzz import generator, runner
+
+    monkeypatch.setenv("GRAPHOPT_ENGINES", "onnxruntime")  # (the fuzzer's optimize() calls take the default)
+    spec = generator.generate(seed)
+    assert runner.check_case(spec, seed, each_pass=False) == []
+    model, x = runner.build(spec, seed)
+    opt = optimize(model, (x,), engines="onnxruntime")
+    bad = x.clone()
+    bad.view(-1)[0] = float("nan")
+    with torch.no_grad():
+        for want, got in zip(runner._flat(model(bad.clone())), runner._flat(opt(bad.clone())), strict=True):
+            assert torch.equal(want.isnan(), got.isnan())
