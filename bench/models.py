@@ -21,7 +21,6 @@ import math
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -58,14 +57,10 @@ def _block(built: dict, x: torch.Tensor, per_round: int) -> int:
     MIN_BLOCK_MS. Engines with their own thread pools (torch's OpenMP, ONNX Runtime's, OpenVINO's) leave
     threads spinning for a while after a call, which slows whichever engine runs next; on a 0.06 ms model a
     block of 5 calls would measure that handover more than the engine (steady-state serving has none)."""
-    fastest = math.inf
-    with torch.no_grad():
-        for fn in built.values():
-            fn(x)
-            start = time.perf_counter()
-            fn(x)
-            fastest = min(fastest, (time.perf_counter() - start) * 1e3)
-    return max(per_round, math.ceil(MIN_BLOCK_MS / max(fastest, 1e-3))) if built else per_round
+    if not built:
+        return per_round
+    fastest = min(timing.call_ms(built, (x,)).values())
+    return max(per_round, math.ceil(MIN_BLOCK_MS / max(fastest, 1e-3)))
 
 
 @torch.no_grad()

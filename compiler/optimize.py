@@ -106,7 +106,7 @@ def _choose_engine(opt: OptimizedModule, portable, ctx: PassContext, manager: Pa
     start = time.perf_counter()
     oracle = manager.oracle or Oracle.build(portable, ctx.example_inputs)
     dump = manager.dumper.root if manager.dumper else None
-    plan, runner = choose(opt, opt.portable, opt, ctx.example_inputs, names, oracle.fp32_error, dump_dir=dump,
+    plan, runner = choose(opt, ctx.example_inputs, names, oracle.fp32_error, dump_dir=dump,
                           guarded=opt.nan_checks == "fast")
     opt.use_engine(plan, runner)
     record = PassRecord(plan.summary(), rewrites=int(runner is not None), seconds=time.perf_counter() - start,

@@ -31,7 +31,6 @@ import importlib.util
 import io
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -44,6 +43,7 @@ ENGINES = ("onnxruntime", "openvino")  # tried in this order; a tie keeps the ea
 MARGIN = 0.95  # another library must take at most this fraction of graphopt's time (noise must not decide)
 TIMING_BUDGET_S = 1.5  # measuring stops after about this long (at least MIN_SAMPLES calls each)
 ROUNDS, MIN_SAMPLES, MAX_SAMPLES, WARMUP = 5, 5, 200, 5  # (a session's first calls set up its memory)
+PROBE_SEED = 0  # load()'s check of a rebuilt session runs on this seeded input
 
 
 def installed(name: str) -> bool:
@@ -79,6 +79,13 @@ def onnx_model(module: torch.nn.Module, inputs: tuple) -> bytes:
     return buffer.getvalue()
 
 
+def _outputs(spec: Any) -> Callable[[list], Any]:
+    """A library's output arrays (in flattened order) -> the graph's output structure, as tensors sharing them."""
+    if spec.is_leaf():
+        return lambda arrays: torch.from_numpy(arrays[0])
+    return lambda arrays: tree_unflatten([torch.from_numpy(a) for a in arrays], spec)
+
+
 def _onnxruntime(model: bytes, spec: Any) -> Callable:
     import onnxruntime as ort
 
@@ -88,14 +95,10 @@ def _onnxruntime(model: bytes, spec: Any) -> Callable:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # (no busy threads between calls)
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-
-    single = spec.is_leaf()
+    outputs = _outputs(spec)
 
     def run(*args: torch.Tensor) -> Any:
-        outputs = session.run(None, {n: a.detach().contiguous().numpy() for n, a in zip(names, args)})
-        if single:
-            return torch.from_numpy(outputs[0])
-        return tree_unflatten([torch.from_numpy(o) for o in outputs], spec)
+        return outputs(session.run(None, {n: a.detach().contiguous().numpy() for n, a in zip(names, args)}))
     return run
 
 
@@ -107,18 +110,18 @@ def _openvino(model: bytes, spec: Any) -> Callable:
               "INFERENCE_NUM_THREADS": torch.get_num_threads()}
     compiled = core.compile_model(core.read_model(model), "CPU", config)
     local = threading.local()  # an infer request serves one call at a time: one per thread
+    outputs = _outputs(spec)
 
     def run(*args: torch.Tensor) -> Any:
         request = getattr(local, "request", None)
         if request is None:
             request = local.request = compiled.create_infer_request()
-        outputs = request.infer([a.detach().contiguous().numpy() for a in args], share_outputs=False)
-        return tree_unflatten([torch.from_numpy(outputs[o]) for o in compiled.outputs], spec)
+        results = request.infer([a.detach().contiguous().numpy() for a in args], share_outputs=False)
+        return outputs([results[o] for o in compiled.outputs])
     return run
 
 
 _BUILDERS = {"onnxruntime": _onnxruntime, "openvino": _openvino}
-
 
 
 def build(name: str, model: bytes, spec: Any) -> Callable:
@@ -168,37 +171,32 @@ def eligible(portable: torch.fx.GraphModule, inputs: tuple, outputs: list, guard
     return limit, None
 
 
-def _samples(fns: dict[str, Callable], inputs: tuple) -> int:
-    """Calls per library so that the measurement takes about TIMING_BUDGET_S."""
+def _plan(opt: torch.nn.Module, inputs: tuple, guarded: bool) -> tuple[EnginePlan, Any, str | None]:
+    """graphopt's own plan for ``opt`` (an OptimizedModule without an engine yet), its output structure, and why
+    no library may run it (None where one may)."""
+    from graphopt.compiler.core.capture import fresh
+
     with torch.no_grad():
-        for fn in fns.values():
-            for _ in range(WARMUP):
-                fn(*inputs)
-        start = time.perf_counter()
-        for fn in fns.values():
-            fn(*inputs)
-    per_round = max(time.perf_counter() - start, 1e-6)
-    return int(min(MAX_SAMPLES, max(MIN_SAMPLES, TIMING_BUDGET_S / per_round)))
+        outputs, spec = tree_flatten(opt(*fresh(inputs)))
+    limit, reason = eligible(opt.portable, inputs, outputs, guarded)
+    return EnginePlan("graphopt", limit=limit, shapes=tuple(tuple(t.shape) for t in inputs)), spec, reason
 
 
-def choose(own: Callable, portable: torch.fx.GraphModule, module: torch.nn.Module, inputs: tuple, names: Sequence[str],
-           check: Callable[[list], str | None], dump_dir: Any = None, guarded: bool = True
-           ) -> tuple[EnginePlan, Callable | None]:
-    """Measure graphopt's graph (``own``) against each library in ``names``; (the plan, the engine's runner or None).
+def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Callable[[list], str | None],
+           dump_dir: Any = None, guarded: bool = True) -> tuple[EnginePlan, Callable | None]:
+    """Measure ``opt`` (an OptimizedModule, graphopt's own graph) against each library in ``names``; (the plan,
+    the chosen library's runner or None).
 
     ``check`` is the numerics oracle: flattened outputs on ``inputs`` -> None, or what is wrong with them."""
     from graphopt.compiler.core.capture import fresh
-    from graphopt.compiler.workflow.timing import median_ms
+    from graphopt.compiler.workflow.timing import call_ms, median_ms
 
-    with torch.no_grad():
-        outputs, spec = tree_flatten(own(*fresh(inputs)))
-    limit, reason = eligible(portable, inputs, outputs, guarded)
-    plan = EnginePlan("graphopt", limit=limit, shapes=tuple(tuple(t.shape) for t in inputs))
+    plan, spec, reason = _plan(opt, inputs, guarded)
     if reason is not None:
         plan.reasons = {name: reason for name in names}
         return plan, None
     try:
-        model = onnx_model(module, fresh(inputs))
+        model = onnx_model(opt, fresh(inputs))
     except Exception as e:  # an op the exporter cannot write: graphopt runs it
         plan.reasons = {name: f"the ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
                         for name in names}
@@ -219,8 +217,9 @@ def choose(own: Callable, portable: torch.fx.GraphModule, module: torch.nn.Modul
             plan.reasons[name] = f"rejected by the numerics check: {problem}"
     if not runners:
         return plan, None
-    candidates = {"graphopt": own, **runners}
-    samples = _samples(candidates, fresh(inputs))
+    candidates = {"graphopt": opt, **runners}
+    one_round = max(sum(call_ms(candidates, fresh(inputs), warmup=WARMUP).values()) / 1e3, 1e-6)
+    samples = int(min(MAX_SAMPLES, max(MIN_SAMPLES, TIMING_BUDGET_S / one_round)))
     # blocks of calls in turn: each library's thread pool wakes once per block (as it would in use), not per call
     plan.measured_ms = median_ms(candidates, fresh(inputs), rounds=ROUNDS, per_round=max(1, samples // ROUNDS),
                                  warmup=0)
@@ -231,27 +230,27 @@ def choose(own: Callable, portable: torch.fx.GraphModule, module: torch.nn.Modul
     return plan, None
 
 
-def restore(name: str, module: torch.nn.Module, portable: torch.fx.GraphModule, inputs: tuple,
-            own: Callable, guarded: bool = True) -> tuple[EnginePlan | None, Callable | None, str | None]:
-    """The saved plan on load: rebuild ``name``'s session from the loaded graph and check it against graphopt's
-    own graph on a seeded input. (plan, runner, None), or (None, None, why graphopt's graph runs instead)."""
+def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
+            ) -> tuple[EnginePlan | None, Callable | None, str | None]:
+    """The saved plan on load: rebuild ``name``'s session from ``opt``'s loaded graph and check it against
+    graphopt's own graph on a seeded input. (plan, runner, None), or (None, None, why graphopt's graph runs)."""
     from graphopt.compiler.core.capture import fresh
 
     if not installed(name):
         return None, None, f"it was saved to run in {name}, which is not installed here"
-    with torch.no_grad():
-        outputs, spec = tree_flatten(own(*fresh(inputs)))
-    limit, reason = eligible(portable, inputs, outputs, guarded)
+    plan, spec, reason = _plan(opt, inputs, guarded)
     if reason is not None:
         return None, None, reason
-    g = torch.Generator().manual_seed(0)
-    probe = tuple(torch.randn(t.shape, generator=g).clamp(-(limit or 1.0), limit or 1.0) for t in inputs)
+    g = torch.Generator().manual_seed(PROBE_SEED)
+    bound = plan.limit or 1.0
+    probe = tuple(torch.randn(t.shape, generator=g).clamp(-bound, bound) for t in inputs)
     try:
-        runner = build(name, onnx_model(module, fresh(inputs)), spec)
+        runner = build(name, onnx_model(opt, fresh(inputs)), spec)
         with torch.no_grad():
-            want, got = tree_flatten(own(*fresh(probe)))[0], tree_flatten(runner(*fresh(probe)))[0]
+            want, got = tree_flatten(opt(*fresh(probe)))[0], tree_flatten(runner(*fresh(probe)))[0]
         for w, o in zip(want, got, strict=True):
             torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5 * max(1.0, float(w.abs().max())))
     except Exception as e:
         return None, None, f"{name} could not run it as saved: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    return EnginePlan(name, limit=limit, shapes=tuple(tuple(t.shape) for t in inputs)), runner, None
+    plan.engine = name
+    return plan, runner, None

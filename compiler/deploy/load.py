@@ -211,8 +211,7 @@ def load(path: str | os.PathLike) -> OptimizedModule:
     if fast is not None:
         module.use_fast_path(finalize(fused), fast[1])
     if manifest["engine"] != "graphopt":
-        plan, runner, why = restore(manifest["engine"], module, module.portable, inputs, module,
-                                    guarded=manifest["nan_checks"] == "fast")
+        plan, runner, why = restore(manifest["engine"], module, inputs, guarded=manifest["nan_checks"] == "fast")
         if why is not None:
             warnings.warn(f"{root.name}: running graphopt's own kernels, not {manifest['engine']}: {why}",
                           stacklevel=2)

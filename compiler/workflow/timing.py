@@ -25,6 +25,21 @@ import torch
 
 
 @torch.no_grad()
+def call_ms(fns: Mapping[str, Callable[..., Any]], inputs: tuple = (), warmup: int = 1,
+            timer: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Name -> milliseconds of one call after ``warmup`` untimed ones: a rough size, to choose how many calls
+    ``median_ms`` should time (not a measurement to report)."""
+    out = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn(*inputs)
+        start = timer()
+        fn(*inputs)
+        out[name] = (timer() - start) * 1e3
+    return out
+
+
+@torch.no_grad()
 def median_ms(fns: Mapping[str, Callable[..., Any]], inputs: tuple = (), rounds: int = 20, per_round: int = 1,
               warmup: int = 3, timer: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Name -> median milliseconds of one call ``fn(*inputs)``, over ``rounds * per_round`` timed calls each.

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from graphopt.compiler.workflow.timing import median_ms
+from graphopt.compiler.workflow.timing import call_ms, median_ms
 
 
 class FakeClock:
@@ -58,3 +58,16 @@ def test_rounds_must_time_something():
     with pytest.raises(ValueError, match="at least 1"):
         median_ms({"f": lambda: None}, rounds=0)
     assert median_ms({}, rounds=2) == {}
+
+
+def test_call_ms_times_one_call_after_the_warm_up():
+    clock = FakeClock()
+    took = {"a": iter([5.0, 5.0, 0.002]), "b": iter([5.0, 5.0, 0.030])}
+
+    def timed(name):
+        def fn():
+            clock.now += next(took[name])
+        return fn
+
+    ms = call_ms({"a": timed("a"), "b": timed("b")}, warmup=2, timer=clock)
+    assert ms == {"a": pytest.approx(2.0), "b": pytest.approx(30.0)}  # (the 5 s warm-up calls not counted)
