@@ -26,7 +26,7 @@ def graphopt(model: nn.Module, x: torch.Tensor) -> tuple[Callable, float]:
     start = time.perf_counter()
     opt = optimize(model, (x,), engines="auto")
     elapsed = time.perf_counter() - start
-    opt.bench_note = {"engine": opt.engine, "measured_ms_at_optimize": opt.engine_plan.measured_ms,
+    opt.bench_note = {"engine": opt.engine_plan.label, "measured_ms_at_optimize": opt.engine_plan.measured_ms,
                       "reasons": opt.engine_plan.reasons}
     return opt, elapsed
 
@@ -106,7 +106,7 @@ def graphopt_nan_off(model: nn.Module, x: torch.Tensor) -> tuple[Callable, float
     start = time.perf_counter()
     opt = optimize(model, (x,), engines="auto", nan_checks="off")
     elapsed = time.perf_counter() - start
-    opt.bench_note = {"engine": opt.engine, "measured_ms_at_optimize": opt.engine_plan.measured_ms}
+    opt.bench_note = {"engine": opt.engine_plan.label, "measured_ms_at_optimize": opt.engine_plan.measured_ms}
     return opt, elapsed
 
 

@@ -105,7 +105,8 @@ class OptimizedModule(nn.Module):
         from graphopt.compiler.deploy.save import save
 
         return save(self.portable, path, backend=self.backend, input_specs=self.input_specs, report=self.report,
-                    extra={"engine": self.engine, "nan_checks": self.nan_checks})
+                    extra={"engine": self.engine, "nan_checks": self.nan_checks,
+                           "engine_threads": self.engine_plan.threads if self.engine_plan else "torch"})
 
     def _engine_takes(self, args: tuple) -> bool:
         """Is this call the engine's: float32 CPU tensors of exactly the measured shapes, no grad wanted, and

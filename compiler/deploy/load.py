@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from graphopt.compiler.core.backend import has_triton
 from graphopt.compiler.core.capture import propagate
-from graphopt.compiler.core.engines import ENGINES, restore
+from graphopt.compiler.core.engines import ENGINES, THREADS, restore
 from graphopt.compiler.core.errors import LoadError
 from graphopt.compiler.core.fast_path import NAN_CHECKS, fast_plan
 from graphopt.compiler.core.module import OptimizedModule, finalize
@@ -122,6 +122,9 @@ def _manifest(root: Path) -> dict:
     if engine not in ("graphopt",) + ENGINES:
         raise LoadError(f"manifest.json names the engine {str(engine)[:20]!r}; graphopt knows "
                         f"{', '.join(('graphopt',) + ENGINES)}", hint=_HINT)
+    if manifest.setdefault("engine_threads", "torch") not in THREADS:
+        raise LoadError(f"manifest.json names the engine threads {str(manifest['engine_threads'])[:20]!r}; graphopt "
+                        f"has {', '.join(THREADS)}", hint=_HINT)
     manifest["inputs"] = [_input_spec(i, s) for i, s in enumerate(inputs)]
     if sum(math.prod(s["shape"]) for s in manifest["inputs"] if s is not None) > MAX_ELEMENTS:
         raise LoadError(f"manifest.json: the inputs hold more than {MAX_ELEMENTS} elements in all", hint=_HINT)
@@ -211,7 +214,8 @@ def load(path: str | os.PathLike) -> OptimizedModule:
     if fast is not None:
         module.use_fast_path(finalize(fused), fast[1])
     if manifest["engine"] != "graphopt":
-        plan, runner, why = restore(manifest["engine"], module, inputs, guarded=manifest["nan_checks"] == "fast")
+        plan, runner, why = restore(manifest["engine"], module, inputs, guarded=manifest["nan_checks"] == "fast",
+                                    threads=manifest["engine_threads"])
         if why is not None:
             warnings.warn(f"{root.name}: running graphopt's own kernels, not {manifest['engine']}: {why}",
                           stacklevel=2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import warnings
 
 import pytest
@@ -26,8 +27,10 @@ LIBRARIES = [name for name in engines.ENGINES if engines.installed(name)]
 
 @pytest.fixture
 def always(monkeypatch):
-    """Any library that passes the numerics check wins, however long it takes."""
+    """Any library that passes the numerics check wins, however long it takes (on torch's threads: no one-thread
+    session is tried)."""
     monkeypatch.setattr(engines, "MARGIN", float("inf"))
+    monkeypatch.setattr(engines, "SINGLE_THREAD_BELOW_MS", 0.0)
 
 
 def _convnet(batch: int = 2):
@@ -69,11 +72,41 @@ def test_a_chosen_library_runs_the_graph_with_eagers_answers(always, library):
 
 def test_graphopt_keeps_the_graph_when_no_library_is_faster(monkeypatch):
     monkeypatch.setattr(engines, "MARGIN", 0.0)
+    monkeypatch.setattr(engines, "SINGLE_THREAD_BELOW_MS", 0.0)
     model, x = _convnet()
     opt = optimize(model, (x,), engines="onnxruntime")
     assert opt.engine == "graphopt" and opt._engine is None
     assert set(opt.engine_plan.measured_ms) == {"graphopt", "onnxruntime"}  # measured, and slower
     assert opt.report[-1].name.startswith("engine: graphopt (") and opt.report[-1].rewrites == 0
+
+
+def test_a_quick_graph_also_gets_a_one_thread_session_and_a_reload_keeps_it(always, monkeypatch, tmp_path):
+    monkeypatch.setattr(engines, "SINGLE_THREAD_BELOW_MS", float("inf"))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # (a pool to compare with, on any machine)
+    real = engines._BUILDERS["onnxruntime"]
+
+    def pool_slowed(model, spec, threads):  # the pool session measures slower: the one-thread one must win
+        run = real(model, spec, threads)
+        if threads == "1":
+            return run
+        return lambda *args: (time.sleep(0.002), run(*args))[1]
+    monkeypatch.setitem(engines._BUILDERS, "onnxruntime", pool_slowed)
+    model, x = _convnet()
+    opt = optimize(model, (x,), engines="onnxruntime")
+    assert (opt.engine, opt.engine_plan.threads) == ("onnxruntime", "1")
+    assert set(opt.engine_plan.measured_ms) == {"graphopt", "onnxruntime", "onnxruntime, 1 thread"}
+    assert opt.report[-1].name.startswith("engine: onnxruntime, 1 thread (")
+    folder = opt.save(tmp_path / "m")
+    assert json.loads((folder / "manifest.json").read_text())["engine_threads"] == "1"
+    built = []
+    monkeypatch.setitem(engines._BUILDERS, "onnxruntime", lambda *a: (built.append(a[2]), real(*a))[1])
+    back = load(folder)
+    assert built == ["1"] and back.engine_plan.threads == "1"
+    with torch.no_grad():
+        assert torch.equal(back(x), opt(x))
+
+    monkeypatch.setattr(engines, "SINGLE_THREAD_BELOW_MS", 0.0)  # a slow graph: no one-thread session at all
+    assert set(optimize(model, (x,), engines="onnxruntime").engine_plan.measured_ms) == {"graphopt", "onnxruntime"}
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 1e30])

@@ -369,6 +369,14 @@ def test_a_manifest_naming_an_unknown_engine_is_a_load_error(folder, engine):
     _refused(folder, "engine")
 
 
+@pytest.mark.parametrize("threads", [64, "0", "all", None])
+def test_a_manifest_naming_unknown_engine_threads_is_a_load_error(folder, threads):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["engine_threads"] = threads
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _refused(folder, "engine threads")
+
+
 def test_a_hostile_safetensors_header_is_a_load_error(folder):
     header = json.dumps({"w": {"dtype": "F32", "shape": [2 ** 40], "data_offsets": [0, 2 ** 42]}}).encode()
     (folder / "weights.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
