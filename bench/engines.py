@@ -27,7 +27,7 @@ def graphopt(model: nn.Module, x: torch.Tensor) -> tuple[Callable, float]:
     opt = optimize(model, (x,), engines="auto")
     elapsed = time.perf_counter() - start
     opt.bench_note = {"engine": opt.engine_plan.label, "measured_ms_at_optimize": opt.engine_plan.measured_ms,
-                      "reasons": opt.engine_plan.reasons}
+                      "reasons": opt.engine_plan.reasons, "range_checks": len(opt.engine_plan.checks)}
     return opt, elapsed
 
 

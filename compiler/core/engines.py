@@ -11,8 +11,11 @@ keep, and one handoff is cheapest.
 Guarantees kept:
 - NaN / inf as eager: another library's relu may map NaN to a number, so the engine runs only on calls
   whose inputs provably make no NaN or inf (compiler/core/finite_range.py: finite, max |x| under the
-  graph's limit); any other call runs graphopt's own graph, which keeps eager's semantics. A graph the
-  bound analysis cannot cover never uses an engine.
+  graph's limit); any other call runs graphopt's own graph, which keeps eager's semantics. Where the
+  bound grows past float32's range inside the graph (deep networks: EfficientNet-B0), a few intermediate
+  values get limits of their own (``checked_limits``): the exported graph also returns max |v| of each,
+  and a call where one is not within its limit (NaN is not) is run again on graphopt's graph. A graph
+  the bound analysis cannot cover never uses an engine.
 - Only at the measured shapes: a call whose input shapes differ from the example's runs graphopt's graph.
 - The plan is saved (manifest.json names the engine); load() rebuilds the session from the loaded graph
   (no ONNX file is ever read from a saved folder), checks it against graphopt's graph, and runs the same plan.
@@ -40,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+import numpy as np
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphopt.compiler.core.errors import GraphoptError
@@ -75,29 +79,36 @@ def resolve_engines(engines: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(e for e in ENGINES if e in names)
 
 
-def onnx_model(module: torch.nn.Module, inputs: tuple) -> bytes:
-    """The optimized graph as ONNX, at the example's shapes (the engine runs only there)."""
+def onnx_model(module: torch.nn.Module, inputs: tuple, checks: Sequence[str] = ()) -> bytes:
+    """The optimized graph as ONNX, at the example's shapes (the engine runs only there), returning max |v| of
+    each value named in ``checks`` after its own outputs."""
     from graphopt.compiler.core.capture import locked_tracing
     from graphopt.compiler.deploy.onnx import exportable, write_onnx
 
     buffer = io.BytesIO()
     with locked_tracing():  # (the exporter traces: one at a time, like every trace)
-        write_onnx(exportable(module), inputs, buffer, dynamic_batch=False)
+        write_onnx(exportable(module, checks), inputs, buffer, dynamic_batch=False)
     return buffer.getvalue()
 
 
-def _outputs(spec: Any) -> Callable[[list], Any]:
-    """A library's output arrays (in flattened order) -> the graph's output structure, as tensors sharing them."""
-    if spec.is_leaf():
-        return lambda arrays: torch.from_numpy(arrays[0])
-    return lambda arrays: tree_unflatten([torch.from_numpy(a) for a in arrays], spec)
+def _outputs(spec: Any, limits: Sequence[float]) -> Callable[[list], Any]:
+    """A library's output arrays (the graph's, flattened, then max |v| of each checked value) -> the graph's
+    output structure, as tensors sharing them; None where a checked value is not within its limit (NaN is not)."""
+    n, bounds = spec.num_leaves, np.asarray(limits, dtype=np.float64)
+
+    def convert(arrays: list) -> Any:
+        if len(arrays) > n and not bool((np.asarray(arrays[n:], dtype=np.float64) <= bounds).all()):
+            return None
+        tensors = [torch.from_numpy(a) for a in arrays[:n]]
+        return tensors[0] if spec.is_leaf() else tree_unflatten(tensors, spec)
+    return convert
 
 
 def _threads(threads: str) -> int:
     return 1 if threads == "1" else torch.get_num_threads()
 
 
-def _onnxruntime(model: bytes, spec: Any, threads: str) -> Callable:
+def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float]) -> Callable:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -105,14 +116,14 @@ def _onnxruntime(model: bytes, spec: Any, threads: str) -> Callable:
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    outputs = _outputs(spec)
+    outputs = _outputs(spec, limits)
 
     def run(*args: torch.Tensor) -> Any:
         return outputs(session.run(None, {n: a.detach().contiguous().numpy() for n, a in zip(names, args)}))
     return run
 
 
-def _openvino(model: bytes, spec: Any, threads: str) -> Callable:
+def _openvino(model: bytes, spec: Any, threads: str, limits: Sequence[float]) -> Callable:
     import openvino as ov
 
     core = ov.Core()
@@ -120,7 +131,7 @@ def _openvino(model: bytes, spec: Any, threads: str) -> Callable:
               "INFERENCE_NUM_THREADS": _threads(threads)}
     compiled = core.compile_model(core.read_model(model), "CPU", config)
     local = threading.local()  # an infer request serves one call at a time: one per thread
-    outputs = _outputs(spec)
+    outputs = _outputs(spec, limits)
 
     def run(*args: torch.Tensor) -> Any:
         request = getattr(local, "request", None)
@@ -134,8 +145,10 @@ def _openvino(model: bytes, spec: Any, threads: str) -> Callable:
 _BUILDERS = {"onnxruntime": _onnxruntime, "openvino": _openvino}
 
 
-def build(name: str, model: bytes, spec: Any, threads: str = "torch") -> Callable:
-    return _BUILDERS[name](model, spec, threads)
+def build(name: str, model: bytes, spec: Any, threads: str = "torch", limits: Sequence[float] = ()) -> Callable:
+    """``name``'s session over ``model`` as a function of tensors: the graph's outputs, or None where one of the
+    checked values (``limits``, in the order of the model's extra outputs) is not within its limit."""
+    return _BUILDERS[name](model, spec, threads, limits)
 
 
 def label(name: str, threads: str) -> str:
@@ -149,6 +162,7 @@ class EnginePlan:
     engine: str  # "graphopt" where no other library runs it
     threads: str = "torch"  # the engine's session threads (THREADS)
     limit: float | None = None  # calls with finite inputs within +-limit may run the engine
+    checks: dict[str, float] = field(default_factory=dict)  # ... if these values are within +-their limit
     shapes: tuple = ()  # ... and with exactly these input shapes
     measured_ms: dict[str, float] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)  # library -> why it was not chosen
@@ -165,41 +179,82 @@ class EnginePlan:
 
     def as_dict(self) -> dict:
         return {"engine": self.engine, "threads": self.threads, "partition": "whole graph", "input_limit": self.limit,
+                "range_checks": self.checks,
                 "shapes": [list(s) for s in self.shapes], "measured_ms": self.measured_ms, "reasons": self.reasons}
 
 
-def eligible(portable: torch.fx.GraphModule, inputs: tuple, outputs: list, guarded: bool = True
-             ) -> tuple[float | None, str | None]:
-    """(the input limit under which an engine may run the graph, None) or (None, why no engine may).
-    Unguarded (nan_checks="off"): (None, None) where an engine may run it on every call."""
-    from graphopt.compiler.core.finite_range import input_limit
+NO_BOUND = ("no proven NaN-free input range (an op without a bound, or gains past float32's range): "
+            "eager's NaN semantics need graphopt's graph (nan_checks='off' gives them up)")
+
+
+def eligible(portable: torch.fx.GraphModule, inputs: tuple, outputs: list) -> str | None:
+    """Why no library may run the graph, or None."""
     from graphopt.compiler.core.pipeline import is_quantized
 
     if is_quantized(portable):
-        return None, "an int8 graph runs graphopt's own int8 kernels"
+        return "an int8 graph runs graphopt's own int8 kernels"
     if not inputs or not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
                              for t in inputs):
-        return None, "the inputs are not all float32 CPU tensors"
+        return "the inputs are not all float32 CPU tensors"
     if not outputs or not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in outputs):
-        return None, "the outputs are not all float32 tensors"
-    if not guarded:
-        return None, None
+        return "the outputs are not all float32 tensors"
+    return None
+
+
+def _checkable(node: torch.fx.Node) -> bool:
+    """May a value be range-checked? Only where its name survives save and load (compiler/deploy/save.py inlines
+    modules and renames what the loader would refuse)."""
+    from graphopt.compiler.deploy.graph_json import is_plain
+
+    return node.op in ("call_function", "call_method") and is_plain(node.name)
+
+
+def guard(portable: torch.fx.GraphModule, inputs: tuple) -> tuple[float | None, dict[str, float]]:
+    """(input limit, {value: limit}) under which no value of the graph can be NaN or inf, or (None, {}).
+    The whole-graph bound where it covers the example with ``allowance``'s headroom; range checks otherwise."""
+    from graphopt.compiler.core.finite_range import allowance, checked_limits, input_limit, magnitudes
+
     limit = input_limit(portable)
-    if limit is None:
-        return None, ("no proven NaN-free input range (an op without a bound, or gains past float32's range): "
-                      "eager's NaN semantics need graphopt's graph (nan_checks='off' gives them up)")
-    return limit, None
+    largest = max((float(t.detach().abs().max()) for t in inputs if t.numel()), default=0.0)
+    if limit is not None and limit >= allowance(largest):
+        return limit, {}
+    limits = checked_limits(portable, magnitudes(portable, inputs), _checkable)
+    if limits is None:
+        return limit, {}
+    inputs_at = {n.name for n in portable.graph.nodes if n.op == "placeholder"}
+    return limits[next(iter(inputs_at))], {k: v for k, v in limits.items() if k not in inputs_at}
 
 
-def _plan(opt: torch.nn.Module, inputs: tuple, guarded: bool) -> tuple[EnginePlan, Any, str | None]:
+def saved_guard(portable: torch.fx.GraphModule, saved: dict | None) -> tuple[float | None, dict[str, float]]:
+    """A loaded plan's guard: ``saved`` ({"inputs": limit, "checks": {value: limit}}, validated by load()) if it
+    proves the loaded graph NaN-free, else (None, {}). (A folder saved before range checks: the whole-graph bound.)"""
+    from graphopt.compiler.core.finite_range import input_limit, proves
+
+    if saved is None:
+        return input_limit(portable), {}
+    inputs_at = [n.name for n in portable.graph.nodes if n.op == "placeholder"]
+    if not proves(portable, {**dict.fromkeys(inputs_at, saved["inputs"]), **saved["checks"]}):
+        return None, {}
+    return saved["inputs"], dict(saved["checks"])
+
+
+def _plan(opt: torch.nn.Module, inputs: tuple, guarded: bool, saved: dict | None = None, restoring: bool = False
+          ) -> tuple[EnginePlan, Any, str | None]:
     """graphopt's own plan for ``opt`` (an OptimizedModule without an engine yet), its output structure, and why
-    no library may run it (None where one may)."""
+    no library may run it (None where one may). Guarded: the guard from the example (``guard``), or, when
+    ``restoring``, the one ``saved`` with the plan."""
     from graphopt.compiler.core.capture import fresh
 
     with torch.no_grad():
         outputs, spec = tree_flatten(opt(*fresh(inputs)))
-    limit, reason = eligible(opt.portable, inputs, outputs, guarded)
-    return EnginePlan("graphopt", limit=limit, shapes=tuple(tuple(t.shape) for t in inputs)), spec, reason
+    plan = EnginePlan("graphopt", shapes=tuple(tuple(t.shape) for t in inputs))
+    reason = eligible(opt.portable, inputs, outputs)
+    if reason is None and guarded:
+        plan.limit, plan.checks = saved_guard(opt.portable, saved) if restoring else guard(opt.portable, fresh(inputs))
+        if plan.limit is None:
+            reason = ("manifest.json's range limits do not prove the loaded graph NaN-free" if restoring and saved
+                      else NO_BOUND)
+    return plan, spec, reason
 
 
 def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Callable[[list], str | None],
@@ -216,7 +271,7 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
         plan.reasons = {name: reason for name in names}
         return plan, None
     try:
-        model = onnx_model(opt, fresh(inputs))
+        model = onnx_model(opt, fresh(inputs), list(plan.checks))
     except Exception as e:  # an op the exporter cannot write: graphopt runs it
         plan.reasons = {name: f"the ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
                         for name in names}
@@ -227,9 +282,10 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
 
     def add(name: str, threads: str) -> None:
         try:
-            runner = build(name, model, spec, threads)
+            runner = build(name, model, spec, threads, list(plan.checks.values()))
             with torch.no_grad():
-                problem = check(tree_flatten(runner(*fresh(inputs)))[0])
+                out = runner(*fresh(inputs))
+            problem = "its range checks fail on the example" if out is None else check(tree_flatten(out)[0])
         except Exception as e:
             problem = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         if problem is None:
@@ -259,24 +315,29 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
     return plan, None
 
 
-def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True, threads: str = "torch"
-            ) -> tuple[EnginePlan | None, Callable | None, str | None]:
-    """The saved plan on load: rebuild ``name``'s session (on ``threads``) from ``opt``'s loaded graph and check it against
-    graphopt's own graph on a seeded input. (plan, runner, None), or (None, None, why graphopt's graph runs)."""
+def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True, threads: str = "torch",
+            limits: dict | None = None) -> tuple[EnginePlan | None, Callable | None, str | None]:
+    """The saved plan on load: rebuild ``name``'s session (on ``threads``, with the saved range ``limits``) from
+    ``opt``'s loaded graph and check it against graphopt's own graph on a seeded input. (plan, runner, None), or
+    (None, None, why graphopt's graph runs)."""
     from graphopt.compiler.core.capture import fresh
 
     if not installed(name):
         return None, None, f"it was saved to run in {name}, which is not installed here"
-    plan, spec, reason = _plan(opt, inputs, guarded)
+    plan, spec, reason = _plan(opt, inputs, guarded, limits, restoring=True)
     if reason is not None:
         return None, None, reason
     g = torch.Generator().manual_seed(PROBE_SEED)
     bound = plan.limit or 1.0
     probe = tuple(torch.randn(t.shape, generator=g).clamp(-bound, bound) for t in inputs)
     try:
-        runner = build(name, onnx_model(opt, fresh(inputs)), spec, threads)
+        runner = build(name, onnx_model(opt, fresh(inputs), list(plan.checks)), spec, threads,
+                       list(plan.checks.values()))
         with torch.no_grad():
-            want, got = tree_flatten(opt(*fresh(probe)))[0], tree_flatten(runner(*fresh(probe)))[0]
+            out = runner(*fresh(probe))
+            if out is None:
+                return None, None, f"{name}'s range checks fail on load's seeded probe input"
+            want, got = tree_flatten(opt(*fresh(probe)))[0], tree_flatten(out)[0]
         for w, o in zip(want, got, strict=True):
             torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5 * max(1.0, float(w.abs().max())))
     except Exception as e:

@@ -17,7 +17,16 @@ can only come from a NaN or an inf in the input or from an overflow to inf. So:
 stays under SAFE (a factor 2^20 below float32's largest value: rounding in a long sum cannot close
 that gap). An input that is finite with max |x| <= that B then cannot produce a NaN or an inf
 anywhere: the fused post-ops give eager's bits. Any op not listed above makes the analysis give up
-(None): the graph keeps its separate activations.
+(None): the graph keeps its separate activations. A fused op's value before its activation must stay
+under SAFE too (relu6 or sigmoid would hide an overflow inside the op).
+
+On deep networks the sum-of-|w| gains multiply past float32's range however small B is (EfficientNet-B0:
+no B works). ``checked_limits`` then also bounds a few intermediate values by a limit of their own,
+checked when the graph runs (another kernel library computes max |v| of each as an extra output,
+compiler/core/engines.py): each segment between two checked values is proven from the limit at its
+start, and a checked value that is finite and within its limit starts the next one. Every value is then
+provably finite on a call whose checks all pass; a call where one fails (a NaN or an inf fails too) is
+rerun on graphopt's own graph. ``proves`` re-checks such a set of limits (load() does, for a saved plan).
 """
 
 from __future__ import annotations
@@ -88,8 +97,10 @@ def _rule(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float | None] |
         name, params = parse_act(sig.act)
         cap = ACTS[name].cap(*params)
         slope = max(1.0, abs(float(params[0]))) if name == "leaky_relu" else 1.0  # (a slope above 1 grows)
-        return lambda env: min(cap, slope * (gain * env[sig.x] + shift
-                                             + (env[residual] if isinstance(residual, fx.Node) else 0.0)))
+        def fused(env: dict) -> float:
+            before = slope * (gain * env[sig.x] + shift + (env[residual] if isinstance(residual, fx.Node) else 0.0))
+            return min(cap, before) if before < SAFE else math.inf  # (a capped activation must not hide inf)
+        return fused
     if node.op == "call_module":
         kind = type(gm.get_submodule(target))
         if kind in _MODULES_UNIT:
@@ -109,8 +120,8 @@ def _rule(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float | None] |
     return None
 
 
-def input_limit(gm: fx.GraphModule) -> float | None:
-    """The largest max |input| under which no value of ``gm`` can reach inf (so none can be NaN), or None."""
+def _rules(gm: fx.GraphModule) -> dict[fx.Node, Callable[[dict], float]] | None:
+    """Each value's bound rule, in graph order (placeholders and the output excepted), or None."""
     rules: dict[fx.Node, Callable] = {}
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
@@ -127,15 +138,31 @@ def input_limit(gm: fx.GraphModule) -> float | None:
             log.debug("finite_range: no bound for %s (%s)", node.name, node.format_node())
             return None
         rules[node] = rule
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return rules
+
+
+def _propagate(gm: fx.GraphModule, rules: dict, limits: dict[str, float]) -> tuple[dict, fx.Node | None]:
+    """(every value's bound, the first value whose bound reaches SAFE or None). ``limits`` holds a bound for
+    each input and for each checked value (which its own rule must still keep under SAFE)."""
+    env: dict[fx.Node, float] = {p: limits[p.name] for p in gm.graph.nodes if p.op == "placeholder"}
+    for node, rule in rules.items():
+        bound = rule(env)
+        if not bound < SAFE:  # (inf and NaN bounds too)
+            return env, node
+        env[node] = limits.get(node.name, bound)
+    return env, None
+
+
+def input_limit(gm: fx.GraphModule) -> float | None:
+    """The largest max |input| under which no value of ``gm`` can reach inf (so none can be NaN), or None."""
+    rules = _rules(gm)
+    if rules is None:
+        return None
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
 
     def worst(limit: float) -> float:
-        env: dict[fx.Node, float] = {p: limit for p in placeholders}
-        for node, rule in rules.items():
-            env[node] = rule(env)
-            if not env[node] < SAFE:  # (inf and NaN bounds too)
-                return math.inf
-        return max(env.values(), default=0.0)
+        env, overflow = _propagate(gm, rules, dict.fromkeys(placeholders, limit))
+        return math.inf if overflow is not None else max(env.values(), default=0.0)
 
     if worst(1.0) >= SAFE:
         return None  # not even inputs within +-1 are provably safe
@@ -144,3 +171,73 @@ def input_limit(gm: fx.GraphModule) -> float | None:
         mid = (low + high + 1) // 2
         low, high = (mid, high) if worst(2.0 ** mid) < SAFE else (low, mid - 1)
     return 2.0 ** low
+
+
+HEADROOM = 2.0 ** 8  # a checked value's limit: this many times its largest magnitude on the example
+MAX_CHECKS = 64
+
+
+def allowance(magnitude: float) -> float:
+    """The limit for a value whose largest magnitude on the example was ``magnitude``: a power of two."""
+    return 2.0 ** math.ceil(math.log2(max(magnitude, 1.0) * HEADROOM))
+
+
+def magnitudes(gm: fx.GraphModule, inputs: tuple) -> dict[str, float]:
+    """max |v| of every floating-point tensor value of ``gm`` on ``inputs``, by node name."""
+    seen: dict[str, float] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            value = super().run_node(n)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+                seen[n.name] = float(value.detach().abs().max())
+            return value
+
+    with torch.no_grad():
+        Recorder(gm).run(*inputs)
+    return seen
+
+
+def checked_limits(gm: fx.GraphModule, seen: dict[str, float],
+                   checkable: Callable[[fx.Node], bool] = lambda node: True) -> dict[str, float] | None:
+    """Limits for the inputs and for as few intermediate values as this greedy finds, under which every value is
+    provably finite (see the module docstring), from the magnitudes ``seen`` on the example; or None.
+    Only values for which ``checkable`` holds may be checked.
+
+    The inputs get ``allowance`` of their magnitude; while some value's bound reaches SAFE, the one of its
+    ancestors whose bound is the most above its own allowance is checked (the latest point before the
+    overflow, on a chain), with that allowance as its limit."""
+    rules = _rules(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if rules is None or any(p.name not in seen for p in placeholders):
+        return None
+    limits = dict.fromkeys((p.name for p in placeholders), allowance(max(seen[p.name] for p in placeholders)))
+    for _ in range(MAX_CHECKS + 1):
+        env, overflow = _propagate(gm, rules, limits)
+        if overflow is None:
+            return limits
+        ancestors, stack = set(), list(overflow.all_input_nodes)
+        while stack:
+            node = stack.pop()
+            if node not in ancestors:
+                ancestors.add(node)
+                stack.extend(node.all_input_nodes)
+        candidates = [n for n in ancestors if n.name not in limits and n.name in seen and n in rules
+                      and n.op != "get_attr" and checkable(n) and env[n] > allowance(seen[n.name])]
+        if not candidates or len(limits) - len(placeholders) >= MAX_CHECKS:
+            return None
+        pick = max(candidates, key=lambda n: env[n] / allowance(seen[n.name]))
+        limits[pick.name] = allowance(seen[pick.name])
+    return None
+
+
+def proves(gm: fx.GraphModule, limits: dict[str, float]) -> bool:
+    """Do ``limits`` (one for every input, and any for other values by node name) prove every value finite?"""
+    rules = _rules(gm)
+    names = {n.name for n in rules or ()} | {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    if rules is None or not set(limits) <= names or any(p not in limits for p in placeholders):
+        return False
+    if not all(isinstance(v, float) and 0.0 < v < SAFE for v in limits.values()):
+        return False
+    return _propagate(gm, rules, limits)[1] is None

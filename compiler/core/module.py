@@ -105,8 +105,15 @@ class OptimizedModule(nn.Module):
         from graphopt.compiler.deploy.save import save
 
         return save(self.portable, path, backend=self.backend, input_specs=self.input_specs, report=self.report,
-                    extra={"engine": self.engine, "nan_checks": self.nan_checks,
-                           "engine_threads": self.engine_plan.threads if self.engine_plan else "torch"})
+                    extra={"engine": self.engine, "nan_checks": self.nan_checks, **self._engine_manifest()})
+
+    def _engine_manifest(self) -> dict:
+        """What load() needs to run the same engine plan: its threads and, where guarded, its range limits."""
+        plan = self.engine_plan
+        if plan is None or plan.engine == "graphopt":
+            return {"engine_threads": "torch", "engine_limits": None}
+        limits = {"inputs": plan.limit, "checks": plan.checks} if plan.limit is not None else None
+        return {"engine_threads": plan.threads, "engine_limits": limits}
 
     def _engine_takes(self, args: tuple) -> bool:
         """Is this call the engine's: float32 CPU tensors of exactly the measured shapes, no grad wanted, and
@@ -123,7 +130,9 @@ class OptimizedModule(nn.Module):
 
     def forward(self, *args: Any) -> Any:
         if self._engine is not None and self._engine_takes(args):
-            return self._engine(*args)  # (another library: no autograd either way)
+            out = self._engine(*args)  # (another library: no autograd either way)
+            if out is not None:
+                return out  # (None: a range check inside the library failed; graphopt's graph runs the call)
         if len(args) != len(self.input_specs):
             raise InputError(f"expected {len(self.input_specs)} inputs, got {len(args)}",
                              hint="call the optimized module with the same inputs as the example inputs")

@@ -34,9 +34,10 @@ from graphopt.compiler.core.backend import has_triton
 from graphopt.compiler.core.capture import propagate
 from graphopt.compiler.core.engines import ENGINES, THREADS, restore
 from graphopt.compiler.core.errors import LoadError
+from graphopt.compiler.core.finite_range import MAX_CHECKS
 from graphopt.compiler.core.fast_path import NAN_CHECKS, fast_plan
 from graphopt.compiler.core.module import OptimizedModule, finalize
-from graphopt.compiler.deploy.graph_json import MAX_JSON_BYTES, graph_from_json
+from graphopt.compiler.deploy.graph_json import MAX_JSON_BYTES, MAX_NAME, graph_from_json
 from graphopt.compiler.deploy.save import FILES, MANIFEST_VERSION, sha256
 from graphopt.compiler.deploy.shape_check import MAX_ELEMENTS, check_shapes
 from graphopt.compiler.int8.scheme import warn_on_load
@@ -89,6 +90,29 @@ def _input_spec(i: int, spec: Any) -> dict | None:
     return spec
 
 
+def _limit(value: Any) -> float | None:
+    """A range limit as graphopt writes one (a positive finite number), or None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf:
+        return float(value)
+    return None
+
+
+def _engine_limits(limits: Any) -> dict | None:
+    """The saved engine plan's range limits: None, or {"inputs": limit, "checks": {value name: limit}} (their
+    proof is checked against the loaded graph by compiler/core/engines.py's saved_guard)."""
+    if limits is None:
+        return None
+    bad = LoadError("manifest.json: engine_limits is not {\"inputs\": limit, \"checks\": {value: limit}} with "
+                    f"positive finite limits and at most {MAX_CHECKS} checks", hint=_HINT)
+    if not isinstance(limits, dict) or set(limits) != {"inputs", "checks"} or not isinstance(limits["checks"], dict):
+        raise bad
+    checks = limits["checks"]
+    if _limit(limits["inputs"]) is None or len(checks) > MAX_CHECKS or not all(
+            isinstance(k, str) and len(k) <= MAX_NAME and _limit(v) is not None for k, v in checks.items()):
+        raise bad
+    return {"inputs": _limit(limits["inputs"]), "checks": {k: _limit(v) for k, v in checks.items()}}
+
+
 def _manifest(root: Path) -> dict:
     if root.is_symlink() or not root.is_dir():
         raise LoadError(f"{root} is not a folder saved by OptimizedModule.save")
@@ -125,6 +149,7 @@ def _manifest(root: Path) -> dict:
     if manifest.setdefault("engine_threads", "torch") not in THREADS:
         raise LoadError(f"manifest.json names the engine threads {str(manifest['engine_threads'])[:20]!r}; graphopt "
                         f"has {', '.join(THREADS)}", hint=_HINT)
+    manifest["engine_limits"] = _engine_limits(manifest.get("engine_limits"))
     manifest["inputs"] = [_input_spec(i, s) for i, s in enumerate(inputs)]
     if sum(math.prod(s["shape"]) for s in manifest["inputs"] if s is not None) > MAX_ELEMENTS:
         raise LoadError(f"manifest.json: the inputs hold more than {MAX_ELEMENTS} elements in all", hint=_HINT)
@@ -215,7 +240,7 @@ def load(path: str | os.PathLike) -> OptimizedModule:
         module.use_fast_path(finalize(fused), fast[1])
     if manifest["engine"] != "graphopt":
         plan, runner, why = restore(manifest["engine"], module, inputs, guarded=manifest["nan_checks"] == "fast",
-                                    threads=manifest["engine_threads"])
+                                    threads=manifest["engine_threads"], limits=manifest["engine_limits"])
         if why is not None:
             warnings.warn(f"{root.name}: running graphopt's own kernels, not {manifest['engine']}: {why}",
                           stacklevel=2)

@@ -17,7 +17,7 @@ import copy
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,10 +26,12 @@ from torch.utils._pytree import tree_flatten
 from graphopt.compiler.core.errors import GraphoptError
 
 
-def _portable_reference(model: nn.Module) -> nn.Module:
+def _portable_reference(model: nn.Module, magnitudes_of: Sequence[str] = ()) -> nn.Module:
     """The graph to export: plain aten, leaf modules inlined (attention through its functional path,
     which the exporter can write; its fused fast path it cannot). Always a copy: the export runs it in
-    eval mode, and the user's model keeps its mode, parameters and buffers untouched."""
+    eval mode, and the user's model keeps its mode, parameters and buffers untouched.
+    ``magnitudes_of``: names of values of an OptimizedModule's portable graph whose max |v| is appended to
+    its outputs, as a tuple of scalars (the range checks of compiler/core/engines.py)."""
     from graphopt.compiler.core.module import OptimizedModule, finalize
     from graphopt.compiler.core.pipeline import clone, is_quantized
     from graphopt.compiler.deploy.inline import inline_modules
@@ -38,6 +40,8 @@ def _portable_reference(model: nn.Module) -> nn.Module:
     if not isinstance(model, OptimizedModule):
         return copy.deepcopy(model)
     gm = clone(model.portable)
+    if magnitudes_of:
+        _append_magnitudes(gm, magnitudes_of)
     if is_quantized(gm):
         _fake_quantized(gm)
     lower_to_reference(gm, None)
@@ -47,6 +51,17 @@ def _portable_reference(model: nn.Module) -> nn.Module:
         gm = clone(model.portable)  # a module that does not inline: export it as it is
         lower_to_reference(gm, None)
     return finalize(gm)
+
+
+def _append_magnitudes(gm, names: Sequence[str]) -> None:
+    """The output becomes (output, (max |v| for each named value)), in place."""
+    values = {n.name: n for n in gm.graph.nodes}
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(output):
+        maxima = tuple(gm.graph.call_function(torch.amax, (gm.graph.call_function(torch.abs, (values[name],)),))
+                       for name in names)
+    output.args = ((output.args[0], maxima),)
+    gm.recompile()
 
 
 def _fake_quantized(gm) -> None:
@@ -165,9 +180,10 @@ def write_onnx(module: nn.Module, inputs: tuple, f: Any, *, dynamic_batch: bool,
     return names
 
 
-def exportable(model: nn.Module) -> nn.Module:
-    """What the exporter traces: a copy of ``model`` (for an OptimizedModule, its portable graph in plain aten)."""
-    return _Exportable(_portable_reference(model)).eval()
+def exportable(model: nn.Module, magnitudes_of: Sequence[str] = ()) -> nn.Module:
+    """What the exporter traces: a copy of ``model`` (for an OptimizedModule, its portable graph in plain aten,
+    ``magnitudes_of`` as in _portable_reference)."""
+    return _Exportable(_portable_reference(model, magnitudes_of)).eval()
 
 
 def _check_inputs(inputs: tuple, batch: int | None) -> list[tuple]:

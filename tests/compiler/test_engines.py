@@ -19,6 +19,7 @@ import torch.nn as nn
 from graphopt import GraphoptError, load, optimize
 from graphopt.compiler.core import engines
 from tests.fuzz.artifacts import process_state, same_state
+from tests.compiler.test_range_checks import cancelling
 from tests.helpers import randomize_bn
 from tests.zoo import ZOO
 
@@ -85,8 +86,8 @@ def test_a_quick_graph_also_gets_a_one_thread_session_and_a_reload_keeps_it(alwa
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # (a pool to compare with, on any machine)
     real = engines._BUILDERS["onnxruntime"]
 
-    def pool_slowed(model, spec, threads):  # the pool session measures slower: the one-thread one must win
-        run = real(model, spec, threads)
+    def pool_slowed(model, spec, threads, limits):  # the pool session measures slower: the one-thread one wins
+        run = real(model, spec, threads, limits)
         if threads == "1":
             return run
         return lambda *args: (time.sleep(0.002), run(*args))[1]
@@ -155,6 +156,55 @@ class _Softmax(nn.Module):
 
     def forward(self, x):
         return torch.softmax(self.fc(x), dim=-1)
+
+
+def test_range_checks_run_a_deep_graph_in_the_library_and_a_failed_check_reruns_graphopts(always, tmp_path):
+    model, x = cancelling()  # (its whole-graph bound overflows: only range checks let a library run it)
+    opt = optimize(model, (x,), engines="onnxruntime")
+    plan = opt.engine_plan
+    assert opt.engine == "onnxruntime" and plan.limit == 256.0 and 1 <= len(plan.checks) <= 3
+    assert plan.as_dict()["range_checks"] == plan.checks
+    returned = []
+    runner = opt._engine
+    opt._engine = lambda *args: (returned.append(runner(*args)), returned[-1])[1]
+    big = x.clone()
+    big[0, 0] = 100.0  # within the input's limit; its checked values are not
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
+        assert returned[-1] is not None  # the library answered
+        torch.testing.assert_close(opt(big), model(big), rtol=1e-5, atol=1e-3)
+        assert len(returned) == 2 and returned[-1] is None  # it declined, and graphopt's graph answered
+        nan = x.clone()
+        nan[1, 3] = float("nan")
+        assert torch.equal(opt(nan).isnan(), model(nan).isnan()) and len(returned) == 2  # (input check: no call)
+
+    folder = opt.save(tmp_path / "m")
+    saved = json.loads((folder / "manifest.json").read_text())["engine_limits"]
+    assert saved == {"inputs": 256.0, "checks": plan.checks}
+    back = load(folder)
+    assert back.engine == "onnxruntime" and back.engine_plan.checks == plan.checks
+    with torch.no_grad():
+        assert torch.equal(back(x), opt(x)) and torch.equal(back(big), opt(big))
+
+
+@pytest.mark.parametrize("tamper", ["no checks", "a check too loose", "a larger input limit"])
+def test_saved_range_limits_that_prove_nothing_load_graphopts_graph(always, tmp_path, tamper):
+    model, x = cancelling()
+    folder = optimize(model, (x,), engines="onnxruntime").save(tmp_path / "m")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    limits = manifest["engine_limits"]
+    if tamper == "no checks":
+        limits["checks"] = {}
+    elif tamper == "a check too loose":
+        limits["checks"] = {k: 1e30 for k in limits["checks"]}
+    else:
+        limits["inputs"] = 1e30
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="do not prove"):
+        back = load(folder)
+    assert back.engine == "graphopt"
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_graphs_without_a_nan_bound_int8_graphs_and_integer_inputs_keep_graphopts_kernels(always):

@@ -369,6 +369,18 @@ def test_a_manifest_naming_an_unknown_engine_is_a_load_error(folder, engine):
     _refused(folder, "engine")
 
 
+@pytest.mark.parametrize("limits", [[], {"inputs": 1.0}, {"inputs": -1.0, "checks": {}},
+                                    {"inputs": float("inf"), "checks": {}}, {"inputs": True, "checks": {}},
+                                    {"inputs": 1.0, "checks": {"x": "1"}}, {"inputs": 1.0, "checks": ["x"]},
+                                    {"inputs": 1.0, "checks": {"v" * 1000: 1.0}},
+                                    {"inputs": 1.0, "checks": {f"v{i}": 1.0 for i in range(10_000)}}])
+def test_malformed_engine_range_limits_are_a_load_error(folder, limits):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["engine_limits"] = limits  # (well-formed limits are proven against the graph on load: test_engines.py)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _refused(folder, "engine_limits")
+
+
 @pytest.mark.parametrize("threads", [64, "0", "all", None])
 def test_a_manifest_naming_unknown_engine_threads_is_a_load_error(folder, threads):
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -1,0 +1,92 @@
+"""Range checks (compiler/core/finite_range.py: checked_limits, proves): where the whole-graph bound overflows
+float32, limits on a few intermediate values prove every value finite segment by segment."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from graphopt import optimize
+from graphopt.compiler.core.finite_range import SAFE, checked_limits, input_limit, magnitudes, proves
+from graphopt.kernels.signatures import ConvAct, signature_of
+
+
+def _hadamard(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h
+
+
+class Cancelling(nn.Module):
+    """x -> 100 x, then pairs of linears that undo each other exactly (H, then H / width) with a relu after each
+    pair: eager's values stay about 100x the input's, while the sum-of-|w| bound grows width-fold per pair, past
+    float32's range after about 20 pairs."""
+
+    def __init__(self, width: int = 64, pairs: int = 20):
+        super().__init__()
+        self.gain = nn.Linear(width, width)
+        h = _hadamard(width)
+        layers: list[nn.Module] = []
+        for _ in range(pairs):
+            layers += [nn.Linear(width, width), nn.Linear(width, width), nn.ReLU()]
+        self.layers = nn.Sequential(*layers)
+        with torch.no_grad():
+            self.gain.weight.copy_(100 * torch.eye(width))
+            for i in range(pairs):
+                self.layers[3 * i].weight.copy_(h)
+                self.layers[3 * i + 1].weight.copy_(h / width)
+            for linear in [self.gain, *self.layers[::3], *self.layers[1::3]]:
+                linear.bias.zero_()
+
+    def forward(self, x):
+        return self.layers(self.gain(x))
+
+
+def cancelling() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return Cancelling().eval(), torch.randn(2, 64) * 0.01
+
+
+def _portable(model: nn.Module, x: torch.Tensor):
+    return optimize(model, (x,), engines="graphopt", progress=False).portable
+
+
+def test_limits_on_a_few_values_prove_a_graph_whose_whole_bound_overflows():
+    model, x = cancelling()
+    gm = _portable(model, x)
+    assert input_limit(gm) is None  # (the premise: no input bound covers the whole graph)
+    limits = checked_limits(gm, magnitudes(gm, (x,)))
+    assert limits is not None and limits["x"] == 256.0  # (max |x| 0.03 -> 1 -> 256x headroom)
+    checks = {k: v for k, v in limits.items() if k != "x"}
+    assert 1 <= len(checks) <= 3 and all(v == 1024.0 for v in checks.values())  # (seen about 3: 3 * 256 -> 1024)
+    assert proves(gm, limits)
+    for name in checks:  # every check is needed
+        assert not proves(gm, {k: v for k, v in limits.items() if k != name})
+    assert not proves(gm, {**limits, next(iter(checks)): float(SAFE)})  # a limit the next segment cannot carry
+    assert not proves(gm, {**limits, "no_such_value": 1.0})
+    assert not proves(gm, {k: v for k, v in limits.items() if k != "x"})  # every input needs a limit
+    assert checked_limits(gm, magnitudes(gm, (x,)), checkable=lambda node: False) is None
+
+
+def test_the_checked_values_hold_on_the_example_and_fail_past_their_limit():
+    model, x = cancelling()
+    gm = _portable(model, x)
+    limits = checked_limits(gm, magnitudes(gm, (x,)))
+    seen = magnitudes(gm, (x,))
+    assert all(seen[k] <= v for k, v in limits.items())
+    big = x.clone()
+    big[0, 0] = 100.0  # within the input's limit (256); 100x that after the first linear
+    seen = magnitudes(gm, (big,))
+    assert seen["x"] <= limits["x"] and any(seen[k] > v for k, v in limits.items() if k != "x")
+
+
+def test_a_capped_activation_does_not_hide_an_overflow_inside_its_op():
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU6()).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(1e30)
+    x = torch.randn(1, 2, 4, 4)
+    gm = _portable(model, x)
+    assert any(isinstance(signature_of(n), ConvAct) for n in gm.graph.nodes)  # (relu6 fused into the conv)
+    limit = input_limit(gm)
+    assert limit is not None and limit * 2e30 < SAFE  # (relu6's cap of 6 must not stand for the sum before it)
