@@ -5,8 +5,8 @@ library's kernels are faster (ONNX Runtime's MLAS on small convnets and MLPs, wh
 lower; OpenVINO's depthwise and 1x1 kernels on MobileNet-style networks: bench/results/). So optimize()
 exports the optimized graph (the portable graph in plain aten, compiler/deploy/onnx.py), builds a session
 in each installed library named by ``engines``, checks its outputs with the same numerics oracle as every
-pass, times it against graphopt's own graph (interleaved, median) and keeps the fastest. The partition is the whole graph: these libraries run every op graphopt's CPU graphs
-keep, and one handoff is cheapest.
+pass, times it against graphopt's own graph (interleaved, median) and keeps the fastest. The partition
+is the whole graph: these libraries run every op graphopt's CPU graphs keep, and one handoff is cheapest.
 
 Guarantees kept:
 - NaN / inf as eager: another library's relu may map NaN to a number, so the engine runs only on calls
@@ -42,8 +42,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import torch
 import numpy as np
+import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from graphopt.compiler.core.errors import GraphoptError

@@ -34,8 +34,8 @@ from graphopt.compiler.core.backend import has_triton
 from graphopt.compiler.core.capture import propagate
 from graphopt.compiler.core.engines import ENGINES, THREADS, restore
 from graphopt.compiler.core.errors import LoadError
-from graphopt.compiler.core.finite_range import MAX_CHECKS
 from graphopt.compiler.core.fast_path import NAN_CHECKS, fast_plan
+from graphopt.compiler.core.finite_range import MAX_CHECKS
 from graphopt.compiler.core.module import OptimizedModule, finalize
 from graphopt.compiler.deploy.graph_json import MAX_JSON_BYTES, MAX_NAME, graph_from_json
 from graphopt.compiler.deploy.save import FILES, MANIFEST_VERSION, sha256

@@ -18,8 +18,8 @@ import torch.nn as nn
 
 from graphopt import GraphoptError, load, optimize
 from graphopt.compiler.core import engines
-from tests.fuzz.artifacts import process_state, same_state
 from tests.compiler.test_range_checks import cancelling
+from tests.fuzz.artifacts import process_state, same_state
 from tests.helpers import randomize_bn
 from tests.zoo import ZOO
 
