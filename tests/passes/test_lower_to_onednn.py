@@ -61,18 +61,26 @@ def test_conv_lowering_four_ways(act, residual):
 
 
 @pytest.mark.parametrize("features", [(12, 7), (512, 256)])
+@pytest.mark.parametrize("rows", [3, 2 * 9])
 @pytest.mark.parametrize("act", [nn.Identity(), nn.ReLU(), nn.GELU(), nn.SiLU()], ids=repr)
-def test_linear_lowering(features, act):
+def test_linear_lowering(features, rows, act):
+    from graphopt.passes.lower_to_onednn import FEW_ROWS, SMALL_LINEAR
+
     m = nn.Sequential(nn.Linear(*features), act).eval()
-    x = torch.randn(3, features[0])
-    x[0, 0] = float("nan")
+    x = torch.randn(rows // 9 if rows > FEW_ROWS else rows, *([9] if rows > FEW_ROWS else []), features[0])
+    x.view(-1)[0] = float("nan")
     gm = _fused(m, x)
     assert apply(lower_to_onednn, gm, x) == 1
     assert not graphopt_calls(gm, "linear_act")
-    big = features[0] * features[1] >= 1 << 15
-    assert (LINEAR in _targets(gm)) == (big and not isinstance(act, nn.ReLU))
+    onednn = features[0] * features[1] >= SMALL_LINEAR and rows > FEW_ROWS
+    assert (LINEAR in _targets(gm)) == onednn
+    if onednn:  # the weight packed once, for the traced rows
+        weights = [n for n in gm.graph.nodes if n.op == "get_attr"]
+        assert [getattr(gm, n.target).is_mkldnn for n in weights if n.target.endswith("_onednn")] == [True]
     with torch.no_grad():
         close(gm(x), m(x), equal_nan=True)
+        other = torch.randn(5, *x.shape[1:])  # (other rows run on the packed weight too)
+        close(gm(other), m(other))
 
 
 def test_float64_graph_keeps_the_portable_op():
