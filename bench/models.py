@@ -50,6 +50,7 @@ CALIBRATION_BATCHES = 32
 
 
 MIN_BLOCK_MS = 20.0
+SETTLE_MS = 20.0  # untimed calls at the start of each engine's block (compiler/workflow/timing.py)
 
 
 def _block(built: dict, x: torch.Tensor, per_round: int) -> int:
@@ -88,7 +89,8 @@ def bench_model(name: str, engines: list[str], rounds: int, per_round: int, int8
             skipped[engine] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             built.pop(engine, None)
     per_round = per_round if quick else _block(built, x, per_round)
-    median_ms = timing.median_ms(built, (x,), rounds=rounds, per_round=per_round)
+    median_ms = timing.median_ms(built, (x,), rounds=rounds, per_round=per_round,
+                                 settle_ms=0.0 if quick else SETTLE_MS)
     if int8:
         peers = {e: v for e, v in median_ms.items() if e.endswith("_int8") and e != "graphopt_int8"}
         fastest = min(peers, key=peers.get) if peers else None

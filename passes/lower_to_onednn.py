@@ -7,11 +7,13 @@
 W is the weight in the blocked layout oneDNN chose for the traced input shape (any batch size
 still runs): a plain linear weight would be reordered on every call (measured, 768x768 at 16 rows:
 0.22 ms plain, 0.15 ms packed). A linear with few rows (a batch-1 classifier head) or a small
-weight runs through aten::linear, MKL's GEMM, instead (1280 -> 1000 at one row: 0.13 ms, oneDNN 0.19). The activation becomes a oneDNN post-op where oneDNN's results equal
-eager's on NaN and inf too (kernels/cpu.py); relu, relu6, hardtanh run as an in-place op after
-the primitive instead. Only on float32 CPU tensors with constant weights; anything else keeps
-the custom op, which runs everywhere. Those convolutions write channels-last outputs, so views
-and 4-d outputs get a ``.contiguous()`` guard (passes/lib/layout.py).
+weight runs through aten::linear, MKL's GEMM, instead (1280 -> 1000 at one row: 0.13 ms, oneDNN 0.19).
+
+The activation becomes a oneDNN post-op where oneDNN's results equal eager's on NaN and inf
+too (kernels/cpu.py); relu, relu6, hardtanh run as an in-place op after the primitive instead.
+Only on float32 CPU tensors with constant weights; anything else keeps the custom op, which runs
+everywhere. Those convolutions write channels-last outputs, so views and 4-d outputs get a
+``.contiguous()`` guard (passes/lib/layout.py).
 """
 
 from __future__ import annotations

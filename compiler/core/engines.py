@@ -54,6 +54,7 @@ THREADS = ("torch", "1")  # a session's threads: torch's count when it is built,
 SINGLE_THREAD_BELOW_MS = 1.0  # graphs quicker than this on the pool also get a one-thread session
 TIMING_BUDGET_S = 1.5  # measuring stops after about this long (at least MIN_SAMPLES calls each)
 ROUNDS, MIN_SAMPLES, MAX_SAMPLES, WARMUP = 5, 5, 200, 5  # (a session's first calls set up its memory)
+SETTLE_MS = 10.0  # each candidate's block starts with this long of untimed calls (compiler/workflow/timing.py)
 PROBE_SEED = 0  # load()'s check of a rebuilt session runs on this seeded input
 
 
@@ -307,7 +308,7 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
     samples = int(min(MAX_SAMPLES, max(MIN_SAMPLES, TIMING_BUDGET_S / one_round)))
     # blocks of calls in turn: each library's thread pool wakes once per block (as it would in use), not per call
     plan.measured_ms = median_ms(candidates, fresh(inputs), rounds=ROUNDS, per_round=max(1, samples // ROUNDS),
-                                 warmup=0)
+                                 warmup=0, settle_ms=SETTLE_MS)
     best = min(runners, key=lambda k: plan.measured_ms[label(*k)])
     if plan.measured_ms[label(*best)] <= MARGIN * plan.measured_ms["graphopt"]:
         plan.engine, plan.threads = best

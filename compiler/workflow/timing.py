@@ -10,6 +10,10 @@ bench/kernels.py on the CPU) comes from here, so they all measure the same thing
 - Interleaved rounds: each round runs every callable ``per_round`` times in turn. A machine's speed drifts
   (frequency scaling, heat, a neighbour's burst of load); timing A to the end and then B would put the
   drift on one of them, while taking turns spreads it over all alike, so their ratio holds.
+- Settled blocks (``settle_ms``): a callable's block starts with that long of untimed calls. An engine
+  with its own thread pool (torch's OpenMP, ONNX Runtime's, OpenVINO's) leaves its threads spinning for
+  a while after its last call, on the cores the next callable's first calls need; serving one model
+  has no such neighbour, so those calls measure the handover, not the engine.
 - Medians of per-call times: latency has a long right tail (a preempted thread, a page fault); the mean
   follows the tail, the median is the typical call.
 - Under ``torch.no_grad()``: inference latency, with no autograd graph recorded.
@@ -41,7 +45,8 @@ def call_ms(fns: Mapping[str, Callable[..., Any]], inputs: tuple = (), warmup: i
 
 @torch.no_grad()
 def median_ms(fns: Mapping[str, Callable[..., Any]], inputs: tuple = (), rounds: int = 20, per_round: int = 1,
-              warmup: int = 3, timer: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+              warmup: int = 3, timer: Callable[[], float] = time.perf_counter, settle_ms: float = 0.0
+              ) -> dict[str, float]:
     """Name -> median milliseconds of one call ``fn(*inputs)``, over ``rounds * per_round`` timed calls each.
 
     ``timer`` is the clock in seconds (as in ``timeit``); a test can pass a fake one.
@@ -54,6 +59,11 @@ def median_ms(fns: Mapping[str, Callable[..., Any]], inputs: tuple = (), rounds:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            if settle_ms > 0:
+                end = timer() + settle_ms / 1e3
+                fn(*inputs)
+                while timer() < end:
+                    fn(*inputs)
             for _ in range(per_round):
                 start = timer()
                 fn(*inputs)

@@ -39,6 +39,24 @@ def test_callables_take_turns_in_rounds_after_their_warm_up():
     assert calls == ["a", "b", "c"] + ["a", "a", "b", "b", "c", "c"] * 3
 
 
+def test_each_block_starts_with_untimed_calls_for_settle_ms():
+    clock = FakeClock()
+    calls = []
+    # each call takes 4 ms, except that a block's first calls are slow (a neighbour's threads still spinning)
+    def timed(name):
+        def fn():
+            calls.append(name)
+            first = len(calls) < 2 or calls[-2] != name
+            clock.now += 0.050 if first else 0.004
+        return fn
+
+    ms = median_ms({"a": timed("a"), "b": timed("b")}, rounds=3, per_round=3, warmup=0, timer=clock, settle_ms=10)
+    assert ms == pytest.approx({"a": 4.0, "b": 4.0})  # (unsettled, a third of the samples would be 50 ms)
+    assert calls == (["a"] + ["a"] * 3 + ["b"] + ["b"] * 3) * 3  # one untimed call already takes past 10 ms
+    unsettled = median_ms({"a": timed("a"), "b": timed("b")}, rounds=3, per_round=2, warmup=0, timer=clock)
+    assert unsettled["a"] > 4.0  # (the premise: half the samples are first calls, and the median is their top)
+
+
 def test_every_call_gets_the_same_inputs_without_autograd():
     x, y = torch.randn(2, 3, requires_grad=True), torch.randn(3)
     seen = []
