@@ -50,7 +50,7 @@ CALIBRATION_BATCHES = 32
 
 
 MIN_BLOCK_MS = 20.0
-SETTLE_MS = 20.0  # untimed calls at the start of each engine's block (compiler/workflow/timing.py)
+SETTLE_MS = 100.0  # untimed calls at the start of each engine's block (compiler/workflow/timing.py)
 
 
 def _block(built: dict, x: torch.Tensor, per_round: int) -> int:

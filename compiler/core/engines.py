@@ -54,7 +54,7 @@ THREADS = ("torch", "1")  # a session's threads: torch's count when it is built,
 SINGLE_THREAD_BELOW_MS = 1.0  # graphs quicker than this on the pool also get a one-thread session
 TIMING_BUDGET_S = 1.5  # measuring stops after about this long (at least MIN_SAMPLES calls each)
 ROUNDS, MIN_SAMPLES, MAX_SAMPLES, WARMUP = 5, 5, 200, 5  # (a session's first calls set up its memory)
-SETTLE_MS = 10.0  # each candidate's block starts with this long of untimed calls (compiler/workflow/timing.py)
+SETTLE_MS = 50.0  # each candidate's block starts with this long of untimed calls (compiler/workflow/timing.py)
 PROBE_SEED = 0  # load()'s check of a rebuilt session runs on this seeded input
 
 
