@@ -22,7 +22,6 @@ from graphopt.kernels.cpu import clamp_postop
 from graphopt.kernels.signatures import ConvAct, signature_of
 
 NAN_CHECKS = ("fast", "strict", "off")  # optimize(nan_checks=...)
-TORCH_GRAIN = 32768  # at::internal::GRAIN_SIZE: smaller reductions stay in the calling thread
 MIN_CLAMPED_ELEMENTS = 1 << 18  # below this the per-call input check costs more than the passes it saves (bench)
 
 
@@ -67,23 +66,4 @@ def within(limit: float, args: tuple) -> bool:
             lo, hi = torch.aminmax(x)
             if not (-limit <= float(lo) and float(hi) <= limit):
                 return False
-    return True
-
-
-def within_numpy(limit: float, args: tuple) -> bool:
-    """``within`` in numpy, for the calls another kernel library runs (compiler/core/engines.py). A torch
-    reduction over a large input wakes torch's OpenMP threads, which then spin on the cores the library's
-    own threads are about to use (measured: a 64x3x32x32 ConvNet call in ONNX Runtime, 7.7 ms alone,
-    11.7 ms after torch.aminmax of its input); numpy's min / max run in the calling thread. They
-    propagate NaN, and NaN compares False."""
-    for x in args:
-        if x.numel() >= TORCH_GRAIN:
-            a = x.detach().numpy()
-            lo, hi = a.min(), a.max()
-        elif x.numel():
-            lo, hi = torch.aminmax(x.detach())  # (below the grain, torch reduces in the calling thread, faster)
-        else:
-            continue
-        if not (-limit <= float(lo) and float(hi) <= limit):
-            return False
     return True

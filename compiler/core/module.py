@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphopt.compiler.core.errors import InputError
-from graphopt.compiler.core.fast_path import within, within_numpy
+from graphopt.compiler.core.fast_path import within
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -61,7 +61,7 @@ class OptimizedModule(nn.Module):
         self.fast_graph_module: fx.GraphModule | None = None  # see compiler/core/fast_path.py
         self._fast, self._fast_limit = None, None
         self.engine_plan = None  # which library runs the graph: compiler/core/engines.py
-        self._engine, self._engine_limit, self._engine_shapes = None, None, None
+        self._engine, self._engine_shapes = None, None
         self.nan_checks = "fast"  # as optimize() was told: saved, so that a reload makes the same plan
         self._checks = [(i, len(s["shape"]), getattr(torch, s["dtype"]), s["device"])
                         for i, s in enumerate(specs) if s is not None]
@@ -77,12 +77,12 @@ class OptimizedModule(nn.Module):
         self.fast_graph_module, self._fast, self._fast_limit = gm, gm.forward, limit
 
     def use_engine(self, plan, runner) -> None:
-        """Run ``runner`` (another library's session over the whole graph) on calls with the plan's input shapes
-        whose inputs are finite with max |x| <= plan.limit (no check where it is None: nan_checks="off");
-        graphopt's own graph on every other call."""
+        """Run ``runner`` (another library's session over the whole graph) on calls with the plan's input shapes;
+        graphopt's own graph on every other call, and on a call where the runner's range checks fail (it returns
+        None: an input not finite within plan.limit, or a checked value past its limit; compiler/core/engines.py)."""
         self.engine_plan = plan
         if runner is not None:
-            self._engine, self._engine_limit = runner, plan.limit
+            self._engine = runner
             self._engine_shapes = [torch.Size(shape) for shape in plan.shapes]
 
     @property
@@ -116,9 +116,9 @@ class OptimizedModule(nn.Module):
         return {"engine_threads": plan.threads, "engine_limits": limits}
 
     def _engine_takes(self, args: tuple) -> bool:
-        """Is this call the engine's: float32 CPU tensors of exactly the measured shapes, no grad wanted, and
-        (unless nan_checks="off") provably NaN-free? Everything the general checks below would pass, so a
-        call it takes needs no other check (this is the per-call cost of the engine path: a few us)."""
+        """Is this call the engine's: float32 CPU tensors of exactly the measured shapes, no grad wanted?
+        Everything the general checks below would pass, so a call it takes needs no other check (this is the
+        per-call cost of the engine path: a few us). Its values are checked in the library's own run."""
         if len(args) != len(self._engine_shapes):
             return False
         grad = torch.is_grad_enabled()
@@ -126,7 +126,7 @@ class OptimizedModule(nn.Module):
             if (type(x) is not torch.Tensor or x.shape != shape or x.dtype != torch.float32
                     or x.device.type != "cpu" or (grad and x.requires_grad)):
                 return False
-        return self._engine_limit is None or within_numpy(self._engine_limit, args)
+        return True
 
     def forward(self, *args: Any) -> Any:
         if self._engine is not None and self._engine_takes(args):

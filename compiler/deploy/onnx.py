@@ -54,12 +54,18 @@ def _portable_reference(model: nn.Module, magnitudes_of: Sequence[str] = ()) -> 
 
 
 def _append_magnitudes(gm, names: Sequence[str]) -> None:
-    """The output becomes (output, (max |v| for each named value)), in place."""
+    """The output becomes (output, (max |v| + 0 * sum(v) for each named value)), in place: NaN where v holds a NaN
+    or an inf (ONNX Runtime's ReduceMax skips NaN; a sum carries it, and an inf becomes 0 * inf = NaN)."""
     values = {n.name: n for n in gm.graph.nodes}
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    with gm.graph.inserting_before(output):
-        maxima = tuple(gm.graph.call_function(torch.amax, (gm.graph.call_function(torch.abs, (values[name],)),))
-                       for name in names)
+    graph = gm.graph
+
+    def magnitude(v):
+        largest = graph.call_function(torch.amax, (graph.call_function(torch.abs, (v,)),))
+        return graph.call_function(torch.add, (largest, graph.call_function(torch.mul, (
+            graph.call_function(torch.sum, (v,)), 0.0))))
+    with graph.inserting_before(output):
+        maxima = tuple(magnitude(values[name]) for name in names)
     output.args = ((output.args[0], maxima),)
     gm.recompile()
 

@@ -41,12 +41,13 @@ def _convnet(batch: int = 2):
 
 
 def _spy(opt):
+    """The library's answers, call by call (None: it declined, its range checks failed)."""
     calls = []
     runner = opt._engine
 
     def counted(*args):
-        calls.append(args)
-        return runner(*args)
+        calls.append(runner(*args))
+        return calls[-1]
     opt._engine = counted
     return calls
 
@@ -111,15 +112,16 @@ def test_a_quick_graph_also_gets_a_one_thread_session_and_a_reload_keeps_it(alwa
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 1e30])
-def test_inputs_that_could_make_nan_run_graphopts_graph(always, value):
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_inputs_that_could_make_nan_run_graphopts_graph(always, value, library):
     model, x = _convnet()
-    opt = optimize(model, (x,), engines="onnxruntime")
+    opt = optimize(model, (x,), engines=library)
     calls = _spy(opt)
     bad = x.clone()
     bad.view(-1)[7] = value
     with torch.no_grad():
         got, want = opt(bad), model(bad)
-    assert calls == []
+    assert len(calls) == 1 and calls[0] is None  # (its input check, in the library's run, failed)
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
     finite = want.isfinite()
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-4)
@@ -164,9 +166,7 @@ def test_range_checks_run_a_deep_graph_in_the_library_and_a_failed_check_reruns_
     plan = opt.engine_plan
     assert opt.engine == "onnxruntime" and plan.limit == 256.0 and 1 <= len(plan.checks) <= 3
     assert plan.as_dict()["range_checks"] == plan.checks
-    returned = []
-    runner = opt._engine
-    opt._engine = lambda *args: (returned.append(runner(*args)), returned[-1])[1]
+    returned = _spy(opt)
     big = x.clone()
     big[0, 0] = 100.0  # within the input's limit; its checked values are not
     with torch.no_grad():
@@ -176,7 +176,8 @@ def test_range_checks_run_a_deep_graph_in_the_library_and_a_failed_check_reruns_
         assert len(returned) == 2 and returned[-1] is None  # it declined, and graphopt's graph answered
         nan = x.clone()
         nan[1, 3] = float("nan")
-        assert torch.equal(opt(nan).isnan(), model(nan).isnan()) and len(returned) == 2  # (input check: no call)
+        assert torch.equal(opt(nan).isnan(), model(nan).isnan())
+        assert len(returned) == 3 and returned[-1] is None  # (the input check, in the library's run)
 
     folder = opt.save(tmp_path / "m")
     saved = json.loads((folder / "manifest.json").read_text())["engine_limits"]
@@ -324,7 +325,7 @@ def test_nan_checks_off_runs_the_library_on_every_call_and_strict_on_none(always
     folder = off.save(tmp_path / "off")
     assert json.loads((folder / "manifest.json").read_text())["nan_checks"] == "off"
     back = load(folder)
-    assert back.nan_checks == "off" and back.engine == "onnxruntime" and back._engine_limit is None
+    assert back.nan_checks == "off" and back.engine == "onnxruntime" and back.engine_plan.limit is None
 
     convnet, y = _convnet()
     strict = optimize(convnet, (y,), engines="onnxruntime", nan_checks="strict")
