@@ -56,6 +56,12 @@ def pack_conv_weight(weight: torch.Tensor, padding: list[int], stride: list[int]
                                                      list(input_shape))
 
 
+def pack_linear_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """Reorder a linear weight once into the blocked layout oneDNN picks for inputs of ``rows`` rows (any other
+    row count still runs on it)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
 def _epilogue(y: torch.Tensor, act: str, residual: torch.Tensor | None = None) -> torch.Tensor:
     if residual is not None:
         y.add_(residual)

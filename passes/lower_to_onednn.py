@@ -103,7 +103,7 @@ def lower_to_onednn(gm: fx.GraphModule, ctx: PassContext) -> int:
         postop = (cpu.onednn_postop(act) or ("none", [], "")) if onednn else None
         with gm.graph.inserting_before(node):
             if onednn:
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+                packed = cpu.pack_linear_weight(weight, rows)
                 wp = gm.graph.get_attr(add_constant(gm, f"{w.target}_onednn", packed, buffer=False))
                 new = gm.graph.call_function(LINEAR, (x, wp, b, *postop))
             else:

@@ -220,33 +220,37 @@ def _checkable(node: torch.fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and is_plain(node.name)
 
 
-def guard(portable: torch.fx.GraphModule, inputs: tuple) -> tuple[float | None, dict[str, float]]:
-    """(input limit, {value: limit}) under which no value of the graph can be NaN or inf, or (None, {}).
-    The whole-graph bound where it covers the example with ``allowance``'s headroom; range checks otherwise."""
+Guard = tuple[float | None, dict[str, float], str | None]  # (input limit, {value: limit}, why none if limit is None)
+
+
+def guard(portable: torch.fx.GraphModule, inputs: tuple) -> Guard:
+    """The input limit and the range checks under which no value of the graph can be NaN or inf: the
+    whole-graph bound where it covers the example with ``allowance``'s headroom; range checks otherwise."""
     from graphopt.compiler.core.finite_range import allowance, checked_limits, input_limit, magnitudes
 
     limit = input_limit(portable)
     largest = max((float(t.detach().abs().max()) for t in inputs if t.numel()), default=0.0)
     if limit is not None and limit >= allowance(largest):
-        return limit, {}
+        return limit, {}, None
     limits = checked_limits(portable, magnitudes(portable, inputs), _checkable)
     if limits is None:
-        return limit, {}
+        return limit, {}, None if limit is not None else NO_BOUND
     inputs_at = {n.name for n in portable.graph.nodes if n.op == "placeholder"}
-    return limits[next(iter(inputs_at))], {k: v for k, v in limits.items() if k not in inputs_at}
+    return limits[next(iter(inputs_at))], {k: v for k, v in limits.items() if k not in inputs_at}, None
 
 
-def saved_guard(portable: torch.fx.GraphModule, saved: dict | None) -> tuple[float | None, dict[str, float]]:
+def saved_guard(portable: torch.fx.GraphModule, saved: dict | None) -> Guard:
     """A loaded plan's guard: ``saved`` ({"inputs": limit, "checks": {value: limit}}, validated by load()) if it
-    proves the loaded graph NaN-free, else (None, {}). (A folder saved before range checks: the whole-graph bound.)"""
+    proves the loaded graph NaN-free. (A folder saved before range checks: the whole-graph bound.)"""
     from graphopt.compiler.core.finite_range import input_limit, proves
 
     if saved is None:
-        return input_limit(portable), {}
+        limit = input_limit(portable)
+        return limit, {}, None if limit is not None else NO_BOUND
     inputs_at = [n.name for n in portable.graph.nodes if n.op == "placeholder"]
     if not proves(portable, {**dict.fromkeys(inputs_at, saved["inputs"]), **saved["checks"]}):
-        return None, {}
-    return saved["inputs"], dict(saved["checks"])
+        return None, {}, "manifest.json's range limits do not prove the loaded graph NaN-free"
+    return saved["inputs"], dict(saved["checks"]), None
 
 
 def _checked(opt: torch.nn.Module, plan: EnginePlan) -> tuple[list[str], list[float]]:
@@ -258,22 +262,18 @@ def _checked(opt: torch.nn.Module, plan: EnginePlan) -> tuple[list[str], list[fl
     return inputs + list(plan.checks), [plan.limit] * len(inputs) + list(plan.checks.values())
 
 
-def _plan(opt: torch.nn.Module, inputs: tuple, guarded: bool, saved: dict | None = None, restoring: bool = False
+def _plan(opt: torch.nn.Module, inputs: tuple, guarding: Callable[[], Guard] | None
           ) -> tuple[EnginePlan, Any, str | None]:
     """graphopt's own plan for ``opt`` (an OptimizedModule without an engine yet), its output structure, and why
-    no library may run it (None where one may). Guarded: the guard from the example (``guard``), or, when
-    ``restoring``, the one ``saved`` with the plan."""
+    no library may run it (None where one may). ``guarding`` gives the plan's guard (None: unguarded)."""
     from graphopt.compiler.core.capture import fresh
 
     with torch.no_grad():
         outputs, spec = tree_flatten(opt(*fresh(inputs)))
     plan = EnginePlan("graphopt", shapes=tuple(tuple(t.shape) for t in inputs))
     reason = eligible(opt.portable, inputs, outputs)
-    if reason is None and guarded:
-        plan.limit, plan.checks = saved_guard(opt.portable, saved) if restoring else guard(opt.portable, fresh(inputs))
-        if plan.limit is None:
-            reason = ("manifest.json's range limits do not prove the loaded graph NaN-free" if restoring and saved
-                      else NO_BOUND)
+    if reason is None and guarding is not None:
+        plan.limit, plan.checks, reason = guarding()
     return plan, spec, reason
 
 
@@ -286,7 +286,7 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
     from graphopt.compiler.core.capture import fresh
     from graphopt.compiler.workflow.timing import call_ms, median_ms
 
-    plan, spec, reason = _plan(opt, inputs, guarded)
+    plan, spec, reason = _plan(opt, inputs, (lambda: guard(opt.portable, fresh(inputs))) if guarded else None)
     if reason is not None:
         plan.reasons = {name: reason for name in names}
         return plan, None
@@ -324,7 +324,8 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
             if sizes[label(name, threads)] < SINGLE_THREAD_BELOW_MS:
                 add(name, "1")
     candidates = {"graphopt": opt, **{label(*k): r for k, r in runners.items()}}
-    one_round = max(sum(call_ms(candidates, fresh(inputs), warmup=WARMUP).values()) / 1e3, 1e-6)
+    sizes |= call_ms({k: r for k, r in candidates.items() if k not in sizes}, fresh(inputs), warmup=WARMUP)
+    one_round = max(sum(sizes.values()) / 1e3, 1e-6)
     samples = int(min(MAX_SAMPLES, max(MIN_SAMPLES, TIMING_BUDGET_S / one_round)))
     # blocks of calls in turn: each library's thread pool wakes once per block (as it would in use), not per call
     plan.measured_ms = median_ms(candidates, fresh(inputs), rounds=ROUNDS, per_round=max(1, samples // ROUNDS),
@@ -345,7 +346,7 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
 
     if not installed(name):
         return None, None, f"it was saved to run in {name}, which is not installed here"
-    plan, spec, reason = _plan(opt, inputs, guarded, limits, restoring=True)
+    plan, spec, reason = _plan(opt, inputs, (lambda: saved_guard(opt.portable, limits)) if guarded else None)
     if reason is not None:
         return None, None, reason
     g = torch.Generator().manual_seed(PROBE_SEED)

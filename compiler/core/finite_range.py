@@ -234,9 +234,10 @@ def checked_limits(gm: fx.GraphModule, seen: dict[str, float],
 def proves(gm: fx.GraphModule, limits: dict[str, float]) -> bool:
     """Do ``limits`` (one for every input, and any for other values by node name) prove every value finite?"""
     rules = _rules(gm)
-    names = {n.name for n in rules or ()} | {n.name for n in gm.graph.nodes if n.op == "placeholder"}
-    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    if rules is None or not set(limits) <= names or any(p not in limits for p in placeholders):
+    if rules is None:
+        return False
+    placeholders = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+    if not placeholders <= set(limits) <= placeholders | {n.name for n in rules}:
         return False
     if not all(isinstance(v, float) and 0.0 < v < SAFE for v in limits.values()):
         return False
