@@ -13,11 +13,13 @@ import os
 import time
 from typing import Any, Iterable, Sequence
 
+import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_flatten
 
 from graphopt.compiler.core.backend import resolve_backend
 from graphopt.compiler.core.capture import capture, normalize_inputs
-from graphopt.compiler.core.engines import choose, resolve_engines
+from graphopt.compiler.core.engines import choose, int8_disagreement, resolve_engines
 from graphopt.compiler.core.errors import GraphoptError
 from graphopt.compiler.core.fast_path import NAN_CHECKS, fast_plan
 from graphopt.compiler.core.module import OptimizedModule, finalize, input_specs
@@ -75,23 +77,45 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
                           dump_dir=str(dump_dir) if dump_dir else None)
     portable, report = manager.run(gm, ctx)
     report.insert(0, captured)
-    int8_report = None
     if quantize == "int8":
         from graphopt.compiler.int8.quantize import quantize as quantize_int8
 
-        portable, records, int8_report = quantize_int8(portable, ctx, manager, calibration, calibration_method,
+        fp32 = portable
+        portable, records, int8_report = quantize_int8(fp32, ctx, manager, calibration, calibration_method,
                                                        accuracy_budget, progress=progress, fp32_layers=fp32_layers)
-        report += records
+        build = lambda graph, rows: _module(graph, ctx, manager, report + rows, inputs, nan_checks,  # noqa: E731
+                                            engine_names)
+        if backend != "cpu" or not engine_names or nan_checks == "strict":
+            opt = build(portable, records)
+        else:
+            from graphopt.compiler.int8.plans import fastest
+
+            # (the second plan's int8 pass is checked like the first, and not dumped over it)
+            again = lambda: quantize_int8(fp32, ctx, PassManager([], check=check), calibration,  # noqa: E731
+                                          calibration_method, accuracy_budget, progress=False,
+                                          fp32_layers=fp32_layers, small_fp32=False, calibrated=int8_report)
+            opt, int8_report = fastest(build, fp32, (portable, records, int8_report), again, inputs)
         if manager.dumper:
             (manager.dumper.root / "int8.md").write_text(int8_report.table() + "\n")
-    lowered, lowering_report = lower(portable, ctx, LOWERING[backend], check=check, manager=manager)
+        opt.int8_report = int8_report
+        return opt
+    opt = _module(portable, ctx, manager, report, inputs, nan_checks, engine_names)
+    opt.int8_report = None
+    return opt
+
+
+def _module(portable, ctx: PassContext, manager: PassManager, report: list, inputs: tuple, nan_checks: str,
+            engine_names: Sequence[str]) -> OptimizedModule:
+    """The optimized module of the portable graph: lowered for ctx.backend, its guarded fast graph, and the
+    fastest kernel library where one is measured faster."""
+    backend = ctx.backend
+    lowered, lowering_report = lower(portable, ctx, LOWERING[backend], check=manager.check, manager=manager)
     opt = OptimizedModule(finalize(lowered), report + lowering_report, input_specs(inputs), backend,
                           portable=finalize(portable))
-    opt.int8_report = int8_report
     opt.nan_checks = nan_checks
     fast = fast_plan(portable, ctx, nan_checks)
     if fast is not None:
-        fast_lowered, fast_report = lower(portable, fast[0], LOWERING[backend], check=check, manager=manager)
+        fast_lowered, fast_report = lower(portable, fast[0], LOWERING[backend], check=manager.check, manager=manager)
         opt.report += [dataclasses.replace(r, name=f"{r.name} (fused clamps)") for r in fast_report]
         opt.use_fast_path(finalize(fast_lowered), fast[1])
     if backend == "cpu" and engine_names and nan_checks != "strict":
@@ -101,13 +125,19 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
 
 def _choose_engine(opt: OptimizedModule, portable, ctx: PassContext, manager: PassManager, names) -> None:
     """Measure the graph in other kernel libraries and keep the fastest (compiler/core/engines.py)."""
+    from graphopt.compiler.core.capture import fresh
+    from graphopt.compiler.core.pipeline import is_quantized
     from graphopt.compiler.core.verify import Oracle
 
     start = time.perf_counter()
-    oracle = manager.oracle or Oracle.build(portable, ctx.example_inputs)
+    if is_quantized(portable):  # another library's int8 agrees with graphopt's to rounding, not bits
+        with torch.no_grad():
+            want = tree_flatten(opt(*fresh(ctx.example_inputs)))[0]
+        check = lambda got: int8_disagreement(want, got)  # noqa: E731
+    else:
+        check = (manager.oracle or Oracle.build(portable, ctx.example_inputs)).fp32_error
     dump = manager.dumper.root if manager.dumper else None
-    plan, runner = choose(opt, ctx.example_inputs, names, oracle.fp32_error, dump_dir=dump,
-                          guarded=opt.nan_checks == "fast")
+    plan, runner = choose(opt, ctx.example_inputs, names, check, dump_dir=dump, guarded=opt.nan_checks == "fast")
     opt.use_engine(plan, runner)
     record = PassRecord(plan.summary(), rewrites=int(runner is not None), seconds=time.perf_counter() - start,
                         nodes_before=count_nodes(opt.graph_module), nodes_after=count_nodes(opt.graph_module),

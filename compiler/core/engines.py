@@ -86,12 +86,13 @@ def onnx_model(module: torch.nn.Module, inputs: tuple, checks: Sequence[str] = (
     """The optimized graph as ONNX, at the example's shapes (the engine runs only there), returning max |v| of
     each value named in ``checks`` after its own outputs."""
     from graphopt.compiler.core.capture import locked_tracing
-    from graphopt.compiler.deploy.onnx import exportable, write_onnx
+    from graphopt.compiler.core.pipeline import is_quantized
+    from graphopt.compiler.deploy.onnx import exportable, int8_weights, write_onnx
 
     buffer = io.BytesIO()
     with locked_tracing():  # (the exporter traces: one at a time, like every trace)
-        write_onnx(exportable(module, checks), inputs, buffer, dynamic_batch=False)
-    return buffer.getvalue()
+        write_onnx(exportable(module, checks, for_engine=True), inputs, buffer, dynamic_batch=False)
+    return int8_weights(buffer.getvalue()) if is_quantized(module.portable) else buffer.getvalue()
 
 
 def _outputs(spec: Any, limits: Sequence[float]) -> Callable[[list], Any]:
@@ -200,15 +201,27 @@ NO_BOUND = ("no proven NaN-free input range (an op without a bound, or gains pas
 
 def eligible(portable: torch.fx.GraphModule, inputs: tuple, outputs: list) -> str | None:
     """Why no library may run the graph, or None."""
-    from graphopt.compiler.core.pipeline import is_quantized
-
-    if is_quantized(portable):
-        return "an int8 graph runs graphopt's own int8 kernels"
     if not inputs or not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
                              for t in inputs):
         return "the inputs are not all float32 CPU tensors"
     if not outputs or not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in outputs):
         return "the outputs are not all float32 tensors"
+    return None
+
+
+INT8_AGREE_DB = 35.0  # another library's int8 kernels may round a requantization the other way: SQNR, not bits
+
+
+def int8_disagreement(want: list, got: list) -> str | None:
+    """None if another library's outputs ``got`` match graphopt's int8 outputs ``want`` to INT8_AGREE_DB, else why."""
+    from graphopt.compiler.core.verify import sqnr
+
+    for i, (w, o) in enumerate(zip(want, got, strict=True)):
+        if w.shape != o.shape:
+            return f"output {i} has shape {tuple(o.shape)}, graphopt's {tuple(w.shape)}"
+        db = sqnr(w, o)
+        if not db >= INT8_AGREE_DB:
+            return f"output {i}: SQNR {db:.1f} dB against graphopt's int8 graph (< {INT8_AGREE_DB:.0f} dB)"
     return None
 
 
@@ -284,8 +297,10 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
 
     ``check`` is the numerics oracle: flattened outputs on ``inputs`` -> None, or what is wrong with them."""
     from graphopt.compiler.core.capture import fresh
-    from graphopt.compiler.workflow.timing import call_ms, median_ms
+    from graphopt.compiler.core.pipeline import is_quantized
+    from graphopt.compiler.workflow.timing import call_ms
 
+    guarded = guarded and not is_quantized(opt.portable)
     plan, spec, reason = _plan(opt, inputs, (lambda: guard(opt.portable, fresh(inputs))) if guarded else None)
     if reason is not None:
         plan.reasons = {name: reason for name in names}
@@ -323,18 +338,27 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
         for name, threads in list(runners):
             if sizes[label(name, threads)] < SINGLE_THREAD_BELOW_MS:
                 add(name, "1")
-    candidates = {"graphopt": opt, **{label(*k): r for k, r in runners.items()}}
-    sizes |= call_ms({k: r for k, r in candidates.items() if k not in sizes}, fresh(inputs), warmup=WARMUP)
-    one_round = max(sum(sizes.values()) / 1e3, 1e-6)
-    samples = int(min(MAX_SAMPLES, max(MIN_SAMPLES, TIMING_BUDGET_S / one_round)))
-    # blocks of calls in turn: each library's thread pool wakes once per block (as it would in use), not per call
-    plan.measured_ms = median_ms(candidates, fresh(inputs), rounds=ROUNDS, per_round=max(1, samples // ROUNDS),
-                                 warmup=0, settle_ms=SETTLE_MS)
+    plan.measured_ms = race({"graphopt": opt, **{label(*k): r for k, r in runners.items()}}, inputs, sizes)
     best = min(runners, key=lambda k: plan.measured_ms[label(*k)])
     if plan.measured_ms[label(*best)] <= MARGIN * plan.measured_ms["graphopt"]:
         plan.engine, plan.threads = best
         return plan, runners[best]
     return plan, None
+
+
+def race(candidates: dict[str, Callable], inputs: tuple, sizes: dict[str, float] | None = None) -> dict[str, float]:
+    """Each candidate's median ms on ``inputs``, timed interleaved for about TIMING_BUDGET_S (``sizes``: ms per call
+    already measured for some of them)."""
+    from graphopt.compiler.core.capture import fresh
+    from graphopt.compiler.workflow.timing import call_ms, median_ms
+
+    sizes = dict(sizes or {})
+    sizes |= call_ms({k: r for k, r in candidates.items() if k not in sizes}, fresh(inputs), warmup=WARMUP)
+    one_round = max(sum(sizes.values()) / 1e3, 1e-6)
+    samples = int(min(MAX_SAMPLES, max(MIN_SAMPLES, TIMING_BUDGET_S / one_round)))
+    # blocks of calls in turn: each library's thread pool wakes once per block (as it would in use), not per call
+    return median_ms(candidates, fresh(inputs), rounds=ROUNDS, per_round=max(1, samples // ROUNDS), warmup=0,
+                     settle_ms=SETTLE_MS)
 
 
 def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True, threads: str = "torch",
@@ -343,9 +367,12 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
     ``opt``'s loaded graph and check it against graphopt's own graph on a seeded input. (plan, runner, None), or
     (None, None, why graphopt's graph runs)."""
     from graphopt.compiler.core.capture import fresh
+    from graphopt.compiler.core.pipeline import is_quantized
 
     if not installed(name):
         return None, None, f"it was saved to run in {name}, which is not installed here"
+    quantized = is_quantized(opt.portable)
+    guarded = guarded and not quantized
     plan, spec, reason = _plan(opt, inputs, (lambda: saved_guard(opt.portable, limits)) if guarded else None)
     if reason is not None:
         return None, None, reason
@@ -360,8 +387,13 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
             if out is None:
                 return None, None, f"{name}'s range checks fail on load's seeded probe input"
             want, got = tree_flatten(opt(*fresh(probe)))[0], tree_flatten(out)[0]
+        if quantized:
+            problem = int8_disagreement(want, got)
+            if problem is not None:
+                return None, None, f"{name} disagrees with graphopt's int8 graph on load's probe input: {problem}"
         for w, o in zip(want, got, strict=True):
-            torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5 * max(1.0, float(w.abs().max())))
+            if not quantized:
+                torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5 * max(1.0, float(w.abs().max())))
     except Exception as e:
         return None, None, f"{name} could not run it as saved: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     plan.engine, plan.threads = name, threads

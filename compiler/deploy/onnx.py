@@ -26,12 +26,13 @@ from torch.utils._pytree import tree_flatten
 from graphopt.compiler.core.errors import GraphoptError
 
 
-def _portable_reference(model: nn.Module, magnitudes_of: Sequence[str] = ()) -> nn.Module:
+def _portable_reference(model: nn.Module, magnitudes_of: Sequence[str] = (), for_engine: bool = False) -> nn.Module:
     """The graph to export: plain aten, leaf modules inlined (attention through its functional path,
     which the exporter can write; its fused fast path it cannot). Always a copy: the export runs it in
     eval mode, and the user's model keeps its mode, parameters and buffers untouched.
     ``magnitudes_of``: names of values of an OptimizedModule's portable graph whose max |v| is appended to
-    its outputs, as a tuple of scalars (the range checks of compiler/core/engines.py)."""
+    its outputs, as a tuple of scalars (the range checks of compiler/core/engines.py). ``for_engine``: see
+    _fake_quantized."""
     from graphopt.compiler.core.module import OptimizedModule, finalize
     from graphopt.compiler.core.pipeline import clone, is_quantized
     from graphopt.compiler.deploy.inline import inline_modules
@@ -43,7 +44,7 @@ def _portable_reference(model: nn.Module, magnitudes_of: Sequence[str] = ()) -> 
     if magnitudes_of:
         _append_magnitudes(gm, magnitudes_of)
     if is_quantized(gm):
-        _fake_quantized(gm)
+        _fake_quantized(gm, for_engine)
     lower_to_reference(gm, None)
     try:
         inline_modules(gm, attention=True)
@@ -70,15 +71,20 @@ def _append_magnitudes(gm, names: Sequence[str]) -> None:
     gm.recompile()
 
 
-def _fake_quantized(gm) -> None:
-    """int8 ops -> fake quantization around the float ops (what ONNX's QDQ form says), in place."""
+def _fake_quantized(gm, for_engine: bool = False) -> None:
+    """int8 ops -> fake quantization around the float ops (what ONNX's QDQ form says), in place.
+
+    ONNX Runtime runs DequantizeLinear -> Conv / Gemm -> QuantizeLinear as one int8 kernel. An int8 op with no
+    such form (a residual added inside it, or a float output) runs as the float op, and its weights'
+    DequantizeLinear runs on every call: ``for_engine`` (a session graphopt runs, not a file for the user) gives
+    those ops their dequantized weights as float constants instead (the same numbers, none of that cost)."""
     from graphopt.kernels.ops import OPS
     from graphopt.kernels.signatures import ConvAct, LinearAct, QConvAct, signature_of
     from graphopt.passes.lib.query import constant_value
     from graphopt.passes.lib.rewrite import add_constant
 
-    def fq(x, scale, zp):
-        return gm.graph.call_function(torch.fake_quantize_per_tensor_affine, (x, float(scale), int(zp), -128, 127))
+    def fq(x, scale, zp):  # as uint8 (zero point + 128: the same grid), ONNX Runtime's fast form on x86
+        return gm.graph.call_function(torch.fake_quantize_per_tensor_affine, (x, float(scale), int(zp) + 128, 0, 255))
 
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
@@ -99,10 +105,15 @@ def _fake_quantized(gm) -> None:
                 zp = gm.graph.get_attr(add_constant(gm, f"{w.target}_dq_zp", torch.zeros(len(scale),
                                                                                          dtype=torch.int32)))
                 wfq = gm.graph.call_function(torch.fake_quantize_per_channel_affine, (wf, sc, zp, 0, -128, 127))
+                if for_engine and (q.out_scale is None or getattr(q, "residual", None) is not None):
+                    wfq = wf
+                # the input again (a no-op on its grid): ONNX Runtime fuses DequantizeLinear -> op -> QuantizeLinear
+                # into an int8 kernel only where the DequantizeLinear feeds the op directly (not across a Flatten)
+                x = fq(q.x, q.x_scale, q.x_zp)
                 if isinstance(q, QConvAct):
-                    fp32 = ConvAct(q.x, wfq, q.bias, q.stride, q.padding, q.dilation, q.groups, q.act, q.residual)
+                    fp32 = ConvAct(x, wfq, q.bias, q.stride, q.padding, q.dilation, q.groups, q.act, q.residual)
                 else:
-                    fp32 = LinearAct(q.x, wfq, q.bias, q.act)
+                    fp32 = LinearAct(x, wfq, q.bias, q.act)
                 y = gm.graph.call_function(OPS[fp32.op], fp32.as_args())
                 if q.out_scale is not None:
                     y = fq(y, q.out_scale, q.out_zp)
@@ -157,6 +168,18 @@ def _int8_initializers(proto) -> int:
     return done
 
 
+def int8_weights(model: bytes) -> bytes:
+    """An exported int8 model with its weights stored as int8 (_int8_initializers), serialized again."""
+    import onnx
+
+    proto = onnx.load_from_string(model)
+    _int8_initializers(proto)
+    read = {name for node in proto.graph.node for name in node.input}
+    for unread in [t for t in proto.graph.initializer if t.name not in read]:  # (the float weights quantized)
+        proto.graph.initializer.remove(unread)
+    return proto.SerializeToString()
+
+
 INT8_EXPORT_FLOOR_DB = 30.0
 
 
@@ -186,10 +209,10 @@ def write_onnx(module: nn.Module, inputs: tuple, f: Any, *, dynamic_batch: bool,
     return names
 
 
-def exportable(model: nn.Module, magnitudes_of: Sequence[str] = ()) -> nn.Module:
+def exportable(model: nn.Module, magnitudes_of: Sequence[str] = (), for_engine: bool = False) -> nn.Module:
     """What the exporter traces: a copy of ``model`` (for an OptimizedModule, its portable graph in plain aten,
-    ``magnitudes_of`` as in _portable_reference)."""
-    return _Exportable(_portable_reference(model, magnitudes_of)).eval()
+    ``magnitudes_of`` and ``for_engine`` as in _portable_reference)."""
+    return _Exportable(_portable_reference(model, magnitudes_of, for_engine)).eval()
 
 
 def _check_inputs(inputs: tuple, batch: int | None) -> list[tuple]:

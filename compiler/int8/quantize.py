@@ -101,15 +101,17 @@ class Int8Report:
     output_sqnr_db: float = float("nan")
     layers: list[dict] = field(default_factory=list)  # name, node, op, int8, sqnr_db, reason
     fallback: list[str] = field(default_factory=list)  # layer names returned to fp32, in order
+    plan: str = "graphopt's int8 kernels"  # what runs: optimize() measures the int8 plans against the fp32 one
+    ranges: dict = field(default_factory=dict, repr=False)  # calibration's {node: (lo, hi)}, for a second plan
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "ranges"}
 
     def table(self) -> str:
         weights = {"s8": "8-bit weights", "s7": "7-bit weights: this CPU has no VNNI / AMX"}.get(self.scheme, "")
         rows = [f"int8: scheme {self.scheme} ({weights}); {self.method} calibration on {self.batches} batches "
                 f"({self.calibration_seconds:.1f} s); output SQNR {self.output_sqnr_db:.1f} dB"
-                + (f"; budget {self.budget}" if self.budget else ""),
+                + (f"; budget {self.budget}" if self.budget else ""), f"runs: {self.plan}",
                 "", "| layer | op | runs in | SQNR dB | why fp32 |", "|---|---|---|---:|---|"]
         for layer in self.layers:
             rows.append(f"| {layer['name']} | {layer['op']} | {'int8' if layer['int8'] else 'fp32'} | "
@@ -286,9 +288,13 @@ def layer_name(node: fx.Node) -> str:
 
 
 def quantize(fp32: fx.GraphModule, ctx: PassContext, manager: PassManager, calibration: Iterable | None,
-             method: str, budget: Any, progress: bool = True, fp32_layers: Iterable[str] = ()
-             ) -> tuple[fx.GraphModule, list, Int8Report]:
-    """The int8 graph of ``fp32`` (the optimized fp32 graph), its pass records and the int8 report."""
+             method: str, budget: Any, progress: bool = True, fp32_layers: Iterable[str] = (), *,
+             small_fp32: bool = True, calibrated: Int8Report | None = None) -> tuple[fx.GraphModule, list, Int8Report]:
+    """The int8 graph of ``fp32`` (the optimized fp32 graph), its pass records and the int8 report.
+
+    ``small_fp32``: layers too small for oneDNN's int8 to pay off stay fp32 (MIN_INT8_MACS); False quantizes them
+    too (the plan for another library's int8 kernels, whose fixed cost is lower). ``calibrated``: the report of an
+    earlier plan of the same graph and batches, whose ranges are used again."""
     batches = check_batches(calibration, ctx.example_inputs)
     scheme = choose(ctx.backend)
     if ctx.backend == "cpu":
@@ -301,9 +307,13 @@ def quantize(fp32: fx.GraphModule, ctx: PassContext, manager: PassManager, calib
                           "them stay fp32", stacklevel=3)
     else:
         vnni = False
-    start = time.perf_counter()
-    ranges = calibrate(fp32, batches, method, progress=progress)
-    report = Int8Report(method, len(batches), time.perf_counter() - start, vnni, _budget_text(budget), scheme)
+    if calibrated is None:
+        start = time.perf_counter()
+        ranges = calibrate(fp32, batches, method, progress=progress)
+        seconds = time.perf_counter() - start
+    else:
+        ranges, seconds = calibrated.ranges, calibrated.calibration_seconds
+    report = Int8Report(method, len(batches), seconds, vnni, _budget_text(budget), scheme, ranges=ranges)
     q = Quantizer(fp32, ctx, ranges, batches, scheme)
     reasons: dict[str, str] = {}
     asked = set(fp32_layers)
@@ -315,7 +325,7 @@ def quantize(fp32: fx.GraphModule, ctx: PassContext, manager: PassManager, calib
     for node in q.layers:
         if layer_name(node) in asked:
             reasons[node.name] = "asked: fp32_layers"
-    if ctx.backend == "cpu":
+    if ctx.backend == "cpu" and small_fp32:
         layers, least = set(q.layers), min_int8_macs(scheme)
         where = "" if scheme == "s8" else " on a CPU without VNNI / AMX"
         for node in q.layers:

@@ -104,6 +104,7 @@ def tune(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], metric: Call
 
     from graphopt import load
     from graphopt.compiler.int8.calibrate import METHODS
+    from graphopt.compiler.int8.plans import SLOWER
 
     if trials < 1:
         raise GraphoptError(f"trials must be >= 1, got {trials}")
@@ -116,7 +117,8 @@ def tune(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], metric: Call
     floor = baseline - budget
     # the quantizable layers, by the names fp32_layers takes (pruning keeps module names)
     probe = build(model, {}, data, calibration[:2], example)
-    layers = [layer["name"] for layer in probe.int8_report.layers if layer["int8"]]
+    layers = [layer["name"] for layer in probe.int8_report.layers
+              if layer["int8"] or (layer["reason"] or "").startswith(SLOWER)]
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():  # (heartbeats are "experimental" in Optuna)

@@ -1,0 +1,132 @@
+"""Which int8 plan runs (compiler/int8/plans.py): graphopt's int8, every layer int8, in a library, or fp32.
+
+The choice is made by timing; these tests force its outcome (engines.race returns set times) so that what they
+check does not depend on the machine's speed: the plans built, the numerics check of another library's int8, the
+fp32 fallback and its report, save / load.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from graphopt import load, optimize
+from graphopt.compiler.core import engines
+from graphopt.compiler.core.pipeline import is_quantized
+from graphopt.compiler.core.verify import sqnr
+from graphopt.compiler.int8.plans import SLOWER
+from tests.helpers import randomize_bn
+from tests.zoo import ZOO
+
+
+def _model(name: str = "resnet_blocks", batch: int = 2):
+    make, inputs = ZOO[name]
+    torch.manual_seed(0)
+    return randomize_bn(make()).eval(), inputs(batch), [(inputs(batch),) for _ in range(4)]
+
+
+def _times(monkeypatch, **ms) -> list[set]:
+    """engines.race reports ``ms`` (9 ms for anything not named); returns the candidate sets it was asked about."""
+    asked = []
+
+    def race(candidates, inputs, sizes=None):
+        asked.append(set(candidates))
+        return {name: ms.get(name.replace(" ", "_"), 9.0) for name in candidates}
+    monkeypatch.setattr(engines, "race", race)
+    return asked
+
+
+def test_every_layer_int8_in_onnxruntime_when_it_measures_fastest(monkeypatch, tmp_path):
+    model, x, calibration = _model()
+    asked = _times(monkeypatch, graphopt=2.0, onnxruntime=1.0, int8=3.0, int8_every_layer=0.5, fp32=1.0)
+    opt = optimize(model, (x,), quantize="int8", calibration=calibration, engines="onnxruntime", progress=False)
+    assert {"int8", "int8 every layer", "fp32"} in asked  # (the every-layer plan: a layer is small for oneDNN)
+    report = opt.int8_report
+    assert opt.engine == "onnxruntime" and is_quantized(opt.portable)
+    assert report.plan.startswith("int8 every layer in onnxruntime") and "fp32 1.000 ms" in report.plan
+    assert all(layer["int8"] for layer in report.layers)
+    assert opt.report[-1].name == f"int8 plan: {report.plan}"
+    with torch.no_grad():
+        got, own, want = opt(x), opt.graph_module(x), model(x)
+    assert sqnr(own, got) >= engines.INT8_AGREE_DB  # the library's int8 is graphopt's int8 graph, to rounding
+    assert sqnr(want, got) >= 25.0
+    folder = opt.save(tmp_path / "m")
+    assert json.loads((folder / "manifest.json").read_text())["engine"] == "onnxruntime"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = load(folder)
+    assert back.engine == "onnxruntime"
+    with torch.no_grad():
+        assert torch.equal(back(x), got)
+
+
+def test_graphopts_int8_plan_alone_when_no_layer_is_small(monkeypatch):
+    monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 0)
+    model, x, calibration = _model()
+    asked = _times(monkeypatch, graphopt=1.0, onnxruntime=2.0, int8=1.0, fp32=2.0)
+    opt = optimize(model, (x,), quantize="int8", calibration=calibration, engines="onnxruntime", progress=False)
+    assert asked[-1] == {"int8", "fp32"}
+    assert opt.engine == "graphopt" and opt.int8_report.plan.startswith("int8 in graphopt")
+
+
+def test_the_fp32_module_runs_when_every_int8_module_is_slower(monkeypatch, tmp_path):
+    model, x, calibration = _model()
+    _times(monkeypatch, graphopt=1.0, onnxruntime=2.0, int8=3.0, int8_every_layer=2.0, fp32=1.0)
+    opt = optimize(model, (x,), quantize="int8", calibration=calibration, engines="onnxruntime", progress=False)
+    report = opt.int8_report
+    assert not is_quantized(opt.portable) and report.plan.startswith("fp32 in graphopt")
+    assert report.layers and all(not layer["int8"] and layer["reason"].startswith(SLOWER) for layer in report.layers)
+    assert "2.000 ms" in report.layers[0]["reason"] and report.output_sqnr_db > 80.0
+    assert SLOWER in report.table() and report.fallback == []
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-4)
+    back = load(opt.save(tmp_path / "m"))
+    with torch.no_grad():
+        assert torch.equal(back(x), opt(x))
+
+
+def test_engines_graphopt_quantizes_as_asked_without_measuring(monkeypatch):
+    model, x, calibration = _model()
+    asked = _times(monkeypatch, int8=9.0, fp32=1.0)
+    opt = optimize(model, (x,), quantize="int8", calibration=calibration, engines="graphopt", progress=False)
+    assert asked == [] and is_quantized(opt.portable) and opt.int8_report.plan == "graphopt's int8 kernels"
+
+
+def test_a_library_whose_int8_disagrees_is_rejected(monkeypatch):
+    model, x, calibration = _model()
+    _times(monkeypatch, graphopt=2.0, onnxruntime=1.0, int8=1.0, int8_every_layer=2.0, fp32=3.0)
+    real = engines.build
+
+    def noisy(*args, **kwargs):
+        run = real(*args, **kwargs)
+        return lambda *xs: run(*xs) + 0.3 * torch.randn(2, 10) * run(*xs).abs().max()
+    monkeypatch.setattr(engines, "build", noisy)
+    opt = optimize(model, (x,), quantize="int8", calibration=calibration, engines="onnxruntime", progress=False)
+    assert opt.engine == "graphopt" and is_quantized(opt.portable)
+    assert "SQNR" in opt.engine_plan.reasons["onnxruntime"] and "int8 graph" in opt.engine_plan.reasons["onnxruntime"]
+
+
+def test_a_saved_int8_plan_the_library_now_disagrees_with_loads_graphopts_graph(monkeypatch, tmp_path):
+    model, x, calibration = _model()
+    _times(monkeypatch, graphopt=2.0, onnxruntime=1.0, int8=1.0, int8_every_layer=2.0, fp32=3.0)
+    opt = optimize(model, (x,), quantize="int8", calibration=calibration, engines="onnxruntime", progress=False)
+    assert opt.engine == "onnxruntime"
+    folder = opt.save(tmp_path / "m")
+    real = engines.build
+    monkeypatch.setattr(engines, "build", lambda *a, **k: (lambda run: lambda *xs: run(*xs) * -1.0)(real(*a, **k)))
+    with pytest.warns(UserWarning, match="disagrees with graphopt's int8 graph"):
+        back = load(folder)
+    assert back.engine == "graphopt"
+    with torch.no_grad():
+        assert sqnr(opt.graph_module(x), back(x)) == float("inf")
+
+
+def test_int8_disagreement_names_the_output_and_the_reason():
+    a = torch.randn(3, 4)
+    assert engines.int8_disagreement([a], [a + 1e-4 * a]) is None
+    assert "shape" in engines.int8_disagreement([a], [a[:2]])
+    assert "output 1: SQNR" in engines.int8_disagreement([a, a], [a, -a])
+    assert "SQNR" in engines.int8_disagreement([a], [a.masked_fill(a > 0, float("nan"))])
