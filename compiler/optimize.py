@@ -83,10 +83,10 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
         fp32 = portable
         portable, records, int8_report = quantize_int8(fp32, ctx, manager, calibration, calibration_method,
                                                        accuracy_budget, progress=progress, fp32_layers=fp32_layers)
-        build = lambda graph, rows: _module(graph, ctx, manager, report + rows, inputs, nan_checks,  # noqa: E731
-                                            engine_names)
+        build = lambda graph, rows, sums: _module(graph, ctx, manager, report + rows, inputs,  # noqa: E731
+                                                  nan_checks, engine_names, sums)
         if backend != "cpu" or not engine_names or nan_checks == "strict":
-            opt = build(portable, records)
+            opt = build(portable, records, {})
         else:
             from graphopt.compiler.int8.plans import fastest
 
@@ -94,7 +94,7 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
             again = lambda: quantize_int8(fp32, ctx, PassManager([], check=check), calibration,  # noqa: E731
                                           calibration_method, accuracy_budget, progress=False,
                                           fp32_layers=fp32_layers, small_fp32=False, calibrated=int8_report)
-            opt, int8_report = fastest(build, fp32, (portable, records, int8_report), again, inputs)
+            opt, int8_report = fastest(build, fp32, (portable, records, int8_report), again, inputs, calibration)
         if manager.dumper:
             (manager.dumper.root / "int8.md").write_text(int8_report.table() + "\n")
         opt.int8_report = int8_report
@@ -105,14 +105,15 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
 
 
 def _module(portable, ctx: PassContext, manager: PassManager, report: list, inputs: tuple, nan_checks: str,
-            engine_names: Sequence[str]) -> OptimizedModule:
+            engine_names: Sequence[str], int8_sums: dict | None = None) -> OptimizedModule:
     """The optimized module of the portable graph: lowered for ctx.backend, its guarded fast graph, and the
-    fastest kernel library where one is measured faster."""
+    fastest kernel library where one is measured faster (``int8_sums``: compiler/int8/plans.py residual_sums)."""
     backend = ctx.backend
     lowered, lowering_report = lower(portable, ctx, LOWERING[backend], check=manager.check, manager=manager)
     opt = OptimizedModule(finalize(lowered), report + lowering_report, input_specs(inputs), backend,
                           portable=finalize(portable))
     opt.nan_checks = nan_checks
+    opt.int8_sums = dict(int8_sums or {})
     fast = fast_plan(portable, ctx, nan_checks)
     if fast is not None:
         fast_lowered, fast_report = lower(portable, fast[0], LOWERING[backend], check=manager.check, manager=manager)

@@ -18,6 +18,10 @@ Guarantees kept:
   networks: EfficientNet-B0), a few intermediate values get limits of their own (``checked_limits``),
   returned and checked the same way; a call where one is not within its limit (NaN is not) is run
   again on graphopt's graph. A graph the bound analysis cannot cover never uses an engine.
+- int8 graphs export in ONNX's QDQ form (compiler/deploy/onnx.py), which the libraries run as int8 kernels;
+  they round a requantization their own way, so their outputs are checked against graphopt's int8 graph by
+  SQNR (``int8_disagreement``, INT8_AGREE_DB), not bits. No NaN guard: graphopt's own int8 kernels do not keep
+  eager's NaN either (a NaN has no int8 code). Which int8 plan runs at all is compiler/int8/plans.py's choice.
 - Only at the measured shapes: a call whose input shapes differ from the example's runs graphopt's graph.
 - The plan is saved (manifest.json names the engine); load() rebuilds the session from the loaded graph
   (no ONNX file is ever read from a saved folder), checks it against graphopt's graph, and runs the same plan.

@@ -63,6 +63,9 @@ class OptimizedModule(nn.Module):
         self.engine_plan = None  # which library runs the graph: compiler/core/engines.py
         self._engine, self._engine_shapes = None, None
         self.nan_checks = "fast"  # as optimize() was told: saved, so that a reload makes the same plan
+        # {int8 conv with a residual: (scale, zero point) of its sum before the residual}: how another library's
+        # int8 graph quantizes that sum (compiler/int8/plans.py residual_sums); saved with the engine plan
+        self.int8_sums: dict[str, tuple[float, int]] = {}
         self._checks = [(i, len(s["shape"]), getattr(torch, s["dtype"]), s["device"])
                         for i, s in enumerate(specs) if s is not None]
         self.eval()
@@ -111,9 +114,10 @@ class OptimizedModule(nn.Module):
         """What load() needs to run the same engine plan: its threads and, where guarded, its range limits."""
         plan = self.engine_plan
         if plan is None or plan.engine == "graphopt":
-            return {"engine_threads": "torch", "engine_limits": None}
+            return {"engine_threads": "torch", "engine_limits": None, "engine_int8_sums": None}
         limits = {"inputs": plan.limit, "checks": plan.checks} if plan.limit is not None else None
-        return {"engine_threads": plan.threads, "engine_limits": limits}
+        sums = {name: [scale, zp] for name, (scale, zp) in self.int8_sums.items()} or None
+        return {"engine_threads": plan.threads, "engine_limits": limits, "engine_int8_sums": sums}
 
     def _engine_takes(self, args: tuple) -> bool:
         """Is this call the engine's: float32 CPU tensors of exactly the measured shapes, no grad wanted?

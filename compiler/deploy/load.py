@@ -46,6 +46,7 @@ MAX_MANIFEST_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 64 << 30
 MAX_TENSORS = 100_000
 MAX_INPUTS = 64
+MAX_INT8_SUMS = 4096  # int8 convs with a residual (engine_int8_sums)
 MAX_RANK = 8
 _INPUT_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 _BACKENDS = ("cpu", "reference", "triton")
@@ -113,6 +114,31 @@ def _engine_limits(limits: Any) -> dict | None:
     return {"inputs": _limit(limits["inputs"]), "checks": {k: _limit(v) for k, v in checks.items()}}
 
 
+def _engine_int8_sums(sums: Any) -> dict | None:
+    """The saved engine plan's int8 sums: None, or {int8 conv name: [scale, zero point]} (compiler/int8/plans.py;
+    that each names an int8 conv with a residual is checked against the loaded graph)."""
+    if sums is None:
+        return None
+    if not isinstance(sums, dict) or len(sums) > MAX_INT8_SUMS or not all(
+            isinstance(k, str) and len(k) <= MAX_NAME and isinstance(v, list) and len(v) == 2
+            and _limit(v[0]) is not None and type(v[1]) is int and -128 <= v[1] <= 127 for k, v in sums.items()):
+        raise LoadError(f"manifest.json: engine_int8_sums is not {{int8 conv: [scale, zero point]}} with positive "
+                        f"finite scales, zero points in [-128, 127] and at most {MAX_INT8_SUMS} entries", hint=_HINT)
+    return {k: (_limit(v[0]), v[1]) for k, v in sums.items()}
+
+
+def _check_int8_sums(portable: fx.GraphModule, sums: dict) -> None:
+    """Every name in the saved int8 sums is an int8 conv with a residual of the loaded graph."""
+    from graphopt.kernels.signatures import QConvAct, signature_of
+
+    convs = {n.name for n in portable.graph.nodes
+             if isinstance(signature_of(n), QConvAct) and signature_of(n).residual is not None}
+    unknown = sorted(set(sums) - convs)
+    if unknown:
+        raise LoadError(f"manifest.json: engine_int8_sums names {unknown[0][:40]!r}, which is no int8 convolution "
+                        "with a residual in graph.json", hint=_HINT)
+
+
 def _manifest(root: Path) -> dict:
     if root.is_symlink() or not root.is_dir():
         raise LoadError(f"{root} is not a folder saved by OptimizedModule.save")
@@ -150,6 +176,7 @@ def _manifest(root: Path) -> dict:
         raise LoadError(f"manifest.json names the engine threads {str(manifest['engine_threads'])[:20]!r}; graphopt "
                         f"has {', '.join(THREADS)}", hint=_HINT)
     manifest["engine_limits"] = _engine_limits(manifest.get("engine_limits"))
+    manifest["engine_int8_sums"] = _engine_int8_sums(manifest.get("engine_int8_sums"))
     manifest["inputs"] = [_input_spec(i, s) for i, s in enumerate(inputs)]
     if sum(math.prod(s["shape"]) for s in manifest["inputs"] if s is not None) > MAX_ELEMENTS:
         raise LoadError(f"manifest.json: the inputs hold more than {MAX_ELEMENTS} elements in all", hint=_HINT)
@@ -236,6 +263,9 @@ def load(path: str | os.PathLike) -> OptimizedModule:
                         hint=_HINT) from e
     module = OptimizedModule(finalize(lowered), report, specs, manifest["backend"], portable=finalize(portable))
     module.nan_checks = manifest["nan_checks"]
+    if manifest["engine_int8_sums"]:
+        _check_int8_sums(portable, manifest["engine_int8_sums"])
+        module.int8_sums = manifest["engine_int8_sums"]
     if fast is not None:
         module.use_fast_path(finalize(fused), fast[1])
     if manifest["engine"] != "graphopt":

@@ -44,7 +44,7 @@ def _portable_reference(model: nn.Module, magnitudes_of: Sequence[str] = (), for
     if magnitudes_of:
         _append_magnitudes(gm, magnitudes_of)
     if is_quantized(gm):
-        _fake_quantized(gm, for_engine)
+        _fake_quantized(gm, for_engine, getattr(model, "int8_sums", None))
     lower_to_reference(gm, None)
     try:
         inline_modules(gm, attention=True)
@@ -71,7 +71,7 @@ def _append_magnitudes(gm, names: Sequence[str]) -> None:
     gm.recompile()
 
 
-def _fake_quantized(gm, for_engine: bool = False) -> None:
+def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> None:
     """int8 ops -> fake quantization around the float ops (what ONNX's QDQ form says), in place.
 
     ONNX Runtime runs DequantizeLinear -> Conv / Gemm -> QuantizeLinear as one int8 kernel. An int8 op with no
@@ -79,9 +79,12 @@ def _fake_quantized(gm, for_engine: bool = False) -> None:
     DequantizeLinear runs on every call: ``for_engine`` (a session graphopt runs, not a file for the user) gives
     those ops their dequantized weights as float constants instead (the same numbers, none of that cost)."""
     from graphopt.kernels.ops import OPS
+    from graphopt.kernels.reference import apply_act
     from graphopt.kernels.signatures import ConvAct, LinearAct, QConvAct, signature_of
     from graphopt.passes.lib.query import constant_value
     from graphopt.passes.lib.rewrite import add_constant
+
+    sums = sums or {}
 
     def fq(x, scale, zp):  # as uint8 (zero point + 128: the same grid), ONNX Runtime's fast form on x86
         return gm.graph.call_function(torch.fake_quantize_per_tensor_affine, (x, float(scale), int(zp) + 128, 0, 255))
@@ -92,8 +95,9 @@ def _fake_quantized(gm, for_engine: bool = False) -> None:
         if node.target is OPS["quantize"]:
             with gm.graph.inserting_before(node):
                 node.replace_all_uses_with(fq(*node.args))
-        elif node.target is OPS["dequantize"]:
-            node.replace_all_uses_with(node.args[0])
+        elif node.target is OPS["dequantize"]:  # (a no-op on its grid: every reader sees DequantizeLinear)
+            with gm.graph.inserting_before(node):
+                node.replace_all_uses_with(fq(*node.args))
         elif node.target in (OPS["qconv2d_act"], OPS["qlinear_act"]):
             q = signature_of(node)
             w = q.weight
@@ -105,16 +109,23 @@ def _fake_quantized(gm, for_engine: bool = False) -> None:
                 zp = gm.graph.get_attr(add_constant(gm, f"{w.target}_dq_zp", torch.zeros(len(scale),
                                                                                          dtype=torch.int32)))
                 wfq = gm.graph.call_function(torch.fake_quantize_per_channel_affine, (wf, sc, zp, 0, -128, 127))
-                if for_engine and (q.out_scale is None or getattr(q, "residual", None) is not None):
+                residual = getattr(q, "residual", None)
+                split = for_engine and residual is not None and node.name in sums
+                if for_engine and (q.out_scale is None or (residual is not None and not split)):
                     wfq = wf
                 # the input again (a no-op on its grid): ONNX Runtime fuses DequantizeLinear -> op -> QuantizeLinear
                 # into an int8 kernel only where the DequantizeLinear feeds the op directly (not across a Flatten)
                 x = fq(q.x, q.x_scale, q.x_zp)
-                if isinstance(q, QConvAct):
-                    fp32 = ConvAct(x, wfq, q.bias, q.stride, q.padding, q.dilation, q.groups, q.act, q.residual)
+                if split:  # int8 conv, its sum quantized, then an int8 add: QLinearConv and QLinearAdd
+                    conv = ConvAct(x, wfq, q.bias, q.stride, q.padding, q.dilation, q.groups, "none", None)
+                    y = fq(gm.graph.call_function(OPS[conv.op], conv.as_args()), *sums[node.name])
+                    y = gm.graph.call_function(apply_act, (gm.graph.call_function(torch.add, (y, residual)), q.act))
+                elif isinstance(q, QConvAct):
+                    fp32 = ConvAct(x, wfq, q.bias, q.stride, q.padding, q.dilation, q.groups, q.act, residual)
+                    y = gm.graph.call_function(OPS[fp32.op], fp32.as_args())
                 else:
                     fp32 = LinearAct(x, wfq, q.bias, q.act)
-                y = gm.graph.call_function(OPS[fp32.op], fp32.as_args())
+                    y = gm.graph.call_function(OPS[fp32.op], fp32.as_args())
                 if q.out_scale is not None:
                     y = fq(y, q.out_scale, q.out_zp)
             node.replace_all_uses_with(y)

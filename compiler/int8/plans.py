@@ -12,11 +12,16 @@ each run by graphopt's kernels or a library, whichever measured faster for it (c
 times the modules interleaved and keeps the fastest int8 one, unless the fp32 module is faster: int8 never makes
 a model slower than its fp32 module without the user asking for it. ``opt.int8_report.plan`` says which ran and
 the times; when fp32 runs, every layer's reason says why. ``engines="graphopt"`` quantizes as asked, unmeasured.
+
+A library's int8 conv cannot add a residual in fp32 inside the op as graphopt's does, so its graph also quantizes
+each such conv's own sum (QLinearConv, then QLinearAdd), on a range calibrated here (``residual_sums``); the
+(scale, zero point) of each is ``opt.int8_sums``, saved with the engine plan and validated on load.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import torch
@@ -28,17 +33,20 @@ from graphopt.compiler.core.pipeline import PassRecord
 SLOWER = "slower than fp32"  # how a layer's reason starts when the fp32 module runs
 
 
-def fastest(build: Callable, fp32_graph: fx.GraphModule, own: tuple, again: Callable, inputs: tuple) -> tuple:
-    """(the module to return, its int8 report). ``build(graph, records)`` makes a module; ``own`` is graphopt's
-    int8 plan (graph, pass records, report); ``again()`` makes the every-layer plan the same way."""
+def fastest(build: Callable, fp32_graph: fx.GraphModule, own: tuple, again: Callable, inputs: tuple,
+            batches: list[tuple]) -> tuple:
+    """(the module to return, its int8 report). ``build(graph, records, sums)`` makes a module (``sums``: see
+    residual_sums); ``own`` is graphopt's int8 plan (graph, pass records, report); ``again()`` makes the
+    every-layer plan the same way; ``batches`` are the calibration batches."""
     from graphopt.compiler.core.engines import race
 
     graph, records, report = own
-    plans = {"int8": (build(graph, records), report)}
+    ranges = residual_sums(fp32_graph, batches)
+    plans = {"int8": (build(graph, records, sums_of(graph, ranges)), report)}
     if any((layer["reason"] or "").startswith("small") for layer in report.layers):
         every, every_records, every_report = again()
-        plans["int8 every layer"] = (build(every, every_records), every_report)
-    fp32 = build(fp32_graph, [])
+        plans["int8 every layer"] = (build(every, every_records, sums_of(every, ranges)), every_report)
+    fp32 = build(fp32_graph, [], {})
     modules = {name: module for name, (module, _) in plans.items()} | {"fp32": fp32}
     ms = race(modules, inputs)
     times = "; ".join(f"{name} {ms[name]:.3f} ms ({module.engine})" for name, module in modules.items())
@@ -52,6 +60,58 @@ def fastest(build: Callable, fp32_graph: fx.GraphModule, own: tuple, again: Call
     chosen.plan = f"{best} in {opt.engine} (measured: {times})"
     opt.report.append(PassRecord(f"int8 plan: {chosen.plan}", rewrites=int(best != "int8")))
     return opt, chosen
+
+
+def residual_sums(fp32_graph: fx.GraphModule, batches: list[tuple]) -> dict[str, tuple[float, float]]:
+    """{fp32 node name: (lo, hi)} of the convolution's own sum, before its residual is added, of every conv with
+    a residual, over ``batches`` (min / max).
+
+    graphopt's int8 conv adds the residual in fp32 inside the op. Another library's int8 conv cannot: ONNX
+    Runtime runs QuantizeLinear(conv) as QLinearConv and then an int8 add (QLinearAdd), so its graph quantizes that
+    sum too (one more rounding: checked against graphopt's graph like the rest, compiler/core/engines.py)."""
+    import torch.nn.functional as F
+
+    from graphopt.kernels.signatures import ConvAct, signature_of
+    from graphopt.passes.lib.query import constant_value
+
+    convs = {n for n in fp32_graph.graph.nodes if isinstance(signature_of(n), ConvAct) and signature_of(n).residual
+             is not None}
+    seen: dict[str, tuple[float, float]] = {}
+
+    class Observing(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            if n in convs:
+                c = signature_of(n)
+                x, w = self.env[c.x], constant_value(fp32_graph, c.weight)
+                b = constant_value(fp32_graph, c.bias) if c.bias is not None else None
+                if isinstance(x, torch.Tensor) and w is not None and (c.bias is None or b is not None):
+                    lo, hi = (float(v) for v in torch.aminmax(F.conv2d(x, w, b, c.stride, c.padding, c.dilation,
+                                                                       c.groups)))
+                    old = seen.get(n.name, (lo, hi))
+                    seen[n.name] = (min(old[0], lo), max(old[1], hi))
+            return super().run_node(n)
+    if convs:
+        with torch.no_grad():
+            for batch in batches:
+                Observing(fp32_graph).run(*batch)
+    return {k: v for k, v in seen.items() if all(map(math.isfinite, v))}
+
+
+def sums_of(int8_graph: fx.GraphModule, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, int]]:
+    """{int8 conv node name: (scale, zero point)} of its sum before the residual, from ``residual_sums``' ranges
+    (by the fp32 node each int8 conv replaced)."""
+    from graphopt.compiler.deploy.graph_json import is_plain
+    from graphopt.kernels.reference import activation_qparams
+    from graphopt.kernels.signatures import QConvAct, signature_of
+
+    sums = {}
+    for node in int8_graph.graph.nodes:
+        q = signature_of(node)
+        if isinstance(q, QConvAct) and q.residual is not None and is_plain(node.name):  # (kept by save and load)
+            key = (node.meta.get("replaces") or [node.name])[-1]
+            if key in ranges:
+                sums[node.name] = activation_qparams(*ranges[key])
+    return sums
 
 
 def _fp32_report(report, fp32: torch.nn.Module, fp32_graph: fx.GraphModule, inputs: tuple, why: str):

@@ -17,7 +17,8 @@ from graphopt import load, optimize
 from graphopt.compiler.core import engines
 from graphopt.compiler.core.pipeline import is_quantized
 from graphopt.compiler.core.verify import sqnr
-from graphopt.compiler.int8.plans import SLOWER
+from graphopt.compiler.int8.plans import SLOWER, residual_sums, sums_of
+from graphopt.kernels.signatures import QConvAct, signature_of
 from tests.helpers import randomize_bn
 from tests.zoo import ZOO
 
@@ -53,8 +54,12 @@ def test_every_layer_int8_in_onnxruntime_when_it_measures_fastest(monkeypatch, t
         got, own, want = opt(x), opt.graph_module(x), model(x)
     assert sqnr(own, got) >= engines.INT8_AGREE_DB  # the library's int8 is graphopt's int8 graph, to rounding
     assert sqnr(want, got) >= 25.0
+    residual_convs = {n.name for n in opt.portable.graph.nodes
+                      if isinstance(signature_of(n), QConvAct) and signature_of(n).residual is not None}
+    assert residual_convs and set(opt.int8_sums) == residual_convs
     folder = opt.save(tmp_path / "m")
-    assert json.loads((folder / "manifest.json").read_text())["engine"] == "onnxruntime"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["engine"] == "onnxruntime" and set(manifest["engine_int8_sums"]) == residual_convs
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         back = load(folder)
@@ -130,3 +135,69 @@ def test_int8_disagreement_names_the_output_and_the_reason():
     assert "shape" in engines.int8_disagreement([a], [a[:2]])
     assert "output 1: SQNR" in engines.int8_disagreement([a, a], [a, -a])
     assert "SQNR" in engines.int8_disagreement([a], [a.masked_fill(a > 0, float("nan"))])
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return torch.relu(self.b(y) + y)
+
+
+def test_residual_sums_are_the_convolutions_own_range_before_the_residual(monkeypatch):
+    monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 0)
+    torch.manual_seed(0)
+    model, batches = _Residual().eval(), [(torch.randn(2, 3, 9, 7),), (3 * torch.randn(1, 3, 9, 7),)]
+    fp32 = optimize(model, batches[0], engines="graphopt").portable
+    ranges = residual_sums(fp32, batches)
+    with torch.no_grad():
+        parts = torch.cat([model.b(torch.relu(model.a(x))).flatten() for (x,) in batches])
+    (name, (lo, hi)), = ranges.items()  # one conv with a residual
+    torch.testing.assert_close(torch.tensor([lo, hi]), torch.stack([parts.min(), parts.max()]), rtol=1e-5, atol=1e-5)
+    q = optimize(model, batches[0], quantize="int8", calibration=batches, engines="graphopt", progress=False)
+    sums = sums_of(q.portable, ranges)
+    assert len(sums) == 1 and next(iter(sums.values()))[0] == pytest.approx((max(hi, 0) - min(lo, 0)) / 255)
+
+
+def test_the_library_graph_quantizes_each_residual_sum_before_an_int8_add(monkeypatch):
+    import onnx
+
+    model, x, calibration = _model()
+    _times(monkeypatch, graphopt=2.0, onnxruntime=1.0, int8=1.0, int8_every_layer=2.0, fp32=3.0)
+    opt = optimize(model, (x,), quantize="int8", calibration=calibration, engines="onnxruntime", progress=False)
+    assert opt.int8_sums
+
+    def int8_adds() -> int:  # Add(DequantizeLinear(QuantizeLinear(Conv)), residual): QLinearConv, then the add
+        proto = onnx.load_from_string(engines.onnx_model(opt, (x,)))
+        made = {o: n for n in proto.graph.node for o in n.output}
+
+        def chain(name: str, *ops: str) -> bool:
+            for op in ops:
+                if name not in made or made[name].op_type != op:
+                    return False
+                name = made[name].input[0]
+            return True
+        return sum(n.op_type == "Add" and any(chain(i, "DequantizeLinear", "QuantizeLinear", "Conv") for i in n.input)
+                   for n in proto.graph.node)
+    assert int8_adds() == len(opt.int8_sums)
+    sums, opt.int8_sums = opt.int8_sums, {}
+    assert int8_adds() == 0  # (without them: the float conv with its residual, float weights)
+    opt.int8_sums = sums
+
+
+def test_saved_int8_sums_that_wreck_the_answers_load_graphopts_graph(monkeypatch, tmp_path):
+    model, x, calibration = _model()
+    _times(monkeypatch, graphopt=2.0, onnxruntime=1.0, int8=1.0, int8_every_layer=2.0, fp32=3.0)
+    opt = optimize(model, (x,), quantize="int8", calibration=calibration, engines="onnxruntime", progress=False)
+    folder = opt.save(tmp_path / "m")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["engine_int8_sums"] = {k: [1e-6, 0] for k in manifest["engine_int8_sums"]}  # every sum clipped
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="disagrees with graphopt's int8 graph"):
+        back = load(folder)
+    assert back.engine == "graphopt"
+    with torch.no_grad():
+        assert torch.equal(back(x), opt.graph_module(x))

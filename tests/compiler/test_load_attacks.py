@@ -381,6 +381,18 @@ def test_malformed_engine_range_limits_are_a_load_error(folder, limits):
     _refused(folder, "engine_limits")
 
 
+@pytest.mark.parametrize("sums", [[], {"conv": 1.0}, {"conv": [1.0]}, {"conv": [0.0, 0]}, {"conv": [-1.0, 0]},
+                                  {"conv": [float("inf"), 0]}, {"conv": ["1", 0]}, {"conv": [1.0, 128]},
+                                  {"conv": [1.0, -129]}, {"conv": [1.0, True]}, {"conv": [1.0, 0.5]},
+                                  {"v" * 1000: [1.0, 0]}, {f"v{i}": [1.0, 0] for i in range(10_000)},
+                                  {"conv": [1.0, 0]}])  # (the last: no int8 conv of that name in the graph)
+def test_malformed_engine_int8_sums_are_a_load_error(folder, sums):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["engine_int8_sums"] = sums  # (well-formed sums that wreck the answers: test_int8_plans.py)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _refused(folder, "engine_int8_sums")
+
+
 @pytest.mark.parametrize("threads", [64, "0", "all", None])
 def test_a_manifest_naming_unknown_engine_threads_is_a_load_error(folder, threads):
     manifest = json.loads((folder / "manifest.json").read_text())
