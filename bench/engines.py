@@ -125,7 +125,7 @@ def graphopt_int8(model: nn.Module, x: torch.Tensor, calibration: list) -> tuple
     start = time.perf_counter()
     opt = optimize(model, (x,), quantize="int8", calibration=[(c,) for c in calibration], progress=False)
     elapsed = time.perf_counter() - start
-    opt.bench_note = {"calibration_s": opt.int8_report.calibration_seconds}
+    opt.bench_note = {"calibration_s": opt.int8_report.calibration_seconds, "plan": opt.int8_report.plan}
     return opt, elapsed
 
 
