@@ -139,7 +139,8 @@ def markdown(results: list[dict], engines: list[str]) -> str:
 
 def markdown_int8(results: list[dict], engines: list[str]) -> str:
     head = (["model"] + [f"{e} ms" for e in engines] + [f"{e} SQNR dB" for e in engines if e.endswith("_int8")]
-            + ["int8 / fastest int8 peer", "int8 / graphopt fp32", "SQNR vs best peer dB", "calibration s"])
+            + ["int8 / fastest int8 peer", "int8 / graphopt fp32", "SQNR vs best peer dB", "calibration s",
+               "graphopt int8 ran"])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [r["model"]] + [f"{r['median_ms'][e]:.3f}" if e in r["median_ms"] else "n/a" for e in engines]
@@ -152,6 +153,7 @@ def markdown_int8(results: list[dict], engines: list[str]) -> str:
         cells.append(f"{gap:+.1f}" if gap is not None else "n/a")
         note = (r.get("notes") or {}).get("graphopt_int8") or {}
         cells.append(f"{note['calibration_s']:.1f}" if "calibration_s" in note else "n/a")
+        cells.append(note["plan"].split(" (measured")[0] if "plan" in note else "n/a")  # (compiler/int8/plans.py)
         rows.append("| " + " | ".join(cells) + " |")
     ratios = [r["int8_vs_fastest_int8_peer"] for r in results if r["int8_vs_fastest_int8_peer"]]
     if ratios:
