@@ -251,7 +251,9 @@ def load(path: str | os.PathLike) -> OptimizedModule:
                             hint="load it on a machine with a GPU, or save it from a CPU model")
         inputs = tuple(t.cuda() if t is not None else None for t in inputs)
     ctx = PassContext(inputs, backend=manifest["backend"])
-    warn_on_load(portable, manifest["backend"])  # (8-bit int8 weights on a CPU whose int8 would saturate on them)
+    # (8-bit int8 weights on a CPU whose int8 would saturate on them: graphopt's lowering runs them in fp32, and no
+    # library's int8 runs them either)
+    saturates = warn_on_load(portable, manifest["backend"])
     try:
         propagate(portable, inputs)  # (shapes on every node, for the lowering; bounded by the check above)
         lowered, report = PassManager(LOWERING[manifest["backend"]], check=False).run(clone(portable), ctx)
@@ -268,7 +270,10 @@ def load(path: str | os.PathLike) -> OptimizedModule:
         module.int8_sums = manifest["engine_int8_sums"]
     if fast is not None:
         module.use_fast_path(finalize(fused), fast[1])
-    if manifest["engine"] != "graphopt":
+    if manifest["engine"] != "graphopt" and saturates is not None:
+        warnings.warn(f"{root.name}: running graphopt's own kernels, not {manifest['engine']}: its int8 weights "
+                      "(scheme s8) would saturate in this CPU's int8 arithmetic", stacklevel=2)
+    elif manifest["engine"] != "graphopt":
         plan, runner, why = restore(manifest["engine"], module, inputs, guarded=manifest["nan_checks"] == "fast",
                                     threads=manifest["engine_threads"], limits=manifest["engine_limits"])
         if why is not None:

@@ -201,3 +201,20 @@ def test_saved_int8_sums_that_wreck_the_answers_load_graphopts_graph(monkeypatch
     assert back.engine == "graphopt"
     with torch.no_grad():
         assert torch.equal(back(x), opt.graph_module(x))
+
+
+@pytest.mark.skipif(__import__("graphopt.kernels.cpu", fromlist=["x"]).int8_scheme() != "s8",
+                    reason="needs a CPU with VNNI / AMX to make an s8 module")
+def test_a_library_int8_plan_with_8_bit_weights_loads_graphopts_graph_on_a_cpu_without_vnni(monkeypatch, tmp_path):
+    from graphopt.kernels import cpu
+
+    model, x, calibration = _model()
+    _times(monkeypatch, graphopt=2.0, onnxruntime=1.0, int8=1.0, int8_every_layer=2.0, fp32=3.0)
+    folder = optimize(model, (x,), quantize="int8", calibration=calibration, engines="onnxruntime",
+                      progress=False).save(tmp_path / "m")
+    monkeypatch.setattr(cpu, "has_vnni", lambda: False)  # (a library's int8 would saturate on 8-bit weights too)
+    with pytest.warns(UserWarning, match="would saturate"):
+        back = load(folder)
+    assert back.engine == "graphopt"
+    with torch.no_grad():
+        assert sqnr(model(x), back(x)) >= 25.0
