@@ -42,7 +42,10 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
     ``calibration_method`` ("minmax", "percentile" or "histogram") and runs convolutions and
     linears in int8; ``accuracy_budget`` (an output SQNR floor in dB, or ``(metric, tolerance)``)
     returns the most sensitive layers to fp32 until it holds; ``fp32_layers`` (module names) stay
-    fp32 regardless. ``opt.int8_report`` says what happened, layer by layer.
+    fp32 regardless. ``opt.int8_report`` says what happened, layer by layer. On the CPU with kernel libraries
+    to measure (``engines``), graphopt's int8 plan, the plan with every layer int8 and the fp32 module are
+    timed, and the fastest runs: the fp32 one where every int8 module is slower (compiler/int8/plans.py;
+    ``opt.int8_report.plan`` says which).
 
     ``nan_checks="fast"`` (the default) also builds a graph with relu / relu6 / hardtanh fused into
     oneDNN, which the module runs on inputs that provably make no NaN or inf (compiler/core/fast_path.py):
