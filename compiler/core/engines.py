@@ -282,14 +282,16 @@ def _checked(opt: torch.nn.Module, plan: EnginePlan) -> tuple[list[str], list[fl
 def _plan(opt: torch.nn.Module, inputs: tuple, guarding: Callable[[], Guard] | None
           ) -> tuple[EnginePlan, Any, str | None]:
     """graphopt's own plan for ``opt`` (an OptimizedModule without an engine yet), its output structure, and why
-    no library may run it (None where one may). ``guarding`` gives the plan's guard (None: unguarded)."""
+    no library may run it (None where one may). ``guarding`` gives the plan's guard (None: unguarded; an int8
+    graph is never guarded: graphopt's own int8 kernels do not keep eager's NaN either)."""
     from graphopt.compiler.core.capture import fresh
+    from graphopt.compiler.core.pipeline import is_quantized
 
     with torch.no_grad():
         outputs, spec = tree_flatten(opt(*fresh(inputs)))
     plan = EnginePlan("graphopt", shapes=tuple(tuple(t.shape) for t in inputs))
     reason = eligible(opt.portable, inputs, outputs)
-    if reason is None and guarding is not None:
+    if reason is None and guarding is not None and not is_quantized(opt.portable):
         plan.limit, plan.checks, reason = guarding()
     return plan, spec, reason
 
@@ -301,10 +303,8 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
 
     ``check`` is the numerics oracle: flattened outputs on ``inputs`` -> None, or what is wrong with them."""
     from graphopt.compiler.core.capture import fresh
-    from graphopt.compiler.core.pipeline import is_quantized
     from graphopt.compiler.workflow.timing import call_ms
 
-    guarded = guarded and not is_quantized(opt.portable)
     plan, spec, reason = _plan(opt, inputs, (lambda: guard(opt.portable, fresh(inputs))) if guarded else None)
     if reason is not None:
         plan.reasons = {name: reason for name in names}
@@ -375,8 +375,6 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
 
     if not installed(name):
         return None, None, f"it was saved to run in {name}, which is not installed here"
-    quantized = is_quantized(opt.portable)
-    guarded = guarded and not quantized
     plan, spec, reason = _plan(opt, inputs, (lambda: saved_guard(opt.portable, limits)) if guarded else None)
     if reason is not None:
         return None, None, reason
@@ -391,12 +389,12 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
             if out is None:
                 return None, None, f"{name}'s range checks fail on load's seeded probe input"
             want, got = tree_flatten(opt(*fresh(probe)))[0], tree_flatten(out)[0]
-        if quantized:
+        if is_quantized(opt.portable):
             problem = int8_disagreement(want, got)
             if problem is not None:
                 return None, None, f"{name} disagrees with graphopt's int8 graph on load's probe input: {problem}"
-        for w, o in zip(want, got, strict=True):
-            if not quantized:
+        else:
+            for w, o in zip(want, got, strict=True):
                 torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5 * max(1.0, float(w.abs().max())))
     except Exception as e:
         return None, None, f"{name} could not run it as saved: {type(e).__name__}: {str(e).splitlines()[0][:160]}"

@@ -129,10 +129,10 @@ def _engine_int8_sums(sums: Any) -> dict | None:
 
 def _check_int8_sums(portable: fx.GraphModule, sums: dict) -> None:
     """Every name in the saved int8 sums is an int8 conv with a residual of the loaded graph."""
-    from graphopt.kernels.signatures import QConvAct, signature_of
+    from graphopt.compiler.int8.plans import with_residual
+    from graphopt.kernels.signatures import QConvAct
 
-    convs = {n.name for n in portable.graph.nodes
-             if isinstance(signature_of(n), QConvAct) and signature_of(n).residual is not None}
+    convs = {n.name for n in with_residual(portable, QConvAct)}
     unknown = sorted(set(sums) - convs)
     if unknown:
         raise LoadError(f"manifest.json: engine_int8_sums names {unknown[0][:40]!r}, which is no int8 convolution "

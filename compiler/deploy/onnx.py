@@ -103,16 +103,17 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
             w = q.weight
             wq, scale = constant_value(gm, w), constant_value(gm, q.w_scale)
             shape = (-1,) + (1,) * (wq.dim() - 1)
+            residual = getattr(q, "residual", None)
+            split = for_engine and residual is not None and node.name in sums
+            float_weights = for_engine and (q.out_scale is None or (residual is not None and not split))
             with gm.graph.inserting_before(node):
-                wf = gm.graph.get_attr(add_constant(gm, f"{w.target}_dq", wq.float() * scale.view(shape)))
-                sc = gm.graph.get_attr(add_constant(gm, f"{w.target}_dq_scale", scale.float()))
-                zp = gm.graph.get_attr(add_constant(gm, f"{w.target}_dq_zp", torch.zeros(len(scale),
-                                                                                         dtype=torch.int32)))
-                wfq = gm.graph.call_function(torch.fake_quantize_per_channel_affine, (wf, sc, zp, 0, -128, 127))
-                residual = getattr(q, "residual", None)
-                split = for_engine and residual is not None and node.name in sums
-                if for_engine and (q.out_scale is None or (residual is not None and not split)):
-                    wfq = wf
+                wfq = gm.graph.get_attr(add_constant(gm, f"{w.target}_dq", wq.float() * scale.view(shape)))
+                if not float_weights:
+                    sc = gm.graph.get_attr(add_constant(gm, f"{w.target}_dq_scale", scale.float()))
+                    zp = gm.graph.get_attr(add_constant(gm, f"{w.target}_dq_zp", torch.zeros(len(scale),
+                                                                                             dtype=torch.int32)))
+                    wfq = gm.graph.call_function(torch.fake_quantize_per_channel_affine,
+                                                 (wfq, sc, zp, 0, -128, 127))
                 # the input again (a no-op on its grid): ONNX Runtime fuses DequantizeLinear -> op -> QuantizeLinear
                 # into an int8 kernel only where the DequantizeLinear feeds the op directly (not across a Flatten)
                 x = fq(q.x, q.x_scale, q.x_zp)

@@ -62,6 +62,13 @@ def fastest(build: Callable, fp32_graph: fx.GraphModule, own: tuple, again: Call
     return opt, chosen
 
 
+def with_residual(gm: fx.GraphModule, kind: type) -> list[fx.Node]:
+    """The convolutions of ``gm`` with a residual added inside them: ``kind`` ConvAct (fp32) or QConvAct (int8)."""
+    from graphopt.kernels.signatures import signature_of
+
+    return [n for n in gm.graph.nodes if isinstance(signature_of(n), kind) and signature_of(n).residual is not None]
+
+
 def residual_sums(fp32_graph: fx.GraphModule, batches: list[tuple]) -> dict[str, tuple[float, float]]:
     """{fp32 node name: (lo, hi)} of the convolution's own sum, before its residual is added, of every conv with
     a residual, over ``batches`` (min / max).
@@ -74,8 +81,7 @@ def residual_sums(fp32_graph: fx.GraphModule, batches: list[tuple]) -> dict[str,
     from graphopt.kernels.signatures import ConvAct, signature_of
     from graphopt.passes.lib.query import constant_value
 
-    convs = {n for n in fp32_graph.graph.nodes if isinstance(signature_of(n), ConvAct) and signature_of(n).residual
-             is not None}
+    convs = set(with_residual(fp32_graph, ConvAct))
     seen: dict[str, tuple[float, float]] = {}
 
     class Observing(fx.Interpreter):
@@ -102,15 +108,13 @@ def sums_of(int8_graph: fx.GraphModule, ranges: dict[str, tuple[float, float]]) 
     (by the fp32 node each int8 conv replaced)."""
     from graphopt.compiler.deploy.graph_json import is_plain
     from graphopt.kernels.reference import activation_qparams
-    from graphopt.kernels.signatures import QConvAct, signature_of
+    from graphopt.kernels.signatures import QConvAct
 
     sums = {}
-    for node in int8_graph.graph.nodes:
-        q = signature_of(node)
-        if isinstance(q, QConvAct) and q.residual is not None and is_plain(node.name):  # (kept by save and load)
-            key = (node.meta.get("replaces") or [node.name])[-1]
-            if key in ranges:
-                sums[node.name] = activation_qparams(*ranges[key])
+    for node in with_residual(int8_graph, QConvAct):
+        key = (node.meta.get("replaces") or [node.name])[-1]
+        if key in ranges and is_plain(node.name):  # (a name save and load keep)
+            sums[node.name] = activation_qparams(*ranges[key])
     return sums
 
 
