@@ -62,6 +62,17 @@ def pack_linear_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
 
+def has_mkl_linear() -> bool:
+    """Does this torch build have MKL's packed GEMM (``mkl::_mkl_linear``, what Inductor's freezing uses)?"""
+    return bool(torch._C.has_mkl) and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+def pack_linear_weight_mkl(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """Pack a linear weight once for MKL's GEMM on inputs of exactly ``rows`` rows (``mkl::_mkl_linear`` runs
+    other row counts on the plain weight, through aten::linear)."""
+    return torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+
+
 def _epilogue(y: torch.Tensor, act: str, residual: torch.Tensor | None = None) -> torch.Tensor:
     if residual is not None:
         y.add_(residual)

@@ -1,13 +1,19 @@
 """Lower the fused ops to oneDNN's fused primitives, with weights reordered once, now.
 
     graphopt::conv2d_act(x, w, b, ..., act, r)  ->  mkldnn::_convolution_pointwise[.binary](x, [r,] W, b, ...)
-    graphopt::linear_act(x, w, b, act)          ->  mkldnn::_linear_pointwise(x, W, b, ...)   (large weights)
+    graphopt::linear_act(x, w, b, act)          ->  mkl::_mkl_linear(x, W, w, b, rows)        (large weights)
+                                                    mkldnn::_linear_pointwise(x, W, b, ...)  (... without MKL)
                                                     aten::linear(x, w, b)                    (small: less overhead)
 
-W is the weight in the blocked layout oneDNN chose for the traced input shape (any batch size
-still runs): a plain linear weight would be reordered on every call (measured, 768x768 at 16 rows:
-0.22 ms plain, 0.15 ms packed). A linear with few rows (a batch-1 classifier head) or a small
-weight runs through aten::linear, MKL's GEMM, instead (1280 -> 1000 at one row: 0.13 ms, oneDNN 0.19).
+W is the weight packed once for the traced input shape (any batch size still runs): a plain linear
+weight would be reordered on every call (measured, 768x768 at 16 rows: 0.22 ms plain, 0.15 ms packed).
+Large fp32 linears run on MKL's packed GEMM where torch has MKL (as Inductor's freezing does), its
+activation after it in place: faster than oneDNN's primitive with the activation as a post-op on
+every transformer shape of the bench (128x768 -> 3072 with GELU: 2.83 ms, oneDNN 3.11; 512x512 ->
+2048 with ReLU: 4.54 ms, oneDNN 4.73, measured interleaved). Rows other than the traced count run on the
+plain weight through aten::linear. A linear with few rows (a
+batch-1 classifier head) or a small weight runs through aten::linear, MKL's unpacked GEMM (1280 ->
+1000 at one row: 0.13 ms, oneDNN 0.19).
 
 The activation becomes a oneDNN post-op where oneDNN's results equal eager's on NaN and inf
 too (kernels/cpu.py); relu, relu6, hardtanh run as an in-place op after the primitive instead.
@@ -27,7 +33,7 @@ from graphopt.kernels.ops import OPS
 from graphopt.kernels.signatures import ConvAct, LinearAct
 from graphopt.passes import PassContext, register
 from graphopt.passes.lib.layout import layout_changes_aliasing, restore_default_layout
-from graphopt.passes.lib.onednn import CONV, CONV_ADD, LINEAR
+from graphopt.passes.lib.onednn import CONV, CONV_ADD, LINEAR, MKL_LINEAR
 from graphopt.passes.lib.query import calls, constant_value, tensor_meta
 from graphopt.passes.lib.rewrite import add_constant, copy_meta
 
@@ -99,17 +105,23 @@ def lower_to_onednn(gm: fx.GraphModule, ctx: PassContext) -> int:
         # (no clamp post-ops here even on NaN-free values: they would move a relu linear off aten's GEMM and
         # change its bits; the fused and the separate-activation graphs give the same bits)
         rows = tensor_meta(x).shape[:-1].numel()
-        onednn = weight.numel() >= SMALL_LINEAR and rows > FEW_ROWS and weight.dim() == 2
-        postop = (cpu.onednn_postop(act) or ("none", [], "")) if onednn else None
+        kernel = "aten"
+        if weight.numel() >= SMALL_LINEAR and rows > FEW_ROWS and weight.dim() == 2:
+            kernel = "mkl" if cpu.has_mkl_linear() else "onednn"
+        postop = (cpu.onednn_postop(act) or ("none", [], "")) if kernel == "onednn" else None
         with gm.graph.inserting_before(node):
-            if onednn:
+            if kernel == "mkl":  # (the plain weight stays: other row counts run on it)
+                packed = cpu.pack_linear_weight_mkl(weight, rows)
+                wp = gm.graph.get_attr(add_constant(gm, f"{w.target}_mkl", packed, buffer=False))
+                new = gm.graph.call_function(MKL_LINEAR, (x, wp, w, b, rows))
+            elif kernel == "onednn":
                 packed = cpu.pack_linear_weight(weight, rows)
                 wp = gm.graph.get_attr(add_constant(gm, f"{w.target}_onednn", packed, buffer=False))
                 new = gm.graph.call_function(LINEAR, (x, wp, b, *postop))
             else:
                 new = gm.graph.call_function(F.linear, (x, w, b))
-        _finish(gm, node, new, act, onednn and postop[0] != "none")
-        if onednn:
+        _finish(gm, node, new, act, kernel == "onednn" and postop[0] != "none")
+        if kernel == "onednn":
             _erase_unused(gm, w)
         rewrites += 1
     if rewrites:

@@ -52,6 +52,8 @@ def kernel_of(node: fx.Node) -> str:
     target = describe_target(node)
     if "mkldnn" in target:
         return "oneDNN (CPU)"
+    if target.startswith("mkl."):
+        return "MKL (CPU)"
     if "graphopt" in target:
         return "graphopt op (CPU kernel: aten + in-place epilogue; reference elsewhere)"
     module = getattr(node.target, "__module__", "") or ""

@@ -7,7 +7,7 @@ from graphopt.kernels.activations import EXAMPLES
 from graphopt.kernels.reference import parse_act
 from graphopt.passes.fuse_conv_act import fuse_conv_act
 from graphopt.passes.fuse_linear_act import fuse_linear_act
-from graphopt.passes.lib.onednn import CONV, CONV_ADD, LINEAR
+from graphopt.passes.lib.onednn import CONV, CONV_ADD, LINEAR, MKL_LINEAR
 from graphopt.passes.lower_to_onednn import lower_to_onednn
 from tests.helpers import apply, close, graphopt_calls, traced
 
@@ -63,24 +63,32 @@ def test_conv_lowering_four_ways(act, residual):
 @pytest.mark.parametrize("features", [(12, 7), (512, 256)])
 @pytest.mark.parametrize("rows", [3, 2 * 9])
 @pytest.mark.parametrize("act", [nn.Identity(), nn.ReLU(), nn.GELU(), nn.SiLU()], ids=repr)
-def test_linear_lowering(features, rows, act):
+@pytest.mark.parametrize("mkl", [True, False], ids=["mkl", "no-mkl"])
+def test_linear_lowering(features, rows, act, mkl, monkeypatch):
+    from graphopt.kernels import cpu
     from graphopt.passes.lower_to_onednn import FEW_ROWS, SMALL_LINEAR
 
+    if mkl and not cpu.has_mkl_linear():
+        pytest.skip("this torch build has no MKL")
+    monkeypatch.setattr(cpu, "has_mkl_linear", lambda: mkl)
     m = nn.Sequential(nn.Linear(*features), act).eval()
     x = torch.randn(rows // 9 if rows > FEW_ROWS else rows, *([9] if rows > FEW_ROWS else []), features[0])
     x.view(-1)[0] = float("nan")
     gm = _fused(m, x)
     assert apply(lower_to_onednn, gm, x) == 1
     assert not graphopt_calls(gm, "linear_act")
-    onednn = features[0] * features[1] >= SMALL_LINEAR and rows > FEW_ROWS
-    assert (LINEAR in _targets(gm)) == onednn
-    if onednn:  # the weight packed once, for the traced rows
+    packed = features[0] * features[1] >= SMALL_LINEAR and rows > FEW_ROWS
+    assert (MKL_LINEAR in _targets(gm)) == (packed and mkl)  # MKL's packed GEMM where torch has it
+    assert (LINEAR in _targets(gm)) == (packed and not mkl)  # oneDNN's primitive where it has not
+    if packed:  # the weight packed once, for the traced rows
         weights = [n for n in gm.graph.nodes if n.op == "get_attr"]
-        assert [getattr(gm, n.target).is_mkldnn for n in weights if n.target.endswith("_onednn")] == [True]
+        suffix = "_mkl" if mkl else "_onednn"
+        assert [getattr(gm, n.target).is_mkldnn for n in weights if n.target.endswith(suffix)] == [True]
     with torch.no_grad():
         close(gm(x), m(x), equal_nan=True)
         other = torch.randn(5, *x.shape[1:])  # (other rows run on the packed weight too)
         close(gm(other), m(other))
+    assert apply(lower_to_onednn, gm, x) == 0
 
 
 def test_float64_graph_keeps_the_portable_op():
