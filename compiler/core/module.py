@@ -128,7 +128,7 @@ class OptimizedModule(nn.Module):
         grad = torch.is_grad_enabled()
         for x, shape in zip(args, self._engine_shapes):
             if (type(x) is not torch.Tensor or x.shape != shape or x.dtype != torch.float32
-                    or x.device.type != "cpu" or (grad and x.requires_grad)):
+                    or not x.is_cpu or (grad and x.requires_grad)):
                 return False
         return True
 

@@ -350,6 +350,51 @@ def test_the_engine_path_keeps_the_input_checks(always):
     assert len(calls) == 1
 
 
+class _TwoInTwoOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, a, b):
+        y = torch.relu(self.fc(a) + b)
+        return y, {"twice": y * 2.0}
+
+
+@pytest.mark.parametrize("public_run", [False, True], ids=["compiled-run", "public-run"])
+def test_several_inputs_and_outputs_and_a_session_without_its_compiled_run(always, public_run, monkeypatch):
+    """The ONNX Runtime runner calls the session's compiled run; where a version has none, its public run."""
+    import onnxruntime as ort
+
+    if public_run:
+        session = ort.InferenceSession
+
+        class Public:  # the public API only
+            def __init__(self, *args, **kwargs):
+                self._inner = session(*args, **kwargs)
+
+            def get_inputs(self):
+                return self._inner.get_inputs()
+
+            def get_outputs(self):
+                return self._inner.get_outputs()
+
+            def run(self, names, feed, options=None):
+                calls.append(len(feed))
+                return self._inner.run(names, feed, options)
+        calls = []
+        monkeypatch.setattr(ort, "InferenceSession", Public)
+    torch.manual_seed(0)
+    model, a, b = _TwoInTwoOut().eval(), torch.randn(3, 8), torch.randn(3, 8)
+    opt = optimize(model, (a, b), engines="onnxruntime")
+    assert opt.engine == "onnxruntime", opt.engine_plan.reasons
+    seen = _spy(opt)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(a, b), model(a, b), rtol=1e-5, atol=1e-6)
+    assert seen[-1] is not None
+    if public_run:
+        assert calls and set(calls) == {2}
+
+
 @pytest.mark.parametrize("seed", range(9000, 9008))
 def test_random_programs_in_the_library_keep_eagers_answers_nan_and_bits(always, seed, monkeypatch):
     """The program fuzzer's checks (eager's answers, another batch, determinism, reload bits) with the library
