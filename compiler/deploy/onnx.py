@@ -56,13 +56,16 @@ def _portable_reference(model: nn.Module, magnitudes_of: Sequence[str] = (), for
 
 def _append_magnitudes(gm, names: Sequence[str]) -> None:
     """The output becomes (output, (max |v| + 0 * sum(v) for each named value)), in place: NaN where v holds a NaN
-    or an inf (ONNX Runtime's ReduceMax skips NaN; a sum carries it, and an inf becomes 0 * inf = NaN)."""
+    or an inf (ONNX Runtime's ReduceMax skips NaN; a sum carries it, and an inf becomes 0 * inf = NaN).
+    max |v| as max(max v, -min v): three reads of v and no tensor written (abs then max wrote one, and cost
+    EfficientNet-B0's four checks in ONNX Runtime 1.05 ms a call; this form 0.37 ms, measured interleaved)."""
     values = {n.name: n for n in gm.graph.nodes}
     output = next(n for n in gm.graph.nodes if n.op == "output")
     graph = gm.graph
 
     def magnitude(v):
-        largest = graph.call_function(torch.amax, (graph.call_function(torch.abs, (v,)),))
+        largest = graph.call_function(torch.maximum, (graph.call_function(torch.amax, (v,)), graph.call_function(
+            torch.neg, (graph.call_function(torch.amin, (v,)),))))
         return graph.call_function(torch.add, (largest, graph.call_function(torch.mul, (
             graph.call_function(torch.sum, (v,)), 0.0))))
     with graph.inserting_before(output):

@@ -3,6 +3,8 @@ float32, limits on a few intermediate values prove every value finite segment by
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
@@ -90,3 +92,27 @@ def test_a_capped_activation_does_not_hide_an_overflow_inside_its_op():
     assert any(isinstance(signature_of(n), ConvAct) for n in gm.graph.nodes)  # (relu6 fused into the conv)
     limit = input_limit(gm)
     assert limit is not None and limit * 2e30 < SAFE  # (relu6's cap of 6 must not stand for the sum before it)
+
+
+@pytest.mark.parametrize("poison", [None, "nan", "inf", "-inf", "both infs"])
+def test_the_exported_magnitude_is_max_abs_or_nan(poison):
+    """What the library returns for a checked value: max |v| exactly on finite values; NaN where v holds a NaN or
+    an inf of either sign (ONNX Runtime's ReduceMax alone skips NaN), so the check fails on them."""
+    import onnxruntime as ort
+
+    from graphopt.compiler.core import engines
+
+    model, x = nn.Sequential(nn.Linear(6, 5), nn.ReLU()).eval(), torch.randn(3, 6)
+    opt = optimize(model, (x,), engines="graphopt", progress=False)
+    inputs = [n.name for n in opt.portable.graph.nodes if n.op == "placeholder"]
+    session = ort.InferenceSession(engines.onnx_model(opt, (x,), inputs), providers=["CPUExecutionProvider"])
+    x = x.clone()
+    if poison == "both infs":
+        x[0, 0], x[2, 1] = float("inf"), -float("inf")
+    elif poison is not None:
+        x[1, 2] = float(poison)
+    out, magnitude = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    if poison is None:
+        assert float(magnitude) == float(x.abs().max())
+    else:
+        assert np.isnan(magnitude)  # (the check, float(m) <= limit, fails on it)
