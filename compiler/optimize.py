@@ -110,7 +110,7 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
 def _module(portable, ctx: PassContext, manager: PassManager, report: list, inputs: tuple, nan_checks: str,
             engine_names: Sequence[str], int8_sums: dict | None = None) -> OptimizedModule:
     """The optimized module of the portable graph: lowered for ctx.backend, its guarded fast graph, and the
-    fastest kernel library where one is measured faster (``int8_sums``: compiler/int8/plans.py residual_sums)."""
+    fastest kernel library where one is measured faster (``int8_sums``: compiler/int8/plans.py conv_sums)."""
     backend = ctx.backend
     lowered, lowering_report = lower(portable, ctx, LOWERING[backend], check=manager.check, manager=manager)
     opt = OptimizedModule(finalize(lowered), report + lowering_report, input_specs(inputs), backend,

@@ -80,7 +80,9 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
     ONNX Runtime runs DequantizeLinear -> Conv / Gemm -> QuantizeLinear as one int8 kernel. An int8 op with no
     such form (a residual added inside it, or a float output) runs as the float op, and its weights'
     DequantizeLinear runs on every call: ``for_engine`` (a session graphopt runs, not a file for the user) gives
-    those ops their dequantized weights as float constants instead (the same numbers, none of that cost)."""
+    those ops their dequantized weights as float constants instead (the same numbers, none of that cost), except
+    a conv whose own sum ``sums`` quantizes ({name: (scale, zero point)}, compiler/int8/plans.py conv_sums):
+    int8 conv, QuantizeLinear, then the residual and the activation in float (QLinearConv, QLinearAdd)."""
     from graphopt.kernels.ops import OPS
     from graphopt.kernels.reference import apply_act
     from graphopt.kernels.signatures import ConvAct, LinearAct, QConvAct, signature_of
@@ -107,8 +109,8 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
             wq, scale = constant_value(gm, w), constant_value(gm, q.w_scale)
             shape = (-1,) + (1,) * (wq.dim() - 1)
             residual = getattr(q, "residual", None)
-            split = for_engine and residual is not None and node.name in sums
-            float_weights = for_engine and (q.out_scale is None or (residual is not None and not split))
+            split = for_engine and isinstance(q, QConvAct) and node.name in sums
+            float_weights = for_engine and not split and (q.out_scale is None or residual is not None)
             with gm.graph.inserting_before(node):
                 wfq = gm.graph.get_attr(add_constant(gm, f"{w.target}_dq", wq.float() * scale.view(shape)))
                 if not float_weights:
@@ -120,10 +122,12 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
                 # the input again (a no-op on its grid): ONNX Runtime fuses DequantizeLinear -> op -> QuantizeLinear
                 # into an int8 kernel only where the DequantizeLinear feeds the op directly (not across a Flatten)
                 x = fq(q.x, q.x_scale, q.x_zp)
-                if split:  # int8 conv, its sum quantized, then an int8 add: QLinearConv and QLinearAdd
+                if split:  # int8 conv, its sum quantized (QLinearConv), then the residual (QLinearAdd) and activation
                     conv = ConvAct(x, wfq, q.bias, q.stride, q.padding, q.dilation, q.groups, "none", None)
                     y = fq(gm.graph.call_function(OPS[conv.op], conv.as_args()), *sums[node.name])
-                    y = gm.graph.call_function(apply_act, (gm.graph.call_function(torch.add, (y, residual)), q.act))
+                    if residual is not None:
+                        y = gm.graph.call_function(torch.add, (y, residual))
+                    y = gm.graph.call_function(apply_act, (y, q.act))
                 elif isinstance(q, QConvAct):
                     fp32 = ConvAct(x, wfq, q.bias, q.stride, q.padding, q.dilation, q.groups, q.act, residual)
                     y = gm.graph.call_function(OPS[fp32.op], fp32.as_args())

@@ -13,9 +13,12 @@ times the modules interleaved and keeps the fastest int8 one, unless the fp32 mo
 a model slower than its fp32 module without the user asking for it. ``opt.int8_report.plan`` says which ran and
 the times; when fp32 runs, every layer's reason says why. ``engines="graphopt"`` quantizes as asked, unmeasured.
 
-A library's int8 conv cannot add a residual in fp32 inside the op as graphopt's does, so its graph also quantizes
-each such conv's own sum (QLinearConv, then QLinearAdd), on a range calibrated here (``residual_sums``); the
-(scale, zero point) of each is ``opt.int8_sums``, saved with the engine plan and validated on load.
+A library's int8 conv cannot add a residual in fp32 inside the op as graphopt's does, nor write a float output
+(ONNX Runtime fuses DequantizeLinear -> Conv only with a QuantizeLinear after it), so its graph also quantizes
+each such conv's own sum (QLinearConv, then QLinearAdd or the float ops after it), on a range calibrated here
+(``conv_sums``); the (scale, zero point) of each is ``opt.int8_sums``, saved with the engine plan and validated
+on load. (MobileNetV2's last 1x1 conv, before the pooling, ran as a float conv in ONNX Runtime: 0.46 ms of a
+3.8 ms int8 call.)
 """
 
 from __future__ import annotations
@@ -41,11 +44,11 @@ def fastest(build: Callable, fp32_graph: fx.GraphModule, own: tuple, again: Call
     from graphopt.compiler.core.engines import race
 
     graph, records, report = own
-    ranges = residual_sums(fp32_graph, batches)
-    plans = {"int8": (build(graph, records, sums_of(graph, ranges)), report)}
+    graphs = {"int8": (graph, records, report)}
     if any((layer["reason"] or "").startswith("small") for layer in report.layers):
-        every, every_records, every_report = again()
-        plans["int8 every layer"] = (build(every, every_records, sums_of(every, ranges)), every_report)
+        graphs["int8 every layer"] = again()
+    ranges = conv_sums(fp32_graph, batches, [g for g, _, _ in graphs.values()])
+    plans = {name: (build(g, r, sums_of(g, ranges)), rep) for name, (g, r, rep) in graphs.items()}
     fp32 = build(fp32_graph, [], {})
     modules = {name: module for name, (module, _) in plans.items()} | {"fp32": fp32}
     ms = race(modules, inputs)
@@ -62,26 +65,37 @@ def fastest(build: Callable, fp32_graph: fx.GraphModule, own: tuple, again: Call
     return opt, chosen
 
 
-def with_residual(gm: fx.GraphModule, kind: type) -> list[fx.Node]:
-    """The convolutions of ``gm`` with a residual added inside them: ``kind`` ConvAct (fp32) or QConvAct (int8)."""
-    from graphopt.kernels.signatures import signature_of
+def summed(int8_graph: fx.GraphModule) -> list[fx.Node]:
+    """The int8 convolutions whose own sum a library's graph quantizes: those with a residual added inside them,
+    and those with a float output."""
+    from graphopt.kernels.signatures import QConvAct, signature_of
 
-    return [n for n in gm.graph.nodes if isinstance(signature_of(n), kind) and signature_of(n).residual is not None]
+    return [n for n in int8_graph.graph.nodes if isinstance(q := signature_of(n), QConvAct)
+            and (q.residual is not None or q.out_scale is None)]
 
 
-def residual_sums(fp32_graph: fx.GraphModule, batches: list[tuple]) -> dict[str, tuple[float, float]]:
-    """{fp32 node name: (lo, hi)} of the convolution's own sum, before its residual is added, of every conv with
-    a residual, over ``batches`` (min / max).
+def _replaced(node: fx.Node) -> str:
+    """The name of the fp32 node an int8 node replaced."""
+    return (node.meta.get("replaces") or [node.name])[-1]
 
-    graphopt's int8 conv adds the residual in fp32 inside the op. Another library's int8 conv cannot: ONNX
-    Runtime runs QuantizeLinear(conv) as QLinearConv and then an int8 add (QLinearAdd), so its graph quantizes that
-    sum too (one more rounding: checked against graphopt's graph like the rest, compiler/core/engines.py)."""
+
+def conv_sums(fp32_graph: fx.GraphModule, batches: list[tuple], int8_graphs: list[fx.GraphModule]
+              ) -> dict[str, tuple[float, float]]:
+    """{fp32 node name: (lo, hi)} of the convolution's own sum (before its residual and activation), over
+    ``batches`` (min / max), of every conv of ``fp32_graph`` that an int8 conv of ``int8_graphs`` in ``summed``
+    replaced.
+
+    graphopt's int8 conv adds the residual in fp32 inside the op, and may write a float output. Another library's
+    int8 conv can do neither: ONNX Runtime runs QuantizeLinear(conv) as QLinearConv, then an int8 add (QLinearAdd)
+    or the float ops after a DequantizeLinear, so its graph quantizes that sum too (one more rounding: checked
+    against graphopt's graph like the rest, compiler/core/engines.py)."""
     import torch.nn.functional as F
 
     from graphopt.kernels.signatures import ConvAct, signature_of
     from graphopt.passes.lib.query import constant_value
 
-    convs = set(with_residual(fp32_graph, ConvAct))
+    names = {_replaced(n) for g in int8_graphs for n in summed(g)}
+    convs = {n for n in fp32_graph.graph.nodes if n.name in names and isinstance(signature_of(n), ConvAct)}
     seen: dict[str, tuple[float, float]] = {}
 
     class Observing(fx.Interpreter):
@@ -104,15 +118,14 @@ def residual_sums(fp32_graph: fx.GraphModule, batches: list[tuple]) -> dict[str,
 
 
 def sums_of(int8_graph: fx.GraphModule, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, int]]:
-    """{int8 conv node name: (scale, zero point)} of its sum before the residual, from ``residual_sums``' ranges
-    (by the fp32 node each int8 conv replaced)."""
+    """{int8 conv node name: (scale, zero point)} of its own sum, from ``conv_sums``' ranges (by the fp32 node each
+    int8 conv replaced)."""
     from graphopt.compiler.deploy.graph_json import is_plain
     from graphopt.kernels.reference import activation_qparams
-    from graphopt.kernels.signatures import QConvAct
 
     sums = {}
-    for node in with_residual(int8_graph, QConvAct):
-        key = (node.meta.get("replaces") or [node.name])[-1]
+    for node in summed(int8_graph):
+        key = _replaced(node)
         if key in ranges and is_plain(node.name):  # (a name save and load keep)
             sums[node.name] = activation_qparams(*ranges[key])
     return sums

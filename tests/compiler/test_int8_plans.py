@@ -17,7 +17,7 @@ from graphopt import load, optimize
 from graphopt.compiler.core import engines
 from graphopt.compiler.core.pipeline import is_quantized
 from graphopt.compiler.core.verify import sqnr
-from graphopt.compiler.int8.plans import SLOWER, residual_sums, sums_of
+from graphopt.compiler.int8.plans import SLOWER, conv_sums, sums_of
 from graphopt.kernels.signatures import QConvAct, signature_of
 from tests.helpers import randomize_bn
 from tests.zoo import ZOO
@@ -147,19 +147,63 @@ class _Residual(torch.nn.Module):
         return torch.relu(self.b(y) + y)
 
 
-def test_residual_sums_are_the_convolutions_own_range_before_the_residual(monkeypatch):
+def test_conv_sums_are_the_convolutions_own_range_before_the_residual(monkeypatch):
     monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 0)
     torch.manual_seed(0)
     model, batches = _Residual().eval(), [(torch.randn(2, 3, 9, 7),), (3 * torch.randn(1, 3, 9, 7),)]
     fp32 = optimize(model, batches[0], engines="graphopt").portable
-    ranges = residual_sums(fp32, batches)
+    q = optimize(model, batches[0], quantize="int8", calibration=batches, engines="graphopt", progress=False)
+    ranges = conv_sums(fp32, batches, [q.portable])
     with torch.no_grad():
         parts = torch.cat([model.b(torch.relu(model.a(x))).flatten() for (x,) in batches])
-    (name, (lo, hi)), = ranges.items()  # one conv with a residual
+    (name, (lo, hi)), = ranges.items()  # one conv with a residual (the other's output is int8: no sum)
     torch.testing.assert_close(torch.tensor([lo, hi]), torch.stack([parts.min(), parts.max()]), rtol=1e-5, atol=1e-5)
-    q = optimize(model, batches[0], quantize="int8", calibration=batches, engines="graphopt", progress=False)
     sums = sums_of(q.portable, ranges)
     assert len(sums) == 1 and next(iter(sums.values()))[0] == pytest.approx((max(hi, 0) - min(lo, 0)) / 255)
+
+
+class _Pooled(torch.nn.Module):
+    """Two convs, the second's output (float: the pooling reads it) pooled into a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 32, 1)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.head(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_a_conv_with_a_float_output_runs_as_an_int8_conv_in_onnxruntime(monkeypatch, tmp_path):
+    """Its own sum quantized (conv_sums), ONNX Runtime fuses it into QLinearConv; without, it ran as a float Conv."""
+    import onnx
+    import onnxruntime as ort
+
+    monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 0)
+    torch.manual_seed(0)
+    model, x = _Pooled().eval(), torch.randn(1, 3, 12, 12)
+    calibration = [(torch.randn(1, 3, 12, 12),) for _ in range(4)]
+    _times(monkeypatch, graphopt=2.0, onnxruntime=1.0, int8=1.0, fp32=3.0)
+    opt = optimize(model, (x,), quantize="int8", calibration=calibration, engines="onnxruntime", progress=False)
+    assert opt.engine == "onnxruntime"
+    floats = [n.name for n in opt.portable.graph.nodes
+              if isinstance(signature_of(n), QConvAct) and signature_of(n).out_scale is None]
+    assert floats and set(opt.int8_sums) == set(floats)
+
+    def ops() -> list[str]:  # what ONNX Runtime runs, after its fusions
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(engines.onnx_model(opt, (x,)), options, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "Conv" not in ops() and ops().count("QLinearConv") == 2
+    with torch.no_grad():
+        assert sqnr(opt.graph_module(x), opt(x)) >= engines.INT8_AGREE_DB
+    sums, opt.int8_sums = opt.int8_sums, {}
+    assert ops().count("Conv") == 1  # (without its sum: the float conv, float weights)
+    opt.int8_sums = sums
+    back = load(opt.save(tmp_path / "m"))  # the loader takes a float-output conv's sum
+    assert back.engine == "onnxruntime" and back.int8_sums == opt.int8_sums
 
 
 def test_the_library_graph_quantizes_each_residual_sum_before_an_int8_add(monkeypatch):
