@@ -5,8 +5,11 @@
 On a CUDA GPU: graphopt's Triton kernel against eager PyTorch (cuDNN / cuBLAS, then the bias,
 residual and activation as separate ops) and torch.compile(mode="max-autotune") of that same
 eager function, timed with triton.testing.do_bench; TFLOP/s and the fraction of the device's
-dense peak. On the CPU: graphopt's oneDNN path (reordered weights, post-ops) against the aten
-reference, the two timed in interleaved rounds (graphopt.compiler.workflow.timing). Writes
+dense peak. On the CPU: what graphopt's lowering runs (passes/lower_to_onednn.py: oneDNN convolutions on
+reordered weights with post-ops; linears on MKL's packed GEMM, oneDNN's primitive or aten::linear, by
+size and activation) against the aten reference, timed in interleaved rounds
+(graphopt.compiler.workflow.timing), and for a large linear the other packed GEMM (MKL's or oneDNN's)
+beside it. Writes
 bench/results/kernels-<device>-<date>.json and a PNG chart.
 """
 
@@ -25,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from graphopt.compiler.workflow.timing import median_ms  # noqa: E402
 from graphopt.kernels import cpu, reference  # noqa: E402
+from graphopt.passes.lower_to_onednn import linear_kernel  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name: (N, C, H, W, K, kernel, stride, padding, groups, act, residual)
@@ -89,13 +93,34 @@ def cpu_rows(quick: bool) -> list[dict]:
         if quick and m > 1024:
             continue
         x, w, b = torch.randn(m, k), torch.randn(n, k) * 0.05, torch.randn(n)
-        post = cpu.onednn_postop(act)
-        ms = median_ms({"reference": lambda: reference.linear_act(x, w, b, act),
-                        "graphopt": lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, *post)}, rounds=reps)
+        kernel = linear_kernel(w, m, act)  # what the lowering runs it on (passes/lower_to_onednn.py)
+        timed = {"reference": lambda: reference.linear_act(x, w, b, act), "graphopt": _lowered_linear(kernel, x, w, b, act)}
+        if kernel == "mkl" or cpu.has_mkl_linear() and kernel == "onednn":  # (the other packed GEMM, beside it)
+            timed["other"] = _lowered_linear("onednn" if kernel == "mkl" else "mkl", x, w, b, act)
+        ms = median_ms(timed, rounds=reps)
         ref_ms, opt_ms = ms["reference"], ms["graphopt"]
-        rows.append({"op": "linear_act", "shape": name, "reference_ms": ref_ms, "graphopt_ms": opt_ms,
-                     "graphopt_gflops": 2.0 * m * k * n / 1e9 / opt_ms * 1e3, "speedup": ref_ms / opt_ms})
+        rows.append({"op": "linear_act", "shape": name, "kernel": kernel, "reference_ms": ref_ms, "graphopt_ms": opt_ms,
+                     "graphopt_gflops": 2.0 * m * k * n / 1e9 / opt_ms * 1e3, "speedup": ref_ms / opt_ms,
+                     "other_kernel_ms": ms.get("other")})
     return rows
+
+
+def _lowered_linear(kernel: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act: str):
+    """A linear with its activation as the lowering writes it on ``kernel`` (weights packed once, here)."""
+    after = cpu.inplace_act(act)
+
+    def then_act(y):
+        return after[0](y, *after[1], **after[2]) if after else y
+    rows = x.shape[0]
+    if kernel == "mkl":
+        packed = cpu.pack_linear_weight_mkl(w, rows)
+        return lambda: then_act(torch.ops.mkl._mkl_linear(x, packed, w, b, rows))
+    if kernel == "onednn":
+        packed, post = cpu.pack_linear_weight(w, rows), cpu.onednn_postop(act)
+        if post is None:
+            return lambda: then_act(torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""))
+        return lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, *post)
+    return lambda: then_act(F.linear(x, w, b))
 
 
 def gpu_rows(dtype: torch.dtype, quick: bool) -> list[dict]:
@@ -174,10 +199,11 @@ def _gpu_row(op, shape, dtype, flops, times, peak) -> dict:
 
 def table(rows: list[dict]) -> str:
     if rows and "reference_ms" in rows[0]:
-        out = ["| op | shape | reference ms | graphopt (oneDNN) ms | GFLOP/s | speedup |",
-               "|---|---|---:|---:|---:|---:|"]
-        out += [f"| {r['op']} | {r['shape']} | {r['reference_ms']:.3f} | {r['graphopt_ms']:.3f} | "
-                f"{r['graphopt_gflops']:.1f} | {r['speedup']:.2f} |" for r in rows]
+        out = ["| op | shape | graphopt's kernel | reference ms | graphopt ms | GFLOP/s | speedup | other GEMM ms |",
+               "|---|---|---|---:|---:|---:|---:|---:|"]
+        out += [f"| {r['op']} | {r['shape']} | {r.get('kernel', 'onednn')} | {r['reference_ms']:.3f} | "
+                f"{r['graphopt_ms']:.3f} | {r['graphopt_gflops']:.1f} | {r['speedup']:.2f} | "
+                f"{'' if r.get('other_kernel_ms') is None else format(r['other_kernel_ms'], '.3f')} |" for r in rows]
         return "\n".join(out)
     out = ["| op | shape | dtype | triton ms | eager ms | compile ms | TFLOP/s | of peak | eager / triton |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|"]

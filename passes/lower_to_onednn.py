@@ -8,10 +8,12 @@
 W is the weight packed once for the traced input shape (any batch size still runs): a plain linear
 weight would be reordered on every call (measured, 768x768 at 16 rows: 0.22 ms plain, 0.15 ms packed).
 Large fp32 linears run on MKL's packed GEMM where torch has MKL (as Inductor's freezing does), its
-activation after it in place: faster than oneDNN's primitive with the activation as a post-op on
-every transformer shape of the bench (128x768 -> 3072 with GELU: 2.83 ms, oneDNN 3.11; 512x512 ->
-2048 with ReLU: 4.54 ms, oneDNN 4.73, measured interleaved). Rows other than the traced count run on the
-plain weight through aten::linear. A linear with few rows (a
+activation after it in place: 5-20% faster than oneDNN's primitive without an activation or with one
+oneDNN runs separately anyway (relu: NaN semantics), at 128 to 4096 rows (measured interleaved,
+bench/kernels.py), and with GELU on few rows (128x768 -> 3072: 2.83 ms, oneDNN with its GELU post-op
+3.11). From POSTOP_ROWS rows, oneDNN's fused post-op wins (the separate pass over the output costs
+more: 2048x768 -> 3072 with GELU, MKL 1.14x oneDNN's time), so those keep oneDNN. Rows other than
+the traced count run on the plain weight through aten::linear. A linear with few rows (a
 batch-1 classifier head) or a small weight runs through aten::linear, MKL's unpacked GEMM (1280 ->
 1000 at one row: 0.13 ms, oneDNN 0.19).
 
@@ -39,6 +41,17 @@ from graphopt.passes.lib.rewrite import add_constant, copy_meta
 
 SMALL_LINEAR = 1 << 15  # weights with fewer elements run faster through aten::linear (measured: bench/)
 FEW_ROWS = 4  # ... and inputs with this many rows or fewer (all dimensions but the last)
+POSTOP_ROWS = 512  # from this many rows, oneDNN's GEMM with a fused post-op (GELU) beats MKL's and a separate pass
+
+
+def linear_kernel(weight: torch.Tensor, rows: int, act: str) -> str:
+    """Which kernel a float32 linear of ``weight`` with activation ``act`` on inputs of ``rows`` rows runs on: "mkl"
+    (MKL's packed GEMM), "onednn" (oneDNN's primitive: where torch has no MKL, and where oneDNN fuses the
+    activation as a post-op on many rows) or "aten" (aten::linear: small or few-row)."""
+    if weight.numel() < SMALL_LINEAR or rows <= FEW_ROWS or weight.dim() != 2:
+        return "aten"
+    fused = (cpu.onednn_postop(act) or ("none",))[0] != "none"
+    return "mkl" if cpu.has_mkl_linear() and not (fused and rows >= POSTOP_ROWS) else "onednn"
 
 
 def _lowerable(gm: fx.GraphModule, x: fx.Node, w: fx.Node, b: fx.Node | None) -> torch.Tensor | None:
@@ -105,9 +118,7 @@ def lower_to_onednn(gm: fx.GraphModule, ctx: PassContext) -> int:
         # (no clamp post-ops here even on NaN-free values: they would move a relu linear off aten's GEMM and
         # change its bits; the fused and the separate-activation graphs give the same bits)
         rows = tensor_meta(x).shape[:-1].numel()
-        kernel = "aten"
-        if weight.numel() >= SMALL_LINEAR and rows > FEW_ROWS and weight.dim() == 2:
-            kernel = "mkl" if cpu.has_mkl_linear() else "onednn"
+        kernel = linear_kernel(weight, rows, act)
         postop = (cpu.onednn_postop(act) or ("none", [], "")) if kernel == "onednn" else None
         with gm.graph.inserting_before(node):
             if kernel == "mkl":  # (the plain weight stays: other row counts run on it)

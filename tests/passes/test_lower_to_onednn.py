@@ -91,6 +91,31 @@ def test_linear_lowering(features, rows, act, mkl, monkeypatch):
     assert apply(lower_to_onednn, gm, x) == 0
 
 
+@pytest.mark.parametrize("act", [nn.Identity(), nn.ReLU(), nn.GELU()], ids=repr)
+def test_many_rows_keep_onednns_fused_postop_where_it_has_one(act):
+    """From POSTOP_ROWS rows, a linear whose activation oneDNN fuses (GELU) stays on oneDNN's primitive; one
+    without, or with an activation that runs separately anyway (relu), runs on MKL's GEMM."""
+    from graphopt.kernels import cpu
+    from graphopt.passes.lower_to_onednn import POSTOP_ROWS
+
+    if not cpu.has_mkl_linear():
+        pytest.skip("this torch build has no MKL")
+    m, x = nn.Sequential(nn.Linear(256, 256), act).eval(), torch.randn(POSTOP_ROWS, 256)
+    gm = _fused(m, x)
+    assert apply(lower_to_onednn, gm, x) == 1
+    fused = isinstance(act, nn.GELU)
+    assert (LINEAR in _targets(gm)) == fused and (MKL_LINEAR in _targets(gm)) == (not fused)
+    if fused:
+        (call,) = [n for n in gm.graph.nodes if n.target is LINEAR]
+        assert call.args[3] == "gelu"  # (the post-op)
+    with torch.no_grad():
+        close(gm(x), m(x))
+    small = torch.randn(POSTOP_ROWS - 1, 256)  # (fewer rows when traced: MKL's GEMM, the GELU after it)
+    gm = _fused(m, small)
+    apply(lower_to_onednn, gm, small)
+    assert MKL_LINEAR in _targets(gm)
+
+
 def test_float64_graph_keeps_the_portable_op():
     m = ConvRes(nn.ReLU(), False).double().eval()
     x = torch.randn(1, 6, 5, 5, dtype=torch.float64)
