@@ -94,7 +94,8 @@ def cpu_rows(quick: bool) -> list[dict]:
             continue
         x, w, b = torch.randn(m, k), torch.randn(n, k) * 0.05, torch.randn(n)
         kernel = linear_kernel(w, m, act)  # what the lowering runs it on (passes/lower_to_onednn.py)
-        timed = {"reference": lambda: reference.linear_act(x, w, b, act), "graphopt": _lowered_linear(kernel, x, w, b, act)}
+        timed = {"reference": lambda: reference.linear_act(x, w, b, act),
+                 "graphopt": _lowered_linear(kernel, x, w, b, act)}
         if kernel == "mkl" or cpu.has_mkl_linear() and kernel == "onednn":  # (the other packed GEMM, beside it)
             timed["other"] = _lowered_linear("onednn" if kernel == "mkl" else "mkl", x, w, b, act)
         ms = median_ms(timed, rounds=reps)

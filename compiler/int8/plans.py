@@ -39,7 +39,7 @@ SLOWER = "slower than fp32"  # how a layer's reason starts when the fp32 module 
 def fastest(build: Callable, fp32_graph: fx.GraphModule, own: tuple, again: Callable, inputs: tuple,
             batches: list[tuple]) -> tuple:
     """(the module to return, its int8 report). ``build(graph, records, sums)`` makes a module (``sums``: see
-    residual_sums); ``own`` is graphopt's int8 plan (graph, pass records, report); ``again()`` makes the
+    conv_sums); ``own`` is graphopt's int8 plan (graph, pass records, report); ``again()`` makes the
     every-layer plan the same way; ``batches`` are the calibration batches."""
     from graphopt.compiler.core.engines import race
 
