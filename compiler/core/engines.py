@@ -146,16 +146,9 @@ def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float])
     # whose compiled run takes other arguments fails the first call, in optimize() or load(): graphopt runs.)
     call = getattr(getattr(session, "_sess", None), "run", None) or session.run
 
-    if len(names) == 1:
-        name = names[0]
-
-        def run(x: torch.Tensor) -> Any:
-            return outputs(call(wanted, {name: _array(x)}, None))
-        return run
-
-    def run_many(*args: torch.Tensor) -> Any:
+    def run(*args: torch.Tensor) -> Any:
         return outputs(call(wanted, {n: _array(a) for n, a in zip(names, args)}, None))
-    return run_many
+    return run
 
 
 def _openvino(model: bytes, spec: Any, threads: str, limits: Sequence[float]) -> Callable:

@@ -24,7 +24,6 @@ on load. (MobileNetV2's last 1x1 conv, before the pooling, ran as a float conv i
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable
 
 import torch
@@ -82,39 +81,30 @@ def _replaced(node: fx.Node) -> str:
 def conv_sums(fp32_graph: fx.GraphModule, batches: list[tuple], int8_graphs: list[fx.GraphModule]
               ) -> dict[str, tuple[float, float]]:
     """{fp32 node name: (lo, hi)} of the convolution's own sum (before its residual and activation), over
-    ``batches`` (min / max), of every conv of ``fp32_graph`` that an int8 conv of ``int8_graphs`` in ``summed``
-    replaced.
+    ``batches`` (min / max, by calibration's own observer: compiler/int8/calibrate.py), of every conv of
+    ``fp32_graph`` that an int8 conv of ``int8_graphs`` in ``summed`` replaced.
 
     graphopt's int8 conv adds the residual in fp32 inside the op, and may write a float output. Another library's
     int8 conv can do neither: ONNX Runtime runs QuantizeLinear(conv) as QLinearConv, then an int8 add (QLinearAdd)
     or the float ops after a DequantizeLinear, so its graph quantizes that sum too (one more rounding: checked
     against graphopt's graph like the rest, compiler/core/engines.py)."""
-    import torch.nn.functional as F
-
+    from graphopt.compiler.core.pipeline import clone
+    from graphopt.compiler.int8.calibrate import collect
+    from graphopt.kernels.ops import OPS
     from graphopt.kernels.signatures import ConvAct, signature_of
-    from graphopt.passes.lib.query import constant_value
 
     names = {_replaced(n) for g in int8_graphs for n in summed(g)}
-    convs = {n for n in fp32_graph.graph.nodes if n.name in names and isinstance(signature_of(n), ConvAct)}
-    seen: dict[str, tuple[float, float]] = {}
-
-    class Observing(fx.Interpreter):
-        def run_node(self, n: fx.Node):
-            if n in convs:
-                c = signature_of(n)
-                x, w = self.env[c.x], constant_value(fp32_graph, c.weight)
-                b = constant_value(fp32_graph, c.bias) if c.bias is not None else None
-                if isinstance(x, torch.Tensor) and w is not None and (c.bias is None or b is not None):
-                    lo, hi = (float(v) for v in torch.aminmax(F.conv2d(x, w, b, c.stride, c.padding, c.dilation,
-                                                                       c.groups)))
-                    old = seen.get(n.name, (lo, hi))
-                    seen[n.name] = (min(old[0], lo), max(old[1], hi))
-            return super().run_node(n)
-    if convs:
-        with torch.no_grad():
-            for batch in batches:
-                Observing(fp32_graph).run(*batch)
-    return {k: v for k, v in seen.items() if all(map(math.isfinite, v))}
+    observed = clone(fp32_graph)
+    sums: dict[str, str] = {}  # the added node that computes a conv's own sum -> the conv's name
+    for n in list(observed.graph.nodes):
+        if n.name in names and isinstance(c := signature_of(n), ConvAct):
+            with observed.graph.inserting_after(n):  # (unread: calibration's observer records its range)
+                own = ConvAct(c.x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, "none", None)
+                sums[observed.graph.call_function(OPS[own.op], own.as_args()).name] = n.name
+    if not sums:
+        return {}
+    stats = collect(observed, batches, set(sums), "minmax")
+    return {sums[k]: (stats.lo[k], stats.hi[k]) for k in sums if k in stats.lo}
 
 
 def sums_of(int8_graph: fx.GraphModule, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, int]]:
