@@ -8,6 +8,9 @@ optimize(quantize="int8") on the CPU, with kernel libraries to measure (``engine
                       oneDNN's through PyTorch), where that differs from the first
     fp32              the optimized fp32 graph
 
+(a plan with no int8 layer left, every layer small or over the accuracy budget, is the fp32 module and is not
+raced under an int8 name; with no int8 plan left, the fp32 module runs without a race)
+
 each run by graphopt's kernels or a library, whichever measured faster for it (compiler/core/engines.py),
 times the modules interleaved and keeps the fastest int8 one, unless the fp32 module is faster: int8 never makes
 a model slower than its fp32 module without the user asking for it. ``opt.int8_report.plan`` says which ran and
@@ -30,7 +33,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
-from graphopt.compiler.core.pipeline import PassRecord
+from graphopt.compiler.core.pipeline import PassRecord, is_quantized
 
 SLOWER = "slower than fp32"  # how a layer's reason starts when the fp32 module runs
 
@@ -46,9 +49,17 @@ def fastest(build: Callable, fp32_graph: fx.GraphModule, own: tuple, again: Call
     graphs = {"int8": (graph, records, report)}
     if any((layer["reason"] or "").startswith("small") for layer in report.layers):
         graphs["int8 every layer"] = again()
+    # a plan with no int8 layer is the fp32 module under another name: it is raced once, as "fp32"
+    last = list(graphs.values())[-1]
+    graphs = {name: plan for name, plan in graphs.items() if is_quantized(plan[0])}
+    fp32 = build(fp32_graph, [], {})
+    if not graphs:
+        report = last[2]  # (the every-layer plan's where one was built: its reasons are not "small")
+        report.plan = f"fp32 in {fp32.engine} (no plan has an int8 layer: each layer's reason says why)"
+        fp32.report.append(PassRecord(f"int8 plan: {report.plan}", rewrites=1))
+        return fp32, report
     ranges = conv_sums(fp32_graph, batches, [g for g, _, _ in graphs.values()])
     plans = {name: (build(g, r, sums_of(g, ranges)), rep) for name, (g, r, rep) in graphs.items()}
-    fp32 = build(fp32_graph, [], {})
     modules = {name: module for name, (module, _) in plans.items()} | {"fp32": fp32}
     ms = race(modules, inputs)
     times = "; ".join(f"{name} {ms[name]:.3f} ms ({module.engine})" for name, module in modules.items())

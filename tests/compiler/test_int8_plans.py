@@ -77,6 +77,35 @@ def test_graphopts_int8_plan_alone_when_no_layer_is_small(monkeypatch):
     assert opt.engine == "graphopt" and opt.int8_report.plan.startswith("int8 in graphopt")
 
 
+def test_a_plan_with_no_int8_layer_is_raced_only_as_fp32(monkeypatch):
+    # every layer small for oneDNN: graphopt's own plan is the fp32 graph, and must not win under the name "int8"
+    monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 10**12)
+    model, x, calibration = _model("mlp_bn_gelu_layernorm")
+    asked = _times(monkeypatch, graphopt=1.0, onnxruntime=2.0, int8=0.1, int8_every_layer=3.0, fp32=1.0)
+    opt = optimize(model, (x,), quantize="int8", calibration=calibration, engines="onnxruntime", progress=False)
+    assert asked[-1] == {"int8 every layer", "fp32"}
+    report = opt.int8_report
+    assert not is_quantized(opt.portable) and report.plan.startswith("fp32 in graphopt")
+    assert all(not layer["int8"] for layer in report.layers)
+
+
+def test_with_no_int8_layer_in_any_plan_the_fp32_module_runs_unraced(monkeypatch):
+    model, x, calibration = _model("mlp_bn_gelu_layernorm")
+    layers = [layer["name"] for layer in optimize(model, (x,), quantize="int8", calibration=calibration,
+                                                  engines="graphopt", progress=False).int8_report.layers]
+    asked = _times(monkeypatch, graphopt=1.0, onnxruntime=2.0, int8=0.1, int8_every_layer=0.1, fp32=1.0)
+    opt = optimize(model, (x,), quantize="int8", calibration=calibration, engines="onnxruntime",
+                   fp32_layers=layers, progress=False)
+    assert {"int8", "fp32"} not in asked and all("int8 every layer" not in names for names in asked)
+    report = opt.int8_report
+    assert not is_quantized(opt.portable) and opt.engine == "graphopt"
+    assert report.plan == "fp32 in graphopt (no plan has an int8 layer: each layer's reason says why)"
+    assert opt.report[-1].name == f"int8 plan: {report.plan}"
+    assert layers and all(layer["reason"] == "asked: fp32_layers" for layer in report.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-4)
+
+
 def test_the_fp32_module_runs_when_every_int8_module_is_slower(monkeypatch, tmp_path):
     model, x, calibration = _model()
     _times(monkeypatch, graphopt=1.0, onnxruntime=2.0, int8=3.0, int8_every_layer=2.0, fp32=1.0)
