@@ -17,7 +17,7 @@ import copy
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -82,7 +82,12 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
     DequantizeLinear runs on every call: ``for_engine`` (a session graphopt runs, not a file for the user) gives
     those ops their dequantized weights as float constants instead (the same numbers, none of that cost), except
     a conv whose own sum ``sums`` quantizes ({name: (scale, zero point)}, compiler/int8/plans.py conv_sums):
-    int8 conv, QuantizeLinear, then the residual and the activation in float (QLinearConv, QLinearAdd)."""
+    int8 conv, QuantizeLinear, then the residual and the activation in float (QLinearConv, QLinearAdd); after a
+    relu / relu6 with no residual, its output instead (``quantized_after_act``: one QLinearConv), and a float-
+    output linear with no activation on 2-d inputs (a classifier), which keeps its int8 weights (QGemm, with the
+    int32 bias int8_weights gives it). A quantization after a flatten / reshape is also made before it (the same
+    values): a pooling between DequantizeLinear and QuantizeLinear then runs in int8 (QLinearGlobalAveragePool)."""
+    from graphopt.compiler.int8.plans import quantized_after_act
     from graphopt.kernels.ops import OPS
     from graphopt.kernels.reference import apply_act
     from graphopt.kernels.signatures import ConvAct, LinearAct, QConvAct, signature_of
@@ -90,6 +95,7 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
     from graphopt.passes.lib.rewrite import add_constant
 
     sums = sums or {}
+    gemms = {n for n in gm.graph.nodes if _gemm_with_float_output(signature_of(n))}  # (before the rewrites below)
 
     def fq(x, scale, zp):  # as uint8 (zero point + 128: the same grid), ONNX Runtime's fast form on x86
         return gm.graph.call_function(torch.fake_quantize_per_tensor_affine, (x, float(scale), int(zp) + 128, 0, 255))
@@ -98,6 +104,10 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
         if node.op != "call_function":
             continue
         if node.target is OPS["quantize"]:
+            source = node.args[0]
+            if _reshapes(source) and len(source.users) == 1:  # quantized before the reshape too (the same values):
+                with gm.graph.inserting_before(source):  # ONNX Runtime fuses DequantizeLinear -> pooling ->
+                    source.replace_input_with(source.args[0], fq(source.args[0], *node.args[1:]))  # QuantizeLinear
             with gm.graph.inserting_before(node):
                 node.replace_all_uses_with(fq(*node.args))
         elif node.target is OPS["dequantize"]:  # (a no-op on its grid: every reader sees DequantizeLinear)
@@ -110,7 +120,8 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
             shape = (-1,) + (1,) * (wq.dim() - 1)
             residual = getattr(q, "residual", None)
             split = for_engine and isinstance(q, QConvAct) and node.name in sums
-            float_weights = for_engine and not split and (q.out_scale is None or residual is not None)
+            float_weights = for_engine and not split and (q.out_scale is None or residual is not None) \
+                and node not in gemms
             with gm.graph.inserting_before(node):
                 wfq = gm.graph.get_attr(add_constant(gm, f"{w.target}_dq", wq.float() * scale.view(shape)))
                 if not float_weights:
@@ -123,11 +134,14 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
                 # into an int8 kernel only where the DequantizeLinear feeds the op directly (not across a Flatten)
                 x = fq(q.x, q.x_scale, q.x_zp)
                 if split:  # int8 conv, its sum quantized (QLinearConv), then the residual (QLinearAdd) and activation
-                    conv = ConvAct(x, wfq, q.bias, q.stride, q.padding, q.dilation, q.groups, "none", None)
+                    after = quantized_after_act(q)  # (or its output, after a relu / relu6: compiler/int8/plans.py)
+                    conv = ConvAct(x, wfq, q.bias, q.stride, q.padding, q.dilation, q.groups,
+                                   q.act if after else "none", None)
                     y = fq(gm.graph.call_function(OPS[conv.op], conv.as_args()), *sums[node.name])
                     if residual is not None:
                         y = gm.graph.call_function(torch.add, (y, residual))
-                    y = gm.graph.call_function(apply_act, (y, q.act))
+                    if not after:
+                        y = gm.graph.call_function(apply_act, (y, q.act))
                 elif isinstance(q, QConvAct):
                     fp32 = ConvAct(x, wfq, q.bias, q.stride, q.padding, q.dilation, q.groups, q.act, residual)
                     y = gm.graph.call_function(OPS[fp32.op], fp32.as_args())
@@ -144,17 +158,16 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
     gm.recompile()
 
 
-def _int8_initializers(proto) -> int:
-    """QuantizeLinear of a constant weight -> the int8 initializer it computes (what QDQ models carry)."""
-    import numpy as np
+def _known(proto) -> Callable[[str], Any]:
+    """name -> the numpy value of a tensor known before run time (an initializer, a Constant, or an Identity /
+    Cast of one), or None."""
     import onnx
     from onnx import numpy_helper
 
     init = {t.name: t for t in proto.graph.initializer}
-    producers = {n.output[0]: n for n in proto.graph.node if n.output}
+    producers = {o: n for n in proto.graph.node for o in n.output}
 
     def value(name):
-        """A tensor known before run time: an initializer, a Constant, or an Identity / Cast of one."""
         if name in init:
             return numpy_helper.to_array(init[name])
         node = producers.get(name)
@@ -167,7 +180,36 @@ def _int8_initializers(proto) -> int:
             return None if source is None else source.astype(
                 onnx.helper.tensor_dtype_to_np_dtype(next(a.i for a in node.attribute if a.name == "to")))
         return None
+    return value
 
+
+def _reshapes(node) -> bool:
+    """Is ``node`` a flatten / reshape / view (values unchanged, only the shape)?"""
+    return isinstance(node, torch.fx.Node) and (
+        (node.op == "call_function" and node.target in (torch.flatten, torch.reshape))
+        or (node.op == "call_method" and node.target in ("flatten", "reshape", "view")))
+
+
+def _gemm_with_float_output(q) -> bool:
+    """An int8 linear on 2-d inputs whose output stays float, with no activation (a classifier): it exports as a
+    Gemm, which ONNX Runtime runs as one int8 kernel with a float output once its bias is int32 too
+    (_int32_biases); so its weights stay int8. (With a Relu after it and no QuantizeLinear, ONNX Runtime fuses
+    nothing: its weights stay float.)"""
+    from graphopt.kernels.signatures import QLinearAct
+    from graphopt.passes.lib.query import tensor_meta
+
+    if not isinstance(q, QLinearAct) or q.out_scale is not None or q.act != "none":
+        return False
+    meta = tensor_meta(q.x)
+    return meta is not None and len(getattr(meta, "shape", ())) == 2
+
+
+def _int8_initializers(proto) -> int:
+    """QuantizeLinear of a constant weight -> the int8 initializer it computes (what QDQ models carry)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    value = _known(proto)
     done = 0
     for node in [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]:
         w, scale, zp = (value(i) for i in node.input[:3])
@@ -187,12 +229,54 @@ def _int8_initializers(proto) -> int:
     return done
 
 
+def _int32_biases(proto) -> int:
+    """Gemm(DequantizeLinear(x), DequantizeLinear(w), float bias) -> the bias as DequantizeLinear of an int32
+    initializer on scale x_scale * w_scale, zero point 0 (the QDQ form of a bias). ONNX Runtime runs a Gemm with
+    every input dequantized as one int8 kernel even where no QuantizeLinear follows (QGemm with a float output);
+    with a float bias it dequantizes the weights on every call and runs a float Gemm (a classifier 1280 -> 1000:
+    0.38 ms against 0.17). The bias moves by at most half a step of x_scale * w_scale, well under the int8
+    product's own rounding (checked against graphopt's int8 graph like the rest: compiler/core/engines.py)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    value = _known(proto)
+    init = {t.name for t in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    done = 0
+    for gemm in [n for n in proto.graph.node if n.op_type == "Gemm" and len(n.input) == 3 and n.input[2] in init]:
+        x, w = producers.get(gemm.input[0]), producers.get(gemm.input[1])
+        attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
+        if (x is None or w is None or x.op_type != "DequantizeLinear" or w.op_type != "DequantizeLinear"
+                or attrs.get("transA", 0) != 0 or attrs.get("transB", 0) != 1
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            continue
+        bias, x_scale, w_scale = value(gemm.input[2]), value(x.input[1]), value(w.input[1])
+        if bias is None or x_scale is None or w_scale is None or bias.ndim != 1 or x_scale.size != 1 \
+                or w_scale.size not in (1, bias.size):
+            continue
+        scale = np.broadcast_to(np.float32(x_scale.reshape(())) * w_scale.astype(np.float32).reshape(-1), bias.shape)
+        steps = np.rint(bias.astype(np.float64) / scale)
+        if not (np.all(scale > 0) and np.all(np.abs(steps) < 2 ** 31 - 1)):
+            continue
+        name = gemm.input[2] + "_int32"
+        proto.graph.initializer.extend([numpy_helper.from_array(steps.astype(np.int32), name),
+                                        numpy_helper.from_array(np.ascontiguousarray(scale), name + "_scale"),
+                                        numpy_helper.from_array(np.zeros(bias.size, np.int32), name + "_zp")])
+        dq = helper.make_node("DequantizeLinear", [name, name + "_scale", name + "_zp"], [name + "_dq"], axis=0)
+        proto.graph.node.insert(list(proto.graph.node).index(gemm), dq)
+        gemm.input[2] = name + "_dq"
+        done += 1
+    return done
+
+
 def int8_weights(model: bytes) -> bytes:
-    """An exported int8 model with its weights stored as int8 (_int8_initializers), serialized again."""
+    """An exported int8 model for a library's session: its weights stored as int8 (_int8_initializers) and the
+    biases of its int8 Gemms as int32 (_int32_biases), serialized again."""
     import onnx
 
     proto = onnx.load_from_string(model)
     _int8_initializers(proto)
+    _int32_biases(proto)
     read = {name for node in proto.graph.node for name in node.input}
     for unread in [t for t in proto.graph.initializer if t.name not in read]:  # (the float weights quantized)
         proto.graph.initializer.remove(unread)

@@ -19,9 +19,10 @@ the times; when fp32 runs, every layer's reason says why. ``engines="graphopt"``
 A library's int8 conv cannot add a residual in fp32 inside the op as graphopt's does, nor write a float output
 (ONNX Runtime fuses DequantizeLinear -> Conv only with a QuantizeLinear after it), so its graph also quantizes
 each such conv's own sum (QLinearConv, then QLinearAdd or the float ops after it), on a range calibrated here
-(``conv_sums``); the (scale, zero point) of each is ``opt.int8_sums``, saved with the engine plan and validated
-on load. (MobileNetV2's last 1x1 conv, before the pooling, ran as a float conv in ONNX Runtime: 0.46 ms of a
-3.8 ms int8 call.)
+(``conv_sums``; a float output after a relu / relu6 is quantized after it: ``quantized_after_act``); the
+(scale, zero point) of each is ``opt.int8_sums``, saved with the engine plan and validated on load.
+(MobileNetV2's last 1x1 conv, before the pooling, ran as a float conv in ONNX Runtime: 0.46 ms of a 3.8 ms
+int8 call; then as QLinearConv with its relu6, the pooling and the classifier in float: 0.4 ms; now all int8.)
 """
 
 from __future__ import annotations
@@ -75,6 +76,14 @@ def fastest(build: Callable, fp32_graph: fx.GraphModule, own: tuple, again: Call
     return opt, chosen
 
 
+def quantized_after_act(q) -> bool:
+    """Does a library's graph quantize this summed conv (``summed``) after its activation rather than before?
+    Yes for a float output with no residual and a relu / relu6: ONNX Runtime drops a Relu / Clip between a Conv and
+    a QuantizeLinear whose range it makes redundant, so the conv, its activation and the quantization run as one
+    QLinearConv, and what reads it (a pooling) gets an int8 input (QLinearGlobalAveragePool)."""
+    return q.residual is None and q.out_scale is None and q.act in ("relu", "relu6")
+
+
 def summed(int8_graph: fx.GraphModule) -> list[fx.Node]:
     """The int8 convolutions whose own sum a library's graph quantizes: those with a residual added inside them,
     and those with a float output."""
@@ -91,7 +100,8 @@ def _replaced(node: fx.Node) -> str:
 
 def conv_sums(fp32_graph: fx.GraphModule, batches: list[tuple], int8_graphs: list[fx.GraphModule]
               ) -> dict[str, tuple[float, float]]:
-    """{fp32 node name: (lo, hi)} of the convolution's own sum (before its residual and activation), over
+    """{fp32 node name: (lo, hi)} of the convolution's own sum (before its residual and activation; after a
+    relu / relu6 where ``quantized_after_act``), over
     ``batches`` (min / max, by calibration's own observer: compiler/int8/calibrate.py), of every conv of
     ``fp32_graph`` that an int8 conv of ``int8_graphs`` in ``summed`` replaced.
 
@@ -105,12 +115,14 @@ def conv_sums(fp32_graph: fx.GraphModule, batches: list[tuple], int8_graphs: lis
     from graphopt.kernels.signatures import ConvAct, signature_of
 
     names = {_replaced(n) for g in int8_graphs for n in summed(g)}
+    after = {_replaced(n) for g in int8_graphs for n in summed(g) if quantized_after_act(signature_of(n))}
     observed = clone(fp32_graph)
     sums: dict[str, str] = {}  # the added node that computes a conv's own sum -> the conv's name
     for n in list(observed.graph.nodes):
         if n.name in names and isinstance(c := signature_of(n), ConvAct):
             with observed.graph.inserting_after(n):  # (unread: calibration's observer records its range)
-                own = ConvAct(c.x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, "none", None)
+                act = c.act if n.name in after else "none"
+                own = ConvAct(c.x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups, act, None)
                 sums[observed.graph.call_function(OPS[own.op], own.as_args()).name] = n.name
     if not sums:
         return {}

@@ -204,8 +204,11 @@ class _Pooled(torch.nn.Module):
         return self.head(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(y, 1), 1))
 
 
-def test_a_conv_with_a_float_output_runs_as_an_int8_conv_in_onnxruntime(monkeypatch, tmp_path):
-    """Its own sum quantized (conv_sums), ONNX Runtime fuses it into QLinearConv; without, it ran as a float Conv."""
+def test_a_float_output_conv_the_pooling_and_the_classifier_run_int8_in_onnxruntime(monkeypatch, tmp_path):
+    """The conv's output quantized after its relu (conv_sums, quantized_after_act): ONNX Runtime fuses it into
+    QLinearConv and the pooling into QLinearGlobalAveragePool (the quantization of the classifier's input is moved
+    before the flatten); the classifier, float output, int32 bias, runs as QGemm. Without the conv's quantization
+    it ran as a float Conv; with a float bias the classifier ran as a float Gemm."""
     import onnx
     import onnxruntime as ort
 
@@ -225,14 +228,20 @@ def test_a_conv_with_a_float_output_runs_as_an_int8_conv_in_onnxruntime(monkeypa
         options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
         ort.InferenceSession(engines.onnx_model(opt, (x,)), options, providers=["CPUExecutionProvider"])
         return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
-    assert "Conv" not in ops() and ops().count("QLinearConv") == 2
+    run = ops()
+    assert "Conv" not in run and run.count("QLinearConv") == 2
+    assert "QLinearGlobalAveragePool" in run and "QGemm" in run
+    assert not {"Gemm", "GlobalAveragePool", "Relu", "DequantizeLinear"} & set(run)
     with torch.no_grad():
         assert sqnr(opt.graph_module(x), opt(x)) >= engines.INT8_AGREE_DB
+        assert sqnr(model(x), opt(x)) >= 25.0
     sums, opt.int8_sums = opt.int8_sums, {}
     assert ops().count("Conv") == 1  # (without its sum: the float conv, float weights)
     opt.int8_sums = sums
     back = load(opt.save(tmp_path / "m"))  # the loader takes a float-output conv's sum
     assert back.engine == "onnxruntime" and back.int8_sums == opt.int8_sums
+    with torch.no_grad():
+        assert torch.equal(back(x), opt(x))  # the same graph rebuilt from the saved plan
 
 
 def test_the_library_graph_quantizes_each_residual_sum_before_an_int8_add(monkeypatch):

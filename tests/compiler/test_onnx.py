@@ -103,3 +103,70 @@ def test_export_leaves_a_train_mode_model_as_it_was(tmp_path):
     assert {name: m.training for name, m in model.named_modules()} == modes and model.training
     for k, v in model.state_dict().items():  # weights and BN statistics alike
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+
+
+def _gemm_model(x_dequantized: bool = True, trans_b: int = 1):
+    """x [1, 16] -> Gemm(x, DequantizeLinear(int8 w, per channel), float bias) -> y [1, 5], as ONNX."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (5, 16)).astype(np.int8)
+    inits = [numpy_helper.from_array(w if trans_b else w.T.copy(), "w"),
+             numpy_helper.from_array(rng.uniform(0.01, 0.02, 5).astype(np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros(5, np.int8), "w_zp"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "x_scale"),
+             numpy_helper.from_array(np.array(128, np.uint8), "x_zp"),
+             numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "bias")]
+    nodes = [helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zp"], ["wd"], axis=0 if trans_b else 1)]
+    if x_dequantized:
+        nodes += [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"]),
+                  helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"])]
+    nodes.append(helper.make_node("Gemm", ["xd" if x_dequantized else "x", "wd", "bias"], ["y"], transB=trans_b))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(proto, x, tmp_path):
+    """(y, the op types ONNX Runtime runs after its fusions)."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    y = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    return y, [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
+
+def test_an_int8_gemms_bias_becomes_int32_and_onnxruntime_runs_one_int8_kernel(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from graphopt.compiler.deploy.onnx import _int32_biases
+
+    x = torch.randn(1, 16)
+    proto = _gemm_model()
+    want, before = _run(proto, x, tmp_path)
+    assert "Gemm" in before and "QGemm" not in before  # (a float bias: the weights dequantized on every call)
+    assert _int32_biases(proto) == 1
+    dq = next(n for n in proto.graph.node if n.output[0] == proto.graph.node[-1].input[2])
+    values = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert dq.op_type == "DequantizeLinear" and values[dq.input[0]].dtype.name == "int32"
+    torch.testing.assert_close(torch.tensor(values[dq.input[1]]), torch.tensor(values["w_scale"]) * 0.05)  # x * w
+    onnx.checker.check_model(proto)
+    got, after = _run(proto, x, tmp_path)
+    assert "QGemm" in after and "Gemm" not in after and "DequantizeLinear" not in after
+    step = float((torch.tensor(values["w_scale"]) * 0.05).max())
+    torch.testing.assert_close(got, want, rtol=0.0, atol=step)  # the bias moved by under half a step; rounding
+    assert _int32_biases(proto) == 0  # idempotent: the bias is no float initializer any more
+
+
+@pytest.mark.parametrize("case", ["float input", "transposed weight"])
+def test_a_gemm_that_is_not_int8_keeps_its_float_bias(case, tmp_path):
+    from graphopt.compiler.deploy.onnx import _int32_biases
+
+    proto = _gemm_model(x_dequantized=case != "float input", trans_b=0 if case == "transposed weight" else 1)
+    assert _int32_biases(proto) == 0
+    assert proto.graph.node[-1].input[2] == "bias"
