@@ -87,7 +87,6 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
     output linear with no activation on 2-d inputs (a classifier), which keeps its int8 weights (QGemm, with the
     int32 bias int8_weights gives it). A quantization after a flatten / reshape is also made before it (the same
     values): a pooling between DequantizeLinear and QuantizeLinear then runs in int8 (QLinearGlobalAveragePool)."""
-    from graphopt.compiler.int8.plans import quantized_after_act
     from graphopt.kernels.ops import OPS
     from graphopt.kernels.reference import apply_act
     from graphopt.kernels.signatures import ConvAct, LinearAct, QConvAct, signature_of
@@ -134,7 +133,7 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
                 # into an int8 kernel only where the DequantizeLinear feeds the op directly (not across a Flatten)
                 x = fq(q.x, q.x_scale, q.x_zp)
                 if split:  # int8 conv, its sum quantized (QLinearConv), then the residual (QLinearAdd) and activation
-                    after = quantized_after_act(q)  # (or its output, after a relu / relu6: compiler/int8/plans.py)
+                    after = quantized_after_act(q)  # (or its output, after a relu / relu6)
                     conv = ConvAct(x, wfq, q.bias, q.stride, q.padding, q.dilation, q.groups,
                                    q.act if after else "none", None)
                     y = fq(gm.graph.call_function(OPS[conv.op], conv.as_args()), *sums[node.name])
@@ -181,6 +180,15 @@ def _known(proto) -> Callable[[str], Any]:
                 onnx.helper.tensor_dtype_to_np_dtype(next(a.i for a in node.attribute if a.name == "to")))
         return None
     return value
+
+
+def quantized_after_act(q) -> bool:
+    """Does a library's graph quantize this summed conv (compiler/int8/plans.py ``summed``) after its activation
+    rather than before? Yes for a float output with no residual and a relu / relu6: ONNX Runtime drops a Relu /
+    Clip between a Conv and a QuantizeLinear whose range it makes redundant, so the conv, its activation and the
+    quantization run as one QLinearConv, and what reads it (a pooling) gets an int8 input (QLinearGlobalAveragePool).
+    (``conv_sums`` observes the range of what is quantized here.)"""
+    return q.residual is None and q.out_scale is None and q.act in ("relu", "relu6")
 
 
 def _reshapes(node) -> bool:
@@ -270,8 +278,8 @@ def _int32_biases(proto) -> int:
 
 
 def int8_weights(model: bytes) -> bytes:
-    """An exported int8 model for a library's session: its weights stored as int8 (_int8_initializers) and the
-    biases of its int8 Gemms as int32 (_int32_biases), serialized again."""
+    """An exported int8 model (for a library's session, or the user's file) with its weights stored as int8
+    (_int8_initializers) and the biases of its int8 Gemms as int32 (_int32_biases), serialized again."""
     import onnx
 
     proto = onnx.load_from_string(model)
@@ -346,8 +354,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, simplif
     path = Path(path)
     names = write_onnx(module, inputs, str(path), dynamic_batch=dynamic_batch, opset=opset)
     proto = onnx.load(str(path))
-    if quantized:
-        _int8_initializers(proto)
+    if quantized:  # int8 weights, int32 biases: the QDQ form ONNX Runtime runs as int8 kernels
+        proto = onnx.load_from_string(int8_weights(proto.SerializeToString()))
         onnx.save(proto, str(path))
     before = Counter(n.op_type for n in proto.graph.node)
     if simplify:

@@ -19,8 +19,9 @@ the times; when fp32 runs, every layer's reason says why. ``engines="graphopt"``
 A library's int8 conv cannot add a residual in fp32 inside the op as graphopt's does, nor write a float output
 (ONNX Runtime fuses DequantizeLinear -> Conv only with a QuantizeLinear after it), so its graph also quantizes
 each such conv's own sum (QLinearConv, then QLinearAdd or the float ops after it), on a range calibrated here
-(``conv_sums``; a float output after a relu / relu6 is quantized after it: ``quantized_after_act``); the
-(scale, zero point) of each is ``opt.int8_sums``, saved with the engine plan and validated on load.
+(``conv_sums``; a float output after a relu / relu6 is quantized after it: compiler/deploy/onnx.py
+``quantized_after_act``); the (scale, zero point) of each is ``opt.int8_sums``, saved with the engine plan and
+validated on load.
 (MobileNetV2's last 1x1 conv, before the pooling, ran as a float conv in ONNX Runtime: 0.46 ms of a 3.8 ms
 int8 call; then as QLinearConv with its relu6, the pooling and the classifier in float: 0.4 ms; now all int8.)
 """
@@ -76,14 +77,6 @@ def fastest(build: Callable, fp32_graph: fx.GraphModule, own: tuple, again: Call
     return opt, chosen
 
 
-def quantized_after_act(q) -> bool:
-    """Does a library's graph quantize this summed conv (``summed``) after its activation rather than before?
-    Yes for a float output with no residual and a relu / relu6: ONNX Runtime drops a Relu / Clip between a Conv and
-    a QuantizeLinear whose range it makes redundant, so the conv, its activation and the quantization run as one
-    QLinearConv, and what reads it (a pooling) gets an int8 input (QLinearGlobalAveragePool)."""
-    return q.residual is None and q.out_scale is None and q.act in ("relu", "relu6")
-
-
 def summed(int8_graph: fx.GraphModule) -> list[fx.Node]:
     """The int8 convolutions whose own sum a library's graph quantizes: those with a residual added inside them,
     and those with a float output."""
@@ -110,6 +103,7 @@ def conv_sums(fp32_graph: fx.GraphModule, batches: list[tuple], int8_graphs: lis
     or the float ops after a DequantizeLinear, so its graph quantizes that sum too (one more rounding: checked
     against graphopt's graph like the rest, compiler/core/engines.py)."""
     from graphopt.compiler.core.pipeline import clone
+    from graphopt.compiler.deploy.onnx import quantized_after_act
     from graphopt.compiler.int8.calibrate import collect
     from graphopt.kernels.ops import OPS
     from graphopt.kernels.signatures import ConvAct, signature_of

@@ -84,7 +84,11 @@ def test_int8_exports_as_qdq_with_int8_weights(name, tmp_path, monkeypatch):
     assert len(int8) == layers  # every int8 weight is stored as int8 (4x smaller), read through DequantizeLinear
     assert all(n.input[0] not in {t.name for t in proto.graph.initializer} for n in proto.graph.node
                if n.op_type == "QuantizeLinear")  # no weight is quantized at run time
-    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    runs = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "QGemm" in runs and "Gemm" not in runs  # every int8 linear, the classifier too (int32 bias), in int8
     for n in (2, 5):
         x = inputs(n)
         got = torch.from_numpy(session.run(None, {"input_0": x.numpy()})[0])
