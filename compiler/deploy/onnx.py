@@ -86,7 +86,9 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
     relu / relu6 with no residual, its output instead (``quantized_after_act``: one QLinearConv), and a float-
     output linear with no activation on 2-d inputs (a classifier), which keeps its int8 weights (QGemm, with the
     int32 bias int8_weights gives it). A quantization after a flatten / reshape is also made before it (the same
-    values): a pooling between DequantizeLinear and QuantizeLinear then runs in int8 (QLinearGlobalAveragePool)."""
+    values): a pooling between DequantizeLinear and QuantizeLinear then runs in int8 (QLinearGlobalAveragePool).
+    The user's file gets the same ``sums`` (a module that runs in a library has them) and int8 weights throughout.
+    """
     from graphopt.kernels.ops import OPS
     from graphopt.kernels.reference import apply_act
     from graphopt.kernels.signatures import ConvAct, LinearAct, QConvAct, signature_of
@@ -118,7 +120,7 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
             wq, scale = constant_value(gm, w), constant_value(gm, q.w_scale)
             shape = (-1,) + (1,) * (wq.dim() - 1)
             residual = getattr(q, "residual", None)
-            split = for_engine and isinstance(q, QConvAct) and node.name in sums
+            split = isinstance(q, QConvAct) and node.name in sums  # (in the user's file too: what the library ran)
             float_weights = for_engine and not split and (q.out_scale is None or residual is not None) \
                 and node not in gemms
             with gm.graph.inserting_before(node):

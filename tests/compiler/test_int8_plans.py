@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from graphopt import load, optimize
+from graphopt import export_onnx, load, optimize
 from graphopt.compiler.core import engines
 from graphopt.compiler.core.pipeline import is_quantized
 from graphopt.compiler.core.verify import sqnr
@@ -235,6 +235,14 @@ def test_a_float_output_conv_the_pooling_and_the_classifier_run_int8_in_onnxrunt
     with torch.no_grad():
         assert sqnr(opt.graph_module(x), opt(x)) >= engines.INT8_AGREE_DB
         assert sqnr(model(x), opt(x)) >= 25.0
+    exported = tmp_path / "q.onnx"  # the user's file runs what the library ran
+    export_onnx(opt, (x,), exported)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "exported.onnx")
+    ort.InferenceSession(str(exported), options, providers=["CPUExecutionProvider"])
+    in_file = [n.op_type for n in onnx.load(str(tmp_path / "exported.onnx")).graph.node]
+    assert in_file.count("QLinearConv") == 2 and "QLinearGlobalAveragePool" in in_file and "QGemm" in in_file
+    assert not {"Conv", "Gemm", "GlobalAveragePool", "Relu"} & set(in_file)
     sums, opt.int8_sums = opt.int8_sums, {}
     assert ops().count("Conv") == 1  # (without its sum: the float conv, float weights)
     opt.int8_sums = sums
