@@ -108,8 +108,9 @@ def conv_sums(fp32_graph: fx.GraphModule, batches: list[tuple], int8_graphs: lis
     from graphopt.kernels.ops import OPS
     from graphopt.kernels.signatures import ConvAct, signature_of
 
-    names = {_replaced(n) for g in int8_graphs for n in summed(g)}
-    after = {_replaced(n) for g in int8_graphs for n in summed(g) if quantized_after_act(signature_of(n))}
+    convs = [n for g in int8_graphs for n in summed(g)]
+    names = {_replaced(n) for n in convs}
+    after = {_replaced(n) for n in convs if quantized_after_act(signature_of(n))}
     observed = clone(fp32_graph)
     sums: dict[str, str] = {}  # the added node that computes a conv's own sum -> the conv's name
     for n in list(observed.graph.nodes):
