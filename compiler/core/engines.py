@@ -12,12 +12,13 @@ Guarantees kept:
 - NaN / inf as eager: another library's relu may map NaN to a number, so the engine's answer is taken
   only on calls whose inputs provably make no NaN or inf (compiler/core/finite_range.py: finite, max |x|
   under the graph's limit); any other call runs graphopt's own graph, which keeps eager's semantics. The
-  exported graph computes max |x| of each input as an extra output, checked after the run (in the
-  library, the check costs less than a numpy or torch reduction before it: ConvNet b1, 0.33 ms in
-  all, paid 20-40 us for one). Where the bound grows past float32's range inside the graph (deep
-  networks: EfficientNet-B0), a few intermediate values get limits of their own (``checked_limits``),
-  returned and checked the same way; a call where one is not within its limit (NaN is not) is run
-  again on graphopt's graph. A graph the bound analysis cannot cover never uses an engine.
+  exported graph computes max |x| of each input as an extra output (sum |x|, one read, where the limit
+  leaves room for it: SUM_CHECK_MEAN), checked after the run (in the library, the check costs less than a
+  numpy or torch reduction before it: ConvNet b1, 0.33 ms in all, paid 20-40 us for one). Where the
+  bound grows past float32's range inside the graph (deep networks: EfficientNet-B0), a few intermediate
+  values get limits of their own (``checked_limits``), returned and checked the same way; a call where
+  one is not within its limit (NaN is not) is run again on graphopt's graph. A graph the bound analysis
+  cannot cover never uses an engine.
 - int8 graphs export in ONNX's QDQ form (compiler/deploy/onnx.py), which the libraries run as int8 kernels;
   they round a requantization their own way, so their outputs are checked against graphopt's int8 graph by
   SQNR (``int8_disagreement``, INT8_AGREE_DB), not bits. No NaN guard: graphopt's own int8 kernels do not keep
@@ -43,12 +44,12 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import math
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
-import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -62,6 +63,11 @@ TIMING_BUDGET_S = 1.5  # measuring stops after about this long (at least MIN_SAM
 ROUNDS, MIN_SAMPLES, MAX_SAMPLES, WARMUP = 5, 5, 200, 5  # (a session's first calls set up its memory)
 SETTLE_MS = 50.0  # each candidate's block starts with this long of untimed calls (compiler/workflow/timing.py)
 PROBE_SEED = 0  # load()'s check of a rebuilt session runs on this seeded input
+# An input whose limit is at least this many times its number of elements is checked by sum |x| <= limit (one
+# read, one ONNX node: ReduceL1) instead of max |x| <= limit (three reads, seven nodes): sum |x| >= max |x|, so
+# a call it passes is within the limit, and it turns away only inputs whose mean |x| is past this (graphopt's
+# graph runs those). The ConvNet b1's check: 7.6% of its call in ONNX Runtime as max |x|, 0.3% as sum |x|.
+SUM_CHECK_MEAN = 2.0 ** 20
 
 
 def installed(name: str) -> bool:
@@ -86,16 +92,17 @@ def resolve_engines(engines: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(e for e in ENGINES if e in names)
 
 
-def onnx_model(module: torch.nn.Module, inputs: tuple, checks: Sequence[str] = ()) -> bytes:
+def onnx_model(module: torch.nn.Module, inputs: tuple, checks: Sequence[str] = (), by_sum: Collection[str] = ()
+               ) -> bytes:
     """The optimized graph as ONNX, at the example's shapes (the engine runs only there), returning max |v| of
-    each value named in ``checks`` after its own outputs."""
+    each value named in ``checks`` (sum |v| of those in ``by_sum``) after its own outputs."""
     from graphopt.compiler.core.capture import locked_tracing
     from graphopt.compiler.core.pipeline import is_quantized
     from graphopt.compiler.deploy.onnx import exportable, int8_weights, write_onnx
 
     buffer = io.BytesIO()
     with locked_tracing():  # (the exporter traces: one at a time, like every trace)
-        write_onnx(exportable(module, checks, for_engine=True), inputs, buffer, dynamic_batch=False)
+        write_onnx(exportable(module, checks, for_engine=True, by_sum=by_sum), inputs, buffer, dynamic_batch=False)
     return int8_weights(buffer.getvalue()) if is_quantized(module.portable) else buffer.getvalue()
 
 
@@ -120,19 +127,37 @@ def _outputs(spec: Any, limits: Sequence[float]) -> Callable[[list], Any]:
     return convert
 
 
-def _array(t: torch.Tensor) -> np.ndarray:
-    """A tensor's numpy view, without a torch op where none is needed: any torch op between two library runs
-    cost 20-30 us more than it takes alone (measured on a 0.3 ms ConvNet in ONNX Runtime)."""
-    if t.requires_grad or not t.is_contiguous():
-        t = t.detach().contiguous()
-    return t.numpy()
+def _arrays(shapes: Sequence[tuple]) -> Callable[[tuple], list | None]:
+    """A call's inputs as numpy views, or None where the call is not the library's: anything but float32 CPU
+    tensors of exactly the measured ``shapes``, or an input that wants grad while grad mode is on (graphopt's own
+    path then runs it, or says what is wrong with it). This check and the views are all the Python a library's
+    call adds (about 3 us); every step here is paid again after each run of the library's spinning thread pool.
+    (No torch op: any torch op between two library runs cost 20-30 us more than it takes alone, measured on a
+    0.3 ms ConvNet in ONNX Runtime.)"""
+    sizes = [torch.Size(shape) for shape in shapes]
+
+    def arrays(args: tuple) -> list | None:
+        if len(args) != len(sizes):
+            return None
+        out = []
+        for x, size in zip(args, sizes):
+            if type(x) is not torch.Tensor or x.shape != size or x.dtype is not torch.float32 or not x.is_cpu:
+                return None
+            if x.requires_grad:
+                if torch.is_grad_enabled():
+                    return None
+                x = x.detach()
+            out.append((x if x.is_contiguous() else x.contiguous()).numpy())
+        return out
+    return arrays
 
 
 def _threads(threads: str) -> int:
     return 1 if threads == "1" else torch.get_num_threads()
 
 
-def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float]) -> Callable:
+def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float], shapes: Sequence[tuple]
+                 ) -> Callable:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -140,18 +165,34 @@ def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float])
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     names, wanted = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
-    outputs = _outputs(spec, limits)
+    arrays, outputs = _arrays(shapes), _outputs(spec, limits)
     # the session's compiled run, without the Python wrapper's per-call checks of what this function builds
     # itself (3 us of a 0.03 ms MLP, measured); the wrapper's where a version has no such attribute. (A version
     # whose compiled run takes other arguments fails the first call, in optimize() or load(): graphopt runs.)
     call = getattr(getattr(session, "_sess", None), "run", None) or session.run
 
     def run(*args: torch.Tensor) -> Any:
-        return outputs(call(wanted, {n: _array(a) for n, a in zip(names, args)}, None))
-    return run
+        feed = arrays(args)
+        return None if feed is None else outputs(call(wanted, dict(zip(names, feed)), None))
+    if len(names) != 1 or not spec.is_leaf() or len(limits) > 1:
+        return run
+    # The usual call (one tensor in, one out, at most one range check) in a single Python frame, ``run`` for
+    # anything else. Python right after a run of the session is several times slower than alone (its caches
+    # cold, the pool spinning): each frame less was 3-4% of a 0.27 ms ConvNet, measured interleaved.
+    (name,), size, bound = names, torch.Size(shapes[0]), float(limits[0]) if limits else math.inf
+
+    def run_one(*args: torch.Tensor) -> Any:
+        if len(args) == 1:
+            x = args[0]
+            if (type(x) is torch.Tensor and x.shape == size and x.dtype is torch.float32 and x.is_cpu
+                    and not x.requires_grad and x.is_contiguous()):
+                got = call(wanted, {name: x.numpy()}, None)
+                return torch.from_numpy(got[0]) if len(got) == 1 or float(got[1]) <= bound else None
+        return run(*args)
+    return run_one
 
 
-def _openvino(model: bytes, spec: Any, threads: str, limits: Sequence[float]) -> Callable:
+def _openvino(model: bytes, spec: Any, threads: str, limits: Sequence[float], shapes: Sequence[tuple]) -> Callable:
     import openvino as ov
 
     core = ov.Core()
@@ -159,13 +200,16 @@ def _openvino(model: bytes, spec: Any, threads: str, limits: Sequence[float]) ->
               "INFERENCE_NUM_THREADS": _threads(threads)}
     compiled = core.compile_model(core.read_model(model), "CPU", config)
     local = threading.local()  # an infer request serves one call at a time: one per thread
-    outputs = _outputs(spec, limits)
+    arrays, outputs = _arrays(shapes), _outputs(spec, limits)
 
     def run(*args: torch.Tensor) -> Any:
+        feed = arrays(args)
+        if feed is None:
+            return None
         request = getattr(local, "request", None)
         if request is None:
             request = local.request = compiled.create_infer_request()
-        results = request.infer([_array(a) for a in args], share_outputs=False)
+        results = request.infer(feed, share_outputs=False)
         return outputs([results[o] for o in compiled.outputs])
     return run
 
@@ -173,10 +217,12 @@ def _openvino(model: bytes, spec: Any, threads: str, limits: Sequence[float]) ->
 _BUILDERS = {"onnxruntime": _onnxruntime, "openvino": _openvino}
 
 
-def build(name: str, model: bytes, spec: Any, threads: str = "torch", limits: Sequence[float] = ()) -> Callable:
-    """``name``'s session over ``model`` as a function of tensors: the graph's outputs, or None where one of the
-    checked values (``limits``, in the order of the model's extra outputs) is not within its limit."""
-    return _BUILDERS[name](model, spec, threads, limits)
+def build(name: str, model: bytes, spec: Any, shapes: Sequence[tuple], threads: str = "torch",
+          limits: Sequence[float] = ()) -> Callable:
+    """``name``'s session over ``model`` (exported at input ``shapes``) as a function of tensors: the graph's
+    outputs, or None where the call is not the library's (``_arrays``) or one of the checked values (``limits``,
+    in the order of the model's extra outputs) is not within its limit."""
+    return _BUILDERS[name](model, spec, threads, limits, shapes)
 
 
 def label(name: str, threads: str) -> str:
@@ -282,13 +328,14 @@ def saved_guard(portable: torch.fx.GraphModule, saved: dict | None) -> Guard:
     return saved["inputs"], dict(saved["checks"]), None
 
 
-def _checked(opt: torch.nn.Module, plan: EnginePlan) -> tuple[list[str], list[float]]:
-    """The values the library's run returns max |v| of, and their limits: every input, then plan.checks (none
-    unguarded)."""
+def _checked(opt: torch.nn.Module, plan: EnginePlan) -> tuple[list[str], list[float], set[str]]:
+    """The values the library's run returns a bound of, their limits (every input, then plan.checks; none
+    unguarded), and the inputs checked by ``sum |x|`` (SUM_CHECK_MEAN) instead of ``max |x|``."""
     if plan.limit is None:
-        return [], []
+        return [], [], set()
     inputs = [n.name for n in opt.portable.graph.nodes if n.op == "placeholder"]
-    return inputs + list(plan.checks), [plan.limit] * len(inputs) + list(plan.checks.values())
+    by_sum = {name for name, shape in zip(inputs, plan.shapes) if plan.limit >= SUM_CHECK_MEAN * math.prod(shape)}
+    return inputs + list(plan.checks), [plan.limit] * len(inputs) + list(plan.checks.values()), by_sum
 
 
 def _plan(opt: torch.nn.Module, inputs: tuple, guarding: Callable[[], Guard] | None
@@ -321,9 +368,9 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
     if reason is not None:
         plan.reasons = {name: reason for name in names}
         return plan, None
-    checked, limits = _checked(opt, plan)
+    checked, limits, by_sum = _checked(opt, plan)
     try:
-        model = onnx_model(opt, fresh(inputs), checked)
+        model = onnx_model(opt, fresh(inputs), checked, by_sum)
     except Exception as e:  # an op the exporter cannot write: graphopt runs it
         plan.reasons = {name: f"the ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
                         for name in names}
@@ -334,7 +381,7 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
 
     def add(name: str, threads: str) -> None:
         try:
-            runner = build(name, model, spec, threads, limits)
+            runner = build(name, model, spec, plan.shapes, threads, limits)
             with torch.no_grad():
                 out = runner(*fresh(inputs))
             problem = "its range checks fail on the example" if out is None else check(tree_flatten(out)[0])
@@ -394,8 +441,8 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
     bound = plan.limit or 1.0
     probe = tuple(torch.randn(t.shape, generator=g).clamp(-bound, bound) for t in inputs)
     try:
-        checked, limits = _checked(opt, plan)
-        runner = build(name, onnx_model(opt, fresh(inputs), checked), spec, threads, limits)
+        checked, limits, by_sum = _checked(opt, plan)
+        runner = build(name, onnx_model(opt, fresh(inputs), checked, by_sum), spec, plan.shapes, threads, limits)
         with torch.no_grad():
             out = runner(*fresh(probe))
             if out is None:

@@ -61,7 +61,7 @@ class OptimizedModule(nn.Module):
         self.fast_graph_module: fx.GraphModule | None = None  # see compiler/core/fast_path.py
         self._fast, self._fast_limit = None, None
         self.engine_plan = None  # which library runs the graph: compiler/core/engines.py
-        self._engine, self._engine_shapes = None, None
+        self._engine = None
         self.nan_checks = "fast"  # as optimize() was told: saved, so that a reload makes the same plan
         # {int8 conv with a residual or a float output: (scale, zero point) of its own sum}: how another library's
         # int8 graph quantizes that sum (compiler/int8/plans.py conv_sums); saved with the engine plan
@@ -80,13 +80,13 @@ class OptimizedModule(nn.Module):
         self.fast_graph_module, self._fast, self._fast_limit = gm, gm.forward, limit
 
     def use_engine(self, plan, runner) -> None:
-        """Run ``runner`` (another library's session over the whole graph) on calls with the plan's input shapes;
-        graphopt's own graph on every other call, and on a call where the runner's range checks fail (it returns
-        None: an input not finite within plan.limit, or a checked value past its limit; compiler/core/engines.py)."""
+        """Run ``runner`` (another library's session over the whole graph) on every call it takes; graphopt's own
+        graph on the others. It returns None where a call is not its (anything but float32 CPU tensors of the plan's
+        input shapes, or grad wanted) or its range checks fail (an input not finite within plan.limit, or a checked
+        value past its limit): compiler/core/engines.py."""
         self.engine_plan = plan
         if runner is not None:
             self._engine = runner
-            self._engine_shapes = [torch.Size(shape) for shape in plan.shapes]
 
     @property
     def engine(self) -> str:
@@ -119,24 +119,11 @@ class OptimizedModule(nn.Module):
         sums = {name: [scale, zp] for name, (scale, zp) in self.int8_sums.items()} or None
         return {"engine_threads": plan.threads, "engine_limits": limits, "engine_int8_sums": sums}
 
-    def _engine_takes(self, args: tuple) -> bool:
-        """Is this call the engine's: float32 CPU tensors of exactly the measured shapes, no grad wanted?
-        Everything the general checks below would pass, so a call it takes needs no other check (this is the
-        per-call cost of the engine path: a few us). Its values are checked in the library's own run."""
-        if len(args) != len(self._engine_shapes):
-            return False
-        grad = torch.is_grad_enabled()
-        for x, shape in zip(args, self._engine_shapes):
-            if (type(x) is not torch.Tensor or x.shape != shape or x.dtype != torch.float32
-                    or not x.is_cpu or (grad and x.requires_grad)):
-                return False
-        return True
-
     def forward(self, *args: Any) -> Any:
-        if self._engine is not None and self._engine_takes(args):
+        if self._engine is not None:
             out = self._engine(*args)  # (another library: no autograd either way)
             if out is not None:
-                return out  # (None: a range check inside the library failed; graphopt's graph runs the call)
+                return out  # (None: not a call it takes, or a range check inside it failed: graphopt's graph runs it)
         if len(args) != len(self.input_specs):
             raise InputError(f"expected {len(self.input_specs)} inputs, got {len(args)}",
                              hint="call the optimized module with the same inputs as the example inputs")

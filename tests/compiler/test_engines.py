@@ -87,8 +87,8 @@ def test_a_quick_graph_also_gets_a_one_thread_session_and_a_reload_keeps_it(alwa
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # (a pool to compare with, on any machine)
     real = engines._BUILDERS["onnxruntime"]
 
-    def pool_slowed(model, spec, threads, limits):  # the pool session measures slower: the one-thread one wins
-        run = real(model, spec, threads, limits)
+    def pool_slowed(model, spec, threads, *rest):  # the pool session measures slower: the one-thread one wins
+        run = real(model, spec, threads, *rest)
         if threads == "1":
             return run
         return lambda *args: (time.sleep(0.002), run(*args))[1]
@@ -127,6 +127,27 @@ def test_inputs_that_could_make_nan_run_graphopts_graph(always, value, library):
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-4)
 
 
+def test_an_input_with_room_in_its_limit_is_checked_by_its_sum_and_a_tight_one_by_its_max(always):
+    import onnx
+
+    model, x = _convnet()  # (no exp in it: an astronomical input limit)
+    opt = optimize(model, (x,), engines="onnxruntime")
+    names, limits, by_sum = engines._checked(opt, opt.engine_plan)
+    assert names == ["x"] and by_sum == {"x"} and limits[0] >= engines.SUM_CHECK_MEAN * x.numel()
+    ops = [n.op_type for n in onnx.load_from_string(engines.onnx_model(opt, (x,), names, by_sum)).graph.node]
+    assert ops.count("ReduceL1") == 1 and "ReduceMax" not in ops
+    calls = _spy(opt)
+    huge = torch.full_like(x, 2 * limits[0] / x.numel())  # sum |x| past the limit, max |x| far within it
+    assert float(huge.abs().max()) < limits[0] < float(huge.abs().sum())
+    with torch.no_grad():
+        torch.testing.assert_close(opt(huge), model(huge), rtol=1e-4, atol=1e-5 * float(model(huge).abs().max()))
+    assert calls == [None]  # (the library's sum check turned it away: graphopt's graph answered)
+
+    tight, y = cancelling()  # (input limit 256 on 128 values: max |x|)
+    opt = optimize(tight, (y,), engines="onnxruntime")
+    assert engines._checked(opt, opt.engine_plan)[2] == set()
+
+
 def test_other_shapes_run_graphopts_graph(always):
     model, x = _convnet(batch=2)
     opt = optimize(model, (x,), engines="onnxruntime")
@@ -134,15 +155,15 @@ def test_other_shapes_run_graphopts_graph(always):
     other = torch.randn(3, *x.shape[1:])
     with torch.no_grad():
         torch.testing.assert_close(opt(other), model(other), rtol=1e-4, atol=1e-5)
-    assert calls == []
+    assert calls == [None]  # (the library declined the call: not its shape)
 
 
 def test_a_library_with_wrong_answers_is_rejected_by_the_numerics_check(always, monkeypatch):
     real = engines.build
 
-    def off_by_a_little(name, model, spec):
-        runner = real(name, model, spec)
-        return lambda *args: runner(*args) * 1.001
+    def off_by_a_little(*args, **kwargs):
+        runner = real(*args, **kwargs)
+        return lambda *xs: runner(*xs) * 1.001
     monkeypatch.setattr(engines, "build", off_by_a_little)
     model, x = _convnet()
     opt = optimize(model, (x,), engines="onnxruntime")
@@ -344,10 +365,10 @@ def test_the_engine_path_keeps_the_input_checks(always):
         opt(x.double())
     with pytest.raises(InputError, match="expected 1 inputs"):
         opt(x, x)
-    assert calls == []
+    assert calls == [None, None, None]  # (the library declined each: graphopt's checks said why)
     with torch.no_grad():
         opt(x.clone().requires_grad_())  # (under no_grad, an input that requires grad is fine)
-    assert len(calls) == 1
+    assert len(calls) == 4 and isinstance(calls[-1], torch.Tensor)
 
 
 class _TwoInTwoOut(nn.Module):

@@ -116,3 +116,34 @@ def test_the_exported_magnitude_is_max_abs_or_nan(poison):
         assert float(magnitude) == float(x.abs().max())
     else:
         assert np.isnan(magnitude)  # (the check, float(m) <= limit, fails on it)
+
+
+@pytest.mark.parametrize("poison", [None, "nan", "inf", "-inf", "both infs", "past float32"])
+def test_the_exported_sum_bound_is_sum_abs_or_not_finite(poison):
+    """The one-read form of an input's check (engines.SUM_CHECK_MEAN): sum |v|, at least max |v|, on finite
+    values; NaN or inf where v holds a NaN or an inf, or where the sum passes float32's range."""
+    import onnx
+    import onnxruntime as ort
+
+    from graphopt.compiler.core import engines
+
+    model, x = nn.Sequential(nn.Linear(6, 5), nn.ReLU()).eval(), torch.randn(3, 6)
+    opt = optimize(model, (x,), engines="graphopt", progress=False)
+    inputs = [n.name for n in opt.portable.graph.nodes if n.op == "placeholder"]
+    proto = engines.onnx_model(opt, (x,), inputs, by_sum=inputs)
+    ops = [n.op_type for n in onnx.load_from_string(proto).graph.node]
+    assert "ReduceL1" in ops and "ReduceMax" not in ops and "ReduceMin" not in ops
+    session = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
+    x = x.clone()
+    if poison == "both infs":
+        x[0, 0], x[2, 1] = float("inf"), -float("inf")
+    elif poison == "past float32":
+        x[0, 0], x[2, 1] = 3e38, -3e38
+    elif poison is not None:
+        x[1, 2] = float(poison)
+    out, bound = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    if poison is None:
+        torch.testing.assert_close(float(bound), float(x.abs().sum()), rtol=1e-6, atol=0.0)
+        assert float(bound) >= float(x.abs().max())
+    else:
+        assert not np.isfinite(bound)  # (the check, float(b) <= limit, fails on it)
