@@ -371,6 +371,21 @@ def test_the_engine_path_keeps_the_input_checks(always):
     assert len(calls) == 4 and isinstance(calls[-1], torch.Tensor)
 
 
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_inputs_off_the_usual_path_still_get_the_librarys_answer(always, library):
+    """A non-contiguous input, or one that requires grad under no_grad, is not the one-frame call (ONNX Runtime's
+    run_one): the library's general path takes it, with the same answer as the contiguous tensor's."""
+    model, x = _convnet()
+    opt = optimize(model, (x,), engines=library)
+    calls = _spy(opt)
+    strided = x.transpose(2, 3).contiguous().transpose(2, 3)  # (x's values and shape, other strides)
+    assert not strided.is_contiguous() and torch.equal(strided, x)
+    with torch.no_grad():
+        want = opt(x)
+        assert torch.equal(opt(strided), want) and torch.equal(opt(x.clone().requires_grad_()), want)
+    assert len(calls) == 3 and all(isinstance(c, torch.Tensor) for c in calls)
+
+
 class _TwoInTwoOut(nn.Module):
     def __init__(self):
         super().__init__()
