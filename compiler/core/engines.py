@@ -131,7 +131,7 @@ def _arrays(shapes: Sequence[tuple]) -> Callable[[tuple], list | None]:
     """A call's inputs as numpy views, or None where the call is not the library's: anything but float32 CPU
     tensors of exactly the measured ``shapes``, or an input that wants grad while grad mode is on (graphopt's own
     path then runs it, or says what is wrong with it). This check and the views are all the Python a library's
-    call adds (about 3 us); every step here is paid again after each run of the library's spinning thread pool.
+    call adds: about 3 us alone, several times that right after a run of the library's spinning thread pool.
     (No torch op: any torch op between two library runs cost 20-30 us more than it takes alone, measured on a
     0.3 ms ConvNet in ONNX Runtime.)"""
     sizes = [torch.Size(shape) for shape in shapes]
@@ -178,7 +178,7 @@ def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float],
         return run
     # The usual call (one tensor in, one out, at most one range check) in a single Python frame, ``run`` for
     # anything else. Python right after a run of the session is several times slower than alone (its caches
-    # cold, the pool spinning): each frame less was 3-4% of a 0.27 ms ConvNet, measured interleaved.
+    # cold, the pool spinning): each frame less was 2-4% of a 0.27 ms ConvNet, measured interleaved.
     (name,), size, bound = names, torch.Size(shapes[0]), float(limits[0]) if limits else math.inf
 
     def run_one(*args: torch.Tensor) -> Any:
