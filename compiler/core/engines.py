@@ -109,7 +109,8 @@ def onnx_model(module: torch.nn.Module, inputs: tuple, checks: Sequence[str] = (
 def _outputs(spec: Any, limits: Sequence[float]) -> Callable[[list], Any]:
     """A library's output arrays (the graph's, flattened, then max |v| of each checked value) -> the graph's
     output structure, as tensors sharing them; None where a checked value is not within its limit (NaN is not).
-    (Per call, on the engine's path: one output with at most one check, the usual case, takes no loop.)"""
+    (One output with at most one check takes no loop: OpenVINO's usual call. ONNX Runtime's usual call does all
+    of this inline, in ``run_one``.)"""
     n, bounds = spec.num_leaves, tuple(float(limit) for limit in limits)
     if spec.is_leaf() and len(bounds) <= 1:
         bound = bounds[0] if bounds else None

@@ -16,8 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SETTLE_MS = 50.0  # untimed calls at the start of each stage's block of the latency measurement
-
 
 class ConvNet(nn.Module):
     """The seed model, for 1x32x32 inputs."""
@@ -103,6 +101,7 @@ def run_demo(out: str | Path, epochs: int = 8, quick: bool = False, seed: int = 
     from rich.table import Table
 
     from graphopt import load, optimize
+    from graphopt.compiler.core.engines import SETTLE_MS
     from graphopt.compiler.workflow.finetune import finetune
     from graphopt.compiler.workflow.prune import prune
     from graphopt.compiler.workflow.timing import median_ms
@@ -164,8 +163,8 @@ def run_demo(out: str | Path, epochs: int = 8, quick: bool = False, seed: int = 
         tuned = int8
 
     engines = {"fp32": model, "optimized": optimized, "int8": int8, "pruned": pruned, "tuned": tuned}
-    # settled blocks (compiler/workflow/timing.py): four library sessions take turns here, and one's pool still
-    # spinning from its block would land on the next one's timed calls (the int8 stage read 0.16-0.26 ms without)
+    # settled blocks, as optimize() times its candidates (compiler/workflow/timing.py): four library sessions take
+    # turns here, and one's pool still spinning from its block would land on the next one's timed calls
     latency = median_ms(engines, (example,), rounds=5 if quick else 20, per_round=10, settle_ms=SETTLE_MS)
 
     def n_params(m: nn.Module) -> int:
