@@ -161,9 +161,9 @@ TABLE: tuple[Activation, ...] = (
         triton=_plain("hardswish"),
         modules={nn.Hardswish: ()}, calls=(Call("hardswish"),),
         examples=("hardswish",)),
-    Activation(  # "gelu" (erf) or "gelu:tanh"; no in-place form
+    Activation(  # "gelu" (erf) or "gelu:tanh"; in place through aten (F.gelu has no inplace flag)
         "gelu", variants=("tanh",), reference=lambda y, *p: F.gelu(y, approximate=_approx(p)),
-        inplace=lambda *p: (F.gelu, (), {"approximate": _approx(p)}),
+        inplace=lambda *p: (torch.ops.aten.gelu_.default, (), {"approximate": _approx(p)}),
         postop=lambda *p: ("gelu", [], _approx(p)), qlinear=True,
         triton=lambda *p: (TRITON_CODES["gelu_tanh" if _approx(p) == "tanh" else "gelu"], 0.0, 0.0),
         modules={nn.GELU: ("approximate",)}, calls=(Call("gelu", ((1, "approximate", "none"),)),), spell=_gelu,

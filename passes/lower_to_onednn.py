@@ -7,15 +7,15 @@
 
 W is the weight packed once for the traced input shape (any batch size still runs): a plain linear
 weight would be reordered on every call (measured, 768x768 at 16 rows: 0.22 ms plain, 0.15 ms packed).
-Large fp32 linears run on MKL's packed GEMM where torch has MKL (as Inductor's freezing does), its
-activation after it in place: 5-20% faster than oneDNN's primitive without an activation or with one
-oneDNN runs separately anyway (relu: NaN semantics), at 128 to 4096 rows (measured interleaved,
-bench/kernels.py), and with GELU on few rows (128x768 -> 3072: 2.83 ms, oneDNN with its GELU post-op
-3.11). From POSTOP_ROWS rows, oneDNN's fused post-op wins (the separate pass over the output costs
-more: 2048x768 -> 3072 with GELU, MKL 1.14x oneDNN's time), so those keep oneDNN. Rows other than
-the traced count run on the plain weight through aten::linear. A linear with few rows (a
-batch-1 classifier head) or a small weight runs through aten::linear, MKL's unpacked GEMM (1280 ->
-1000 at one row: 0.13 ms, oneDNN 0.19).
+Large fp32 linears run on MKL's packed GEMM where torch has MKL (as Inductor's freezing does), their
+activation after it in place: faster than oneDNN's primitive with the activation as a post-op at 128 to
+16384 rows (measured interleaved, (512 | 2048) x 768 -> 3072: MKL's time / oneDNN's 0.95-0.96 with GELU,
+0.91-0.95 SiLU, 0.95-0.96 sigmoid, 0.92-0.99 tanh, 0.94-0.95 hardswish, 0.95-0.96 leaky_relu; 16384 x 1024
+-> 4096 with GELU 0.95). The exception is GELU's tanh form, which torch computes slower than oneDNN's
+post-op (1.07-1.10): those keep oneDNN, as do all large linears where torch has no MKL. Rows other than
+the traced count run on the plain weight through aten::linear. A linear with few rows (a batch-1
+classifier head) or a small weight runs through aten::linear, MKL's unpacked GEMM (1280 -> 1000 at one
+row: 0.13 ms, oneDNN 0.19).
 
 The activation becomes a oneDNN post-op where oneDNN's results equal eager's on NaN and inf
 too (kernels/cpu.py); relu, relu6, hardtanh run as an in-place op after the primitive instead.
@@ -41,17 +41,16 @@ from graphopt.passes.lib.rewrite import add_constant, copy_meta
 
 SMALL_LINEAR = 1 << 15  # weights with fewer elements run faster through aten::linear (measured: bench/)
 FEW_ROWS = 4  # ... and inputs with this many rows or fewer (all dimensions but the last)
-POSTOP_ROWS = 512  # from this many rows, oneDNN's GEMM with a fused post-op (GELU) beats MKL's and a separate pass
+POSTOP_FASTER = frozenset({"gelu:tanh"})  # activations oneDNN's post-op applies faster than torch's in-place form
 
 
 def linear_kernel(weight: torch.Tensor, rows: int, act: str) -> str:
     """Which kernel a float32 linear of ``weight`` with activation ``act`` on inputs of ``rows`` rows runs on: "mkl"
-    (MKL's packed GEMM), "onednn" (oneDNN's primitive: where torch has no MKL, and where oneDNN fuses the
-    activation as a post-op on many rows) or "aten" (aten::linear: small or few-row)."""
+    (MKL's packed GEMM, the activation after it in place), "onednn" (oneDNN's primitive: where torch has no MKL,
+    and for the activations in POSTOP_FASTER, fused as its post-op) or "aten" (aten::linear: small or few-row)."""
     if weight.numel() < SMALL_LINEAR or rows <= FEW_ROWS or weight.dim() != 2:
         return "aten"
-    fused = (cpu.onednn_postop(act) or ("none",))[0] != "none"
-    return "mkl" if cpu.has_mkl_linear() and not (fused and rows >= POSTOP_ROWS) else "onednn"
+    return "mkl" if cpu.has_mkl_linear() and act not in POSTOP_FASTER else "onednn"
 
 
 def _lowerable(gm: fx.GraphModule, x: fx.Node, w: fx.Node, b: fx.Node | None) -> torch.Tensor | None:

@@ -91,29 +91,31 @@ def test_linear_lowering(features, rows, act, mkl, monkeypatch):
     assert apply(lower_to_onednn, gm, x) == 0
 
 
-@pytest.mark.parametrize("act", [nn.Identity(), nn.ReLU(), nn.GELU()], ids=repr)
-def test_many_rows_keep_onednns_fused_postop_where_it_has_one(act):
-    """From POSTOP_ROWS rows, a linear whose activation oneDNN fuses (GELU) stays on oneDNN's primitive; one
-    without, or with an activation that runs separately anyway (relu), runs on MKL's GEMM."""
+@pytest.mark.parametrize("rows", [16, 512])
+@pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU()], ids=repr)
+def test_mkl_runs_a_linear_with_its_activation_in_place_after_it_but_gelu_tanh_keeps_onednns_postop(act, rows):
+    """MKL's GEMM and torch's in-place activation beat oneDNN's GEMM with the activation as a post-op, on few rows
+    and many, except for GELU's tanh form (POSTOP_FASTER)."""
     from graphopt.kernels import cpu
-    from graphopt.passes.lower_to_onednn import POSTOP_ROWS
 
     if not cpu.has_mkl_linear():
         pytest.skip("this torch build has no MKL")
-    m, x = nn.Sequential(nn.Linear(256, 256), act).eval(), torch.randn(POSTOP_ROWS, 256)
+    m, x = nn.Sequential(nn.Linear(256, 256), act).eval(), torch.randn(rows, 256)
+    x[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
     gm = _fused(m, x)
     assert apply(lower_to_onednn, gm, x) == 1
-    fused = isinstance(act, nn.GELU)
-    assert (LINEAR in _targets(gm)) == fused and (MKL_LINEAR in _targets(gm)) == (not fused)
-    if fused:
+    on_onednn = isinstance(act, nn.GELU) and act.approximate == "tanh"
+    assert (LINEAR in _targets(gm)) == on_onednn and (MKL_LINEAR in _targets(gm)) == (not on_onednn)
+    if on_onednn:
         (call,) = [n for n in gm.graph.nodes if n.target is LINEAR]
-        assert call.args[3] == "gelu"  # (the post-op)
+        assert call.args[3:] == ("gelu", [], "tanh")  # (the post-op)
+    else:  # the activation in place on MKL's output
+        (gemm,) = [n for n in gm.graph.nodes if n.target is MKL_LINEAR]
+        (after,) = gemm.users
+        assert after.target is torch.ops.aten.gelu_.default if isinstance(act, nn.GELU) else after.kwargs["inplace"]
     with torch.no_grad():
-        close(gm(x), m(x))
-    small = torch.randn(POSTOP_ROWS - 1, 256)  # (fewer rows when traced: MKL's GEMM, the GELU after it)
-    gm = _fused(m, small)
-    apply(lower_to_onednn, gm, small)
-    assert MKL_LINEAR in _targets(gm)
+        close(gm(x), m(x), equal_nan=True)
+    assert apply(lower_to_onednn, gm, x) == 0
 
 
 def test_float64_graph_keeps_the_portable_op():
