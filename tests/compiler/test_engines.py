@@ -111,6 +111,22 @@ def test_a_quick_graph_also_gets_a_one_thread_session_and_a_reload_keeps_it(alwa
     assert set(optimize(model, (x,), engines="onnxruntime").engine_plan.measured_ms) == {"graphopt", "onnxruntime"}
 
 
+@pytest.mark.parametrize("pool_ms, threads", [(0.50, "1"), (0.45, "torch")])
+def test_a_one_thread_session_is_kept_unless_the_pool_is_clearly_faster(always, monkeypatch, pool_ms, threads):
+    """One thread against the pool's 0.5 ms (within ONE_THREAD_EDGE): one thread; against 0.45: the pool."""
+    monkeypatch.setattr(engines, "SINGLE_THREAD_BELOW_MS", float("inf"))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    one = 0.55
+    assert one > pool_ms and (one / pool_ms < engines.ONE_THREAD_EDGE) == (threads == "1")  # (1.10x, 1.22x)
+    monkeypatch.setattr(engines, "race", lambda candidates, *_: {"graphopt": 1.0, "onnxruntime": pool_ms,
+                                                                 "onnxruntime, 1 thread": one})
+    model, x = _convnet()
+    opt = optimize(model, (x,), engines="onnxruntime")
+    assert (opt.engine, opt.engine_plan.threads) == ("onnxruntime", threads)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 1e30])
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_inputs_that_could_make_nan_run_graphopts_graph(always, value, library):

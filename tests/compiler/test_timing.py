@@ -89,3 +89,13 @@ def test_call_ms_times_one_call_after_the_warm_up():
 
     ms = call_ms({"a": timed("a"), "b": timed("b")}, warmup=2, timer=clock)
     assert ms == {"a": pytest.approx(2.0), "b": pytest.approx(30.0)}  # (the 5 s warm-up calls not counted)
+
+
+def test_call_ms_of_several_calls_is_the_quickest():
+    clock = FakeClock()
+    took = iter([5.0, 0.050, 0.002, 0.010])  # (a call slowed by something else on the machine, then two not)
+
+    def fn():
+        clock.now += next(took)
+
+    assert call_ms({"f": fn}, warmup=1, calls=3, timer=clock) == {"f": pytest.approx(2.0)}
