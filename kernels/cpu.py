@@ -137,6 +137,14 @@ def has_vnni() -> bool:
     return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+_BELOW_AVX512_CAPS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
+
+
+def onednn_avx512() -> bool:
+    """Can oneDNN use AVX-512 here? The CPU must have it and ONEDNN_MAX_CPU_ISA must not cap oneDNN below it."""
+    return "avx512f" in _cpu_flags() and onednn_isa_cap() not in _BELOW_AVX512_CAPS
+
+
 @functools.lru_cache(maxsize=1)
 def _cpu_flags() -> frozenset[str]:
     try:

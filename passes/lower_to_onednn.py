@@ -11,8 +11,11 @@ Large fp32 linears run on MKL's packed GEMM where torch has MKL (as Inductor's f
 activation after it in place: faster than oneDNN's primitive with the activation as a post-op at 128 to
 16384 rows (measured interleaved, (512 | 2048) x 768 -> 3072: MKL's time / oneDNN's 0.95-0.96 with GELU,
 0.91-0.95 SiLU, 0.95-0.96 sigmoid, 0.92-0.99 tanh, 0.94-0.95 hardswish, 0.95-0.96 leaky_relu; 16384 x 1024
--> 4096 with GELU 0.95). The exception is GELU's tanh form, which torch computes slower than oneDNN's
-post-op (1.07-1.10): those keep oneDNN, as do all large linears where torch has no MKL. Rows other than
+-> 4096 with GELU 0.95). The exception is GELU's tanh form where oneDNN has AVX-512, whose post-op
+there beats torch's (MKL 1.07-1.10x oneDNN's time): those keep oneDNN, as do all large linears where
+torch has no MKL. With MKL and oneDNN capped at AVX2 (MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA), MKL
+wins on every activation: 0.82-0.89 with GELU, SiLU and GELU's tanh form (0.87-0.95 with torch's own
+kernels capped too, ATEN_CPU_CAPABILITY=avx2). Rows other than
 the traced count run on the plain weight through aten::linear. A linear with few rows (a batch-1
 classifier head) or a small weight runs through aten::linear, MKL's unpacked GEMM (1280 -> 1000 at one
 row: 0.13 ms, oneDNN 0.19).
@@ -41,16 +44,17 @@ from graphopt.passes.lib.rewrite import add_constant, copy_meta
 
 SMALL_LINEAR = 1 << 15  # weights with fewer elements run faster through aten::linear (measured: bench/)
 FEW_ROWS = 4  # ... and inputs with this many rows or fewer (all dimensions but the last)
-POSTOP_FASTER = frozenset({"gelu:tanh"})  # activations oneDNN's post-op applies faster than torch's in-place form
+POSTOP_FASTER = frozenset({"gelu:tanh"})  # activations oneDNN's AVX-512 post-op applies faster than torch's in place
 
 
 def linear_kernel(weight: torch.Tensor, rows: int, act: str) -> str:
     """Which kernel a float32 linear of ``weight`` with activation ``act`` on inputs of ``rows`` rows runs on: "mkl"
     (MKL's packed GEMM, the activation after it in place), "onednn" (oneDNN's primitive: where torch has no MKL,
-    and for the activations in POSTOP_FASTER, fused as its post-op) or "aten" (aten::linear: small or few-row)."""
+    and for the activations in POSTOP_FASTER where oneDNN has AVX-512, fused as its post-op) or "aten"
+    (aten::linear: small or few-row)."""
     if weight.numel() < SMALL_LINEAR or rows <= FEW_ROWS or weight.dim() != 2:
         return "aten"
-    return "mkl" if cpu.has_mkl_linear() and act not in POSTOP_FASTER else "onednn"
+    return "mkl" if cpu.has_mkl_linear() and not (act in POSTOP_FASTER and cpu.onednn_avx512()) else "onednn"
 
 
 def _lowerable(gm: fx.GraphModule, x: fx.Node, w: fx.Node, b: fx.Node | None) -> torch.Tensor | None:

@@ -204,6 +204,21 @@ def test_the_scheme_follows_onednn_isa_cap(monkeypatch):
             assert cpu.int8_scheme() == "s7"  # (whatever oneDNN itself does in this process)
 
 
+@pytest.mark.parametrize("flags, cap, avx512", [({"avx2"}, None, False), ({"avx2", "avx512f"}, None, True),
+                                                ({"avx2", "avx512f"}, "avx2", False),
+                                                ({"avx2", "avx512f"}, "AVX2_VNNI", False),
+                                                ({"avx2", "avx512f"}, "AVX512_CORE", True)])
+def test_onednns_avx512_follows_the_cpu_and_its_isa_cap(monkeypatch, flags, cap, avx512):
+    """(The fp32 linear lowering keeps oneDNN's GELU-tanh post-op only with AVX-512: passes/lower_to_onednn.py.)"""
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: frozenset(flags))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert cpu.onednn_avx512() is avx512
+
+
 @pytest.mark.skipif(not X86 or cpu.onednn_isa_cap() is not None, reason="needs an x86 CPU and no ISA cap already")
 def test_the_scheme_is_s8_with_vnni_and_s7_under_avx2():
     assert cpu.int8_scheme() == ("s8" if cpu.has_vnni() else "s7")
