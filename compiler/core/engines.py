@@ -431,7 +431,7 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
 def race(candidates: dict[str, Callable], inputs: tuple, sizes: dict[str, float] | None = None) -> dict[str, float]:
     """Each candidate's median ms on ``inputs``, timed interleaved for about TIMING_BUDGET_S (``sizes``: ms per call
     already measured for some of them). Where the two quickest are within CLOSE_CALL of each other, those two
-    race RERACES more times, and each keeps the median of its races."""
+    race RERACES more times (in about one more TIMING_BUDGET_S), and each keeps the median of its races."""
     from graphopt.compiler.core.capture import fresh
     from graphopt.compiler.workflow.timing import call_ms, median_ms
 
@@ -439,18 +439,19 @@ def race(candidates: dict[str, Callable], inputs: tuple, sizes: dict[str, float]
     sizes |= call_ms({k: r for k, r in candidates.items() if k not in sizes}, fresh(inputs), warmup=WARMUP,
                      calls=SIZE_CALLS)
 
-    def timed(entrants: dict[str, Callable]) -> dict[str, float]:
+    def timed(entrants: dict[str, Callable], budget_s: float) -> dict[str, float]:
         one_round = max(sum(sizes[k] for k in entrants) / 1e3, 1e-6)
-        samples = int(min(MAX_SAMPLES, max(MIN_SAMPLES, TIMING_BUDGET_S / one_round)))
+        samples = int(min(MAX_SAMPLES, max(MIN_SAMPLES, budget_s / one_round)))
         # blocks of calls in turn: each library's thread pool wakes once per block (as it would in use), not per call
         return median_ms(entrants, fresh(inputs), rounds=ROUNDS, per_round=max(1, samples // ROUNDS), warmup=0,
                          settle_ms=SETTLE_MS)
 
-    ms = timed(candidates)
+    ms = timed(candidates, TIMING_BUDGET_S)
     if len(ms) > 1:
         first, second = sorted(ms, key=ms.get)[:2]
-        if ms[second] <= CLOSE_CALL * ms[first]:
-            runs = [ms] + [timed({k: candidates[k] for k in (first, second)}) for _ in range(RERACES)]
+        if ms[second] <= CLOSE_CALL * ms[first]:  # (the re-races share one more TIMING_BUDGET_S)
+            pair = {k: candidates[k] for k in (first, second)}
+            runs = [ms] + [timed(pair, TIMING_BUDGET_S / RERACES) for _ in range(RERACES)]
             ms |= {k: statistics.median(run[k] for run in runs) for k in (first, second)}
     return ms
 
