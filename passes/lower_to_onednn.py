@@ -15,10 +15,9 @@ activation after it in place: faster than oneDNN's primitive with the activation
 there beats torch's (MKL 1.07-1.10x oneDNN's time): those keep oneDNN, as do all large linears where
 torch has no MKL. With MKL and oneDNN capped at AVX2 (MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA), MKL
 wins on every activation: 0.82-0.89 with GELU, SiLU and GELU's tanh form (0.87-0.95 with torch's own
-kernels capped too, ATEN_CPU_CAPABILITY=avx2). Rows other than
-the traced count run on the plain weight through aten::linear. A linear with few rows (a batch-1
-classifier head) or a small weight runs through aten::linear, MKL's unpacked GEMM (1280 -> 1000 at one
-row: 0.13 ms, oneDNN 0.19).
+kernels capped too, ATEN_CPU_CAPABILITY=avx2). Rows other than the traced count run on the plain weight
+through aten::linear. A linear with few rows (a batch-1 classifier head) or a small weight runs through
+aten::linear, MKL's unpacked GEMM (1280 -> 1000 at one row: 0.13 ms, oneDNN 0.19).
 
 The activation becomes a oneDNN post-op where oneDNN's results equal eager's on NaN and inf
 too (kernels/cpu.py); relu, relu6, hardtanh run as an in-place op after the primitive instead.
