@@ -1,8 +1,11 @@
 """The benchmark model set: the seed ConvNet, ResNet-18, MobileNetV2, EfficientNet-B0 (torchvision's
 architectures, written out here so the bench needs nothing beyond torch), a transformer FFN block,
-a BERT-base-width encoder layer stack and a small MLP with BatchNorm1d."""
+GPT-2's MLP block as Hugging Face writes it, a BERT-base-width encoder layer stack and a small MLP with
+BatchNorm1d."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -93,6 +96,33 @@ class FFNBlock(nn.Module):
 
     def forward(self, x):
         return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 linear: the weight stored (in, out), x @ W + b through torch.addmm on a 2-d view."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.n_out = n_out
+        self.weight, self.bias = nn.Parameter(torch.randn(n_in, n_out) * 0.02), nn.Parameter(torch.randn(n_out) * 0.02)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.n_out,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class GPT2MLP(nn.Module):
+    """GPT-2's MLP block (768 wide, 3072 hidden) as Hugging Face's transformers writes it: pre-norm, its Conv1D
+    linears and NewGELUActivation's written-out tanh GELU, plus the residual."""
+
+    def __init__(self, d: int = 768, hidden: int = 3072):
+        super().__init__()
+        self.ln, self.c_fc, self.c_proj = nn.LayerNorm(d), Conv1D(d, hidden), Conv1D(hidden, d)
+
+    def forward(self, x):
+        h = self.c_fc(self.ln(x))
+        h = 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
+        return x + self.c_proj(h)
 
 
 class MBConv(nn.Module):
@@ -190,6 +220,7 @@ MODELS = {
     "mobilenetv2_b1": (MobileNetV2, (1, 3, 224, 224)),
     "efficientnet_b0_b1": (EfficientNetB0, (1, 3, 224, 224)),
     "ffn_b4x128": (FFNBlock, (4, 128, 512)),
+    "gpt2_mlp_b1x128": (GPT2MLP, (1, 128, 768)),
     "encoder_b1x128": (EncoderLayers, (1, 128, 768)),
     "mlp_bn_b1": (MLPBN, (1, 64)),
 }

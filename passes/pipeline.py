@@ -21,12 +21,16 @@ from graphopt.passes.lower_to_reference import lower_to_reference
 from graphopt.passes.lower_to_triton import lower_to_triton
 from graphopt.passes.plan_layout import plan_layout
 from graphopt.passes.quantize_int8 import quantize_int8
+from graphopt.passes.recognize_activations import recognize_activations
+from graphopt.passes.recognize_linears import recognize_linears
 from graphopt.passes.remove_noops import remove_noops
 
 DEFAULT_PIPELINE: list[PassFn] = [
     remove_noops,
     eliminate_dead_code,
     fold_constants,
+    recognize_activations,  # (before CSE, which would merge two formulas' shared steps into a value read twice)
+    recognize_linears,
     eliminate_common_subexpressions,
     fold_conv_bn,
     fold_linear_bn,

@@ -34,10 +34,14 @@ class SelfAttention(nn.Module):
         return self.out(y.reshape(shape))
 
 
+def new_gelu(x: torch.Tensor) -> torch.Tensor:  # Hugging Face's NewGELUActivation (GPT-2), as written there
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, causal: bool = False, pre_norm: bool = False):
+    def __init__(self, dim: int, heads: int, causal: bool = False, pre_norm: bool = False, gelu=None):
         super().__init__()
-        self.pre_norm = pre_norm
+        self.pre_norm, self.gelu = pre_norm, gelu or (lambda y: F.gelu(y, approximate="tanh"))
         self.attn = SelfAttention(dim, heads, causal)
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
@@ -45,7 +49,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_norm:                                        # GPT-2, ViT
             x = x + self.attn(self.ln1(x), mask)
-            return x + self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh"))
+            return x + self.fc2(self.gelu(self.fc1(self.ln2(x))))
         x = self.ln1(x + self.attn(x, mask))                     # BERT
         return self.ln2(x + self.fc2(F.gelu(self.fc1(x))))
 
@@ -70,7 +74,7 @@ class GPT2Style(nn.Module):
     def __init__(self, vocab: int = 100, dim: int = 32, heads: int = 4, layers: int = 2, positions: int = 64):
         super().__init__()
         self.words, self.positions = nn.Embedding(vocab, dim), nn.Embedding(positions, dim)
-        self.layers = nn.ModuleList(Block(dim, heads, causal=True, pre_norm=True) for _ in range(layers))
+        self.layers = nn.ModuleList(Block(dim, heads, causal=True, pre_norm=True, gelu=new_gelu) for _ in range(layers))
         self.ln = nn.LayerNorm(dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from graphopt import CaptureError, load, optimize
 from graphopt.compiler.core.capture import capture
-from tests.helpers import randomize_bn
+from tests.helpers import graphopt_calls, randomize_bn
 from tests.zoo_transformers import TRANSFORMER_ZOO
 
 
@@ -48,6 +48,16 @@ def test_linear_layers_fuse_on_the_export_route(name):
     model, inputs = _model(name), TRANSFORMER_ZOO[name][1]
     rewrites = {r.name: r.rewrites for r in optimize(model, inputs(2)).report}
     assert rewrites["fuse_linear_act"] >= 4
+
+
+def test_gpt2s_written_out_gelu_fuses_into_its_linear_on_the_export_route():
+    model, inputs = _model("gpt2_style"), TRANSFORMER_ZOO["gpt2_style"][1]
+    opt = optimize(model, inputs(2))
+    assert {r.name: r.rewrites for r in opt.report}["recognize_activations"] == 2  # one per block
+    assert [n.args[3] for n in graphopt_calls(opt.portable, "linear_act")].count("gelu:tanh") == 2
+    x = inputs(3)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*x), model(*x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["bert_style", "gpt2_style"])
