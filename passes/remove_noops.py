@@ -19,7 +19,9 @@ from graphopt.passes import PassContext, register
 from graphopt.passes.lib.query import arg, module_of, tensor_meta
 
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-_DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+_DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                      # aten's spellings, what the torch.export route gives (their flag is ``train``)
+                      torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout)
 
 
 def _first(node: fx.Node) -> Any:
@@ -34,7 +36,7 @@ def _module_noop(gm: fx.GraphModule, node: fx.Node) -> Any:
 
 
 def _dropout_noop(gm: fx.GraphModule, node: fx.Node) -> Any:
-    return _first(node) if arg(node, 2, "training", True) is False else None
+    return _first(node) if arg(node, 2, "training", node.kwargs.get("train", True)) is False else None
 
 
 def _contiguous_noop(gm: fx.GraphModule, node: fx.Node) -> Any:

@@ -50,7 +50,11 @@ def _raised(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
         args = tuple(node.args[i] for i in order if i < len(node.args)) if order else node.args
         return "call_function", fn, args, dict(node.kwargs)
     if name in _METHODS:
-        return "call_method", "size" if name == "sym_size" else name, node.args, dict(node.kwargs)
+        kwargs = dict(node.kwargs)
+        if name == "to":  # aten.to.dtype_layout: Tensor.to takes no layout (strided is all it makes) nor pin_memory
+            if kwargs.pop("layout", None) not in (None, torch.strided) or kwargs.pop("pin_memory", None):
+                return None
+        return "call_method", "size" if name == "sym_size" else name, node.args, kwargs
     for namespace in (torch, torch._C._nn):
         fn = getattr(namespace, name, None)
         if fn is not None and callable(fn) and not name.startswith("_"):

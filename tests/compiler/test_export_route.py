@@ -86,6 +86,26 @@ def test_export_route_models_quantize_to_int8(name, monkeypatch):
     assert sqnr(want, got) >= 25.0
 
 
+def test_a_move_to_the_inputs_device_is_raised_to_a_call_tensor_to_takes():
+    # Hugging Face's GPT-2: position_embeds.to(inputs_embeds.device); torch.export records aten.to.dtype_layout,
+    # whose layout= Tensor.to does not take
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.positions = nn.Embedding(10, 4)
+
+        def forward(self, x):
+            shape = list(x.shape)  # (item assignment: the export route)
+            shape[-1] = 4
+            return (x + self.positions(torch.arange(x.shape[1])).to(x.device)).reshape(shape)
+
+    m, x = M().eval(), torch.randn(2, 3, 4)
+    opt = optimize(m, (x,))
+    torch.testing.assert_close(opt(x), m(x))
+    other = torch.randn(5, 3, 4)  # another batch size
+    torch.testing.assert_close(opt(other), m(other))
+
+
 def test_a_model_neither_route_captures_names_both_reasons():
     class DataDependent(nn.Module):
         def forward(self, x):

@@ -26,6 +26,9 @@ NOOPS = {
     "nn.Dropout": lambda: Fn(lambda s, x: s.children_[0](x) * 2, nn.Dropout(0.3)),
     "nn.Dropout1d(inplace)": lambda: Fn(lambda s, x: s.children_[0](x * 2), nn.Dropout1d(inplace=True)),
     "F.dropout(training=False)": lambda: Fn(lambda s, x: F.dropout(x, 0.5, training=False) * 2),
+    "torch.dropout(train=False) (the export route's)": lambda: Fn(lambda s, x: torch.dropout(x, 0.1, False) * 2),
+    "torch.feature_alpha_dropout(train=False)":
+        lambda: Fn(lambda s, x: torch.feature_alpha_dropout(x, 0.1, train=False)),
     "nn.Identity": lambda: Fn(lambda s, x: s.children_[0](x) * 2, nn.Identity()),
     "contiguous": lambda: Fn(lambda s, x: (x * 2).contiguous()),
     "to same dtype": lambda: Fn(lambda s, x: (x * 2).to(torch.float32)),
@@ -47,8 +50,10 @@ def test_noop_is_removed_four_ways(case):
     assert apply(remove_noops, gm, x) == 0
 
 
-def test_functional_dropout_in_training_stays():
-    gm = fx.symbolic_trace(Fn(lambda s, x: F.dropout(x, 0.5, training=True)))  # capture refuses random models
+@pytest.mark.parametrize("fn", [lambda s, x: F.dropout(x, 0.5, training=True),
+                                lambda s, x: torch.dropout(x, 0.5, True)])
+def test_functional_dropout_in_training_stays(fn):
+    gm = fx.symbolic_trace(Fn(fn))  # capture refuses random models
     propagate(gm, (torch.randn(4, 3, 5),))
     assert remove_noops(gm, None) == 0
 
