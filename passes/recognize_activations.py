@@ -17,8 +17,9 @@ cube overflows, each op here gives what its expression gives (tested). GELU's er
 (``x * 0.5 * (1 + erf(x / sqrt(2)))``) is left alone: at +inf it gives inf where F.gelu gives NaN.
 
 Only float32 values are rewritten, only where the expression reads one value ``x`` of the result's own shape
-(no broadcast) and owns every intermediate it looks through (passes/lib/expressions.py), and only where ``x``
-is not written in place between the expression's first op and its last.
+(no broadcast) and owns every intermediate it looks through (passes/lib/expressions.py), and only where nothing
+else is written in place between the expression's first op and its last (whatever a write there reaches, x
+through a view, ``out=``, ...: none is allowed).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 from graphopt.passes import PassContext, register
 from graphopt.passes.lib.expressions import Term, act, add, badd, bmul, expand, is_product, leaf, leaves, mul, same
-from graphopt.passes.lib.query import mutated_between, same_shape, tensor_meta
+from graphopt.passes.lib.query import is_inplace, same_shape, tensor_meta
 from graphopt.passes.lib.rewrite import replace_chain
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -72,12 +73,13 @@ RULES: list[tuple[Callable[[Term], Term], Callable, dict]] = [
 ]
 
 
-def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, Callable, dict, list[fx.Node]] | None:
+def _match(gm: fx.GraphModule, node: fx.Node, order: dict[fx.Node, int]
+           ) -> tuple[fx.Node, Callable, dict, list[fx.Node]] | None:
     """(x, the op, its kwargs, the nodes the expression spans) where ``node`` ends one of the RULES."""
     meta = tensor_meta(node)
     if not is_product(node) or meta is None or getattr(meta, "dtype", None) != torch.float32:
         return None
-    term, inner = expand(gm, node)
+    term, inner = expand(gm, node, order)
     if term.op == "leaf" or len(leaves(term)) != 1:
         return None
     (x,) = leaves(term)
@@ -89,18 +91,28 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, Callable, dict, 
     return None
 
 
+def _writes_between(gm: fx.GraphModule, inner: list[fx.Node], span: list[fx.Node]) -> bool:
+    """Does an op other than the expression's own write in place anywhere inside it? The one op runs where the
+    expression ends, reading x there: any write in between might reach x (through a view, ``out=``, ...), so
+    none is allowed, whatever it writes. (``span``: the nodes from the expression's first to its last.)"""
+    own = set(inner)
+    return any(is_inplace(gm, n) for n in span if n not in own)
+
+
 @register("fp32")
 def recognize_activations(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites, erased = 0, set()
-    for node in reversed(list(gm.graph.nodes)):  # last first: the whole expression, not a piece of it
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}  # (the rewrites below only replace nodes the later ones never read)
+    for node in reversed(nodes):  # last first: the whole expression, not a piece of it
         if node in erased:
             continue
-        found = _match(gm, node)
+        found = _match(gm, node, order)
         if found is None:
             continue
         x, fn, kwargs, inner = found
-        if mutated_between(gm, x, inner[0].prev, node):
-            ctx.miss("the activation's input is written in place inside the expression", node)
+        if _writes_between(gm, inner, [n for n in nodes[order[inner[0]]:order[node]] if n not in erased]):
+            ctx.miss("a value is written in place inside the expression", node)
             continue
         with gm.graph.inserting_before(node):
             op = gm.graph.call_function(fn, (x,), kwargs)

@@ -7,8 +7,12 @@ it is a linear like any other: fuse_linear_act takes it (with the activation aft
 runs it on MKL's GEMM packed once (where torch.addmm reads W afresh each call).
 
 W^T is a new constant (the user's W is not touched); W's storage is freed from the optimized graph once nothing
-else reads it. Where something else does read W (a tied weight), the copy would keep both: no rewrite. The GEMM
-may sum in another order, so this is an fp32 pass.
+else reads it. Where something else does read W (a tied weight), the copy would keep both: no rewrite.
+
+The GEMM may sum in another order, so this is an fp32 pass. One consequence beyond rounding: where a row's
+products pass float32's range inside the sum (inputs near 1e38), the order decides between +-inf and NaN, and
+F.linear may give NaN where eager's addmm gives +-inf (both an overflow; graphopt's range analysis keeps the
+other libraries away from such inputs, and graphopt's own graph runs them like this).
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ def _why_not(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return ""  # a product of two values, a bias that broadcasts over rows, ...: no linear
     if bias.shape[0] != weight.shape[1] or x_meta.shape[1] != weight.shape[0]:
         return ""
-    if len(w.users) > 1 or call_sites(gm, w.target) > 1 or shares_tensor(gm, weight, w.target):
+    if len(w.users) > 1 or node.args.count(w) > 1 or call_sites(gm, w.target) > 1 or \
+            shares_tensor(gm, weight, w.target):
         return "weight read elsewhere (its transposed copy would keep both)"
     return None
 

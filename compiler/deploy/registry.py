@@ -33,7 +33,7 @@ fmod frac full full_like gather ge gelu group_norm gt hardshrink heaviside hspli
 instance_norm isclose isfinite isinf isnan kron layer_norm le lerp log log10 log1p log2 log_softmax logaddexp
 logical_and logical_not logical_or logical_xor logit logsumexp lt masked_fill matmul max max_pool1d max_pool2d maximum
 mean median min minimum mm moveaxis movedim mul multiply mv nan_to_num nanmean narrow ne neg negative norm numel ones
-ones_like outer permute pixel_shuffle pixel_unshuffle polar pow prelu prod rad2deg reciprocal relu relu_ remainder
+ones_like outer permute pixel_shuffle pixel_unshuffle polar pow prelu prod rad2deg ravel reciprocal relu relu_ remainder
 repeat_interleave reshape roll rot90 round rsqrt rsub scatter scatter_add select selu sgn sigmoid sigmoid_ sign sin sinh
 softmax sort split sqrt square squeeze stack std std_mean sub subtract sum swapaxes swapdims t take_along_dim tan tanh
 tanh_ tensor_split threshold tile topk trace transpose tril triu true_divide trunc unbind unflatten unsqueeze var
@@ -57,7 +57,7 @@ _METHODS = """
 abs add add_ addmm all amax amin any argmax argmin bmm ceil chunk clamp clamp_ contiguous cos cumsum detach dim div
 div_ double eq exp expand expand_as flatten flip float floor gather ge gelu gt half index_select int is_contiguous
 le log log_softmax long lt masked_fill masked_fill_ matmul max mean min mm mul mul_ narrow ne neg norm numel permute
-pow relu relu_ repeat repeat_interleave reshape reshape_as roll round rsqrt select sigmoid sigmoid_ sign sin size
+pow ravel relu relu_ repeat repeat_interleave reshape reshape_as roll round rsqrt select sigmoid sigmoid_ sign sin size
 softmax split sqrt square squeeze std sub sub_ sum t tanh tanh_ tile to transpose tril triu type_as unbind unflatten
 unsqueeze var view view_as where zero_
 """

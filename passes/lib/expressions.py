@@ -6,13 +6,15 @@ reads as ``a * (1 / c)``, ``a - c`` as ``a + (-c)`` for a number ``c``. Their gr
 ``(x * r) / 6`` is not ``x * (r / 6)`` where ``x * r`` overflows (at x = 3e38 with r = 6 the first is inf, as
 F.hardswish is, the second 3e38), so ``bmul(bmul(x, r), 1 / 6)`` matches only the first.
 
-Below tanh and sigmoid, products and sums are flattened instead (``mul`` / ``add``: nested ones merged, numbers
-folded into one coefficient, resp. one constant term, ``a ** 2`` and ``a ** 3`` repeating ``a``), so that
+Below tanh and sigmoid, products and sums are flattened instead (``mul`` / ``add``: nested ones merged, their
+one number the coefficient, resp. the constant term, a leaf's ``** 2`` and ``** 3`` repeating it), so that
 
     sqrt(2 / pi) * (x + 0.044715 * x ** 3)        (0.044715 * x * x * x + x) * 0.7978845608028654
 
-read the same. There a grouping changes only rounding, or a huge value into +-inf, which tanh and sigmoid map
-where they map the huge value (the rules' tests run NaN, +-inf and overflowing inputs through every spelling).
+read the same. What a rule matches there is a regrouping of its own terms, all of x's sign, with one number
+each: a grouping changes only rounding, or a huge value into +-inf, which tanh and sigmoid map where they map the
+huge value (the rules' tests run NaN, +-inf and overflowing inputs through every spelling). Two numbers in one
+product or sum are not folded into one (``(x + 1e8) - 1e8`` is not x in float32): they match no rule.
 Numbers compare to a relative 1e-6 (FastGELU writes 0.7978845608). Activations read through
 patterns.match_act (every spelling: F.relu6, torch.clamp(y, 0, 6), nn.Tanh, ...).
 
@@ -34,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.passes.lib.patterns import match_act
-from graphopt.passes.lib.query import is_inplace
+from graphopt.passes.lib.query import is_inplace, written
 
 REL_TOL = 1e-6  # numbers in a rule against the model's: written to 8-10 digits (FastGELU's 0.7978845608)
 MAX_OPS = 32  # an expression reads at most this many ops (the formulas here have 9 at most): the rest are leaves
@@ -79,19 +81,21 @@ def act(name: str, x: Term) -> Term:
 
 
 def _fold(op: str, operands: list[Term]) -> Term:
-    """A product or sum in normal form: nested ones flattened, numbers folded, one operand left alone."""
-    value, rest = (1.0 if op == "mul" else 0.0), []
+    """A product or sum in normal form: nested ones flattened, its number (at most one) the coefficient, resp.
+    the constant term, one operand left alone. Two numbers or more are kept apart, as operands, and so match no
+    rule: folding them in float64 is not what float32 computes ((x + 1e8) - 1e8 is not x there)."""
+    unit, numbers, rest = (1.0 if op == "mul" else 0.0), [], []
     for o in operands:
-        if o.op == op:
-            value = value * o.value if op == "mul" else value + o.value
-            rest.extend(o.args)
-        elif o.op == "num":
-            value = value * o.value if op == "mul" else value + o.value
-        else:
-            rest.append(o)
+        if o.op == op and o.value != unit:
+            numbers.append(o.value)
+        for part in (o.args if o.op == op else (o,)):
+            (numbers if part.op == "num" else rest).append(part.value if part.op == "num" else part)
+    if len(numbers) > 1:
+        return Term(op, unit, tuple(rest) + tuple(num(v) for v in numbers))
+    value = numbers[0] if numbers else unit
     if not rest:
         return num(value)
-    if len(rest) == 1 and value == (1.0 if op == "mul" else 0.0):
+    if len(rest) == 1 and value == unit:
         return rest[0]
     return Term(op, value, tuple(rest))
 
@@ -117,12 +121,20 @@ def _pairs(left: list[Term], right: list[Term]) -> bool:
 
 
 def leaves(t: Term) -> list[fx.Node]:
-    """The graph values the expression reads, each once, in the order met."""
-    if t.op == "leaf":
-        return [t.node]
+    """The graph values the expression reads, each once, in the order met (each shared term visited once)."""
     out: list[fx.Node] = []
-    for a in t.args:
-        out += [n for n in leaves(a) if n not in out]
+    seen: set[int] = set()
+    stack = [t]
+    while stack:
+        term = stack.pop()
+        if id(term) in seen:
+            continue
+        seen.add(id(term))
+        if term.op == "leaf":
+            if term.node not in out:
+                out.append(term.node)
+        else:
+            stack.extend(reversed(term.args))
     return out
 
 
@@ -169,7 +181,9 @@ def _arithmetic(node: fx.Node, expand_node: Any, flat: bool) -> Term | None:
         if exponent is None or not isinstance(a, fx.Node):
             return None
         base = expand_node(a, flat)
-        return mul(*[base] * int(exponent)) if flat and exponent in (2.0, 3.0) else Term("pow", exponent, (base,))
+        if flat and exponent in (2.0, 3.0) and base.op == "leaf":
+            return mul(*[base] * int(exponent))  # (only a leaf: repeating a product would grow it exponentially)
+        return Term("pow", exponent, (base,))
     left, right = _operand(a, expand_node, flat), _operand(b, expand_node, flat)
     if left is None or right is None:
         return None
@@ -193,11 +207,17 @@ def _activation(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, str] | None
     return x, {"hardtanh:0.0:6.0": "relu6"}.get(name, name)
 
 
-def expand(gm: fx.GraphModule, root: fx.Node) -> tuple[Term, list[fx.Node]]:
-    """``root``'s normal form and the nodes it looked through, in graph order (none where it is a leaf)."""
+def expand(gm: fx.GraphModule, root: fx.Node, order: dict[fx.Node, int] | None = None
+           ) -> tuple[Term, list[fx.Node]]:
+    """``root``'s normal form and the nodes it looked through, in graph order (``order``: each node's position,
+    when the caller has it), none where it is a leaf. Each node is read once (a value read twice by one op is
+    one term, shared)."""
     inner: list[fx.Node] = []
+    memo: dict[tuple[fx.Node, bool], Term] = {}
 
     def expand_node(node: fx.Node, flat: bool = False) -> Term:
+        if (node, flat) in memo:
+            return memo[node, flat]
         if (node is not root and len(node.users) != 1) or len(inner) >= MAX_OPS:
             return leaf(node)
         reads = _reads(gm, node)
@@ -206,16 +226,20 @@ def expand(gm: fx.GraphModule, root: fx.Node) -> tuple[Term, list[fx.Node]]:
         mark = len(inner)
         inner.append(node)
         term = reads(expand_node, flat)
-        if term is not None and is_inplace(gm, node) and node.args[0] not in inner[mark + 1:]:
+        if term is not None and is_inplace(gm, node) and written(node) not in inner[mark + 1:]:
             term = None  # it writes into a value the expression does not own
         if term is None:
+            for n in inner[mark:]:
+                memo.pop((n, True), None)
+                memo.pop((n, False), None)
             del inner[mark:]
             return leaf(node)
+        memo[node, flat] = term
         return term
 
     term = expand_node(root)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return term, sorted(set(inner), key=order.__getitem__)
+    position = order or {n: i for i, n in enumerate(gm.graph.nodes)}
+    return term, sorted(set(inner), key=position.__getitem__)
 
 
 def _reads(gm: fx.GraphModule, node: fx.Node) -> Any:

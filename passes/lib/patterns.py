@@ -208,7 +208,10 @@ def _number(v: Any) -> float | None:
 
 
 def match_act(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, str] | None:
-    """(input, act string) for an elementwise activation the fused ops implement."""
+    """(input, act string) for an elementwise activation the fused ops implement (not one writing into ``out=``:
+    absorbing it would drop that write)."""
+    if "out" in node.kwargs:
+        return None
     act = None
     if node.op == "call_module":
         m = module_of(gm, node)

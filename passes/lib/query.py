@@ -58,6 +58,8 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
                       operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
+_INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+                    "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__"}
 _RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "multinomial",
            "normal", "poisson", "randperm", "dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d",
            "dropout2d", "dropout3d", "rrelu", "uniform_", "normal_", "bernoulli_", "exponential_", "random_"}
@@ -65,6 +67,11 @@ _VIEWS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t"
           "expand", "expand_as", "narrow", "select", "detach", "contiguous", "as_strided", "chunk", "split",
           "unbind", "view_as", "reshape_as", "movedim", "swapaxes", "diagonal", "unfold", "real", "imag",
           "getitem", "T", "mT", "to", "type_as", "float", "squeeze_", "unsqueeze_",
+          "ravel", "broadcast_to", "tensor_split", "split_with_sizes", "hsplit", "vsplit", "dsplit", "unsafe_split",
+          "unsafe_chunk", "swapdims", "moveaxis", "adjoint", "atleast_1d", "atleast_2d", "atleast_3d", "view_as_real",
+          "view_as_complex", "conj", "resolve_conj", "resolve_neg", "H", "mH",
+          # these return their input itself when nothing is to be done (x.cpu() on the CPU, x.type(x.dtype), +x)
+          "cpu", "type", "positive", "getattr",
           # these return their input itself when they do nothing (eval dropout, identity)
           "dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d", "identity"}
 _ALIAS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -82,10 +89,10 @@ def is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
         return bool(getattr(module_of(gm, node), "inplace", False))
     if node.op not in ("call_function", "call_method"):
         return False
-    if node.kwargs.get("inplace") is True or node.target in _INPLACE_OPERATORS:
+    if node.kwargs.get("inplace") is True or node.target in _INPLACE_OPERATORS or "out" in node.kwargs:
         return True
     name = _name(node)
-    if name.endswith("_") and not name.endswith("__"):
+    if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS:
         return True
     schema = getattr(node.target, "_schema", None)
     return bool(schema is not None and schema.is_mutable)
@@ -112,6 +119,16 @@ def is_impure(gm: fx.GraphModule, node: fx.Node) -> bool:
     return is_inplace(gm, node) or is_random(gm, node) or (node.op == "call_function" and node.is_impure())
 
 
+def written(node: fx.Node) -> fx.Node | None:
+    """The value an in-place node writes into: ``out=``, else its first argument (given by position or as
+    ``input=`` / ``self=`` / ``tensor=``); None where that is not a graph value."""
+    v = node.kwargs.get("out")
+    if v is None:
+        v = node.args[0] if node.args else next((node.kwargs[k] for k in ("input", "self", "tensor")
+                                                  if k in node.kwargs), None)
+    return v if isinstance(v, fx.Node) else None
+
+
 def _is_view(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and _name(node) in _VIEWS
 
@@ -128,8 +145,9 @@ def alias_roots(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
 
     for node in graph.nodes:
         parent.setdefault(node, node)
-        base = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        # views share storage with their base; in-place ops return their (mutated) input
+        # views share storage with their base; in-place ops return their (mutated) input, out= ops their out
+        base = written(node) if node.op != "call_module" else \
+            node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         module = module_of(gm, node) if node.op == "call_module" and gm is not None else None
         module_alias = module is not None and (isinstance(module, _ALIAS_MODULES) or getattr(module, "inplace", False))
         if base is not None and (_is_view(node) or _returns_self(node) or module_alias):
@@ -140,7 +158,7 @@ def alias_roots(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
 def _returns_self(node: fx.Node) -> bool:
     name = _name(node)
     return node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__")) \
-        or node.kwargs.get("inplace") is True
+        or name in _INPLACE_DUNDERS or node.kwargs.get("inplace") is True or "out" in node.kwargs
 
 
 def mutated_roots(gm: fx.GraphModule) -> set[fx.Node]:
@@ -148,8 +166,9 @@ def mutated_roots(gm: fx.GraphModule) -> set[fx.Node]:
     roots = alias_roots(gm.graph)
     out = set()
     for node in gm.graph.nodes:
-        if is_inplace(gm, node) and node.args and isinstance(node.args[0], fx.Node):
-            out.add(roots[node.args[0]])
+        target = written(node) if is_inplace(gm, node) else None
+        if target is not None:
+            out.add(roots[target])
     return out
 
 
@@ -158,8 +177,8 @@ def mutated_between(gm: fx.GraphModule, value: fx.Node, first: fx.Node, last: fx
     roots = alias_roots(gm.graph)
     node = first.next
     while node is not last and node.op != "root":
-        if is_inplace(gm, node) and node.args and isinstance(node.args[0], fx.Node) \
-                and roots[node.args[0]] is roots[value]:
+        target = written(node) if is_inplace(gm, node) else None
+        if target is not None and roots[target] is roots[value]:
             return True
         node = node.next
     return False

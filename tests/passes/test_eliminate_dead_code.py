@@ -34,6 +34,20 @@ def test_inplace_op_without_users_stays():
     assert torch.equal(gm(x), m(x))
 
 
+def test_a_write_through_out_or_a_dunder_without_users_stays():
+    class M(nn.Module):
+        def forward(self, x):
+            y = x * 2
+            torch.add(y, 1.0, out=y)  # its result is unused, but it writes y
+            y.__setitem__(0, 5.0)
+            return y
+
+    m, x = M().eval(), torch.randn(3, 4)
+    gm = traced(m, x)
+    assert apply(eliminate_dead_code, gm, x) == 0
+    assert torch.equal(gm(x), m(x))
+
+
 def test_inplace_module_without_users_stays():
     class M(nn.Module):
         def __init__(self):

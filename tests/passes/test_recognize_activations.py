@@ -51,6 +51,8 @@ SPELLINGS = {
     "hardswish hardtanh in place": (lambda x: (x * F.hardtanh(x + 3, 0.0, 6.0, inplace=True)).div(6),
                                     (F.hardswish, {})),
     "hardsigmoid": (hard_sigmoid, (F.hardsigmoid, {})),
+    # an in-place op on the expression's own intermediate, its input given by keyword
+    "hardswish clamp_(input=)": (lambda x: x * torch.clamp_(input=x + 3, min=0, max=6) / 6, (F.hardswish, {})),
 }
 
 
@@ -90,6 +92,9 @@ NOT_ACTIVATIONS = {
     "an intermediate read elsewhere": lambda x, y: (lambda s: (x * s, s))(torch.sigmoid(x)),
     "in place on the input": lambda x, y: x * x.sigmoid_(),
     "0.5 * (x * (1 + tanh(..)))": lambda x, y: 0.5 * (x * (1.0 + torch.tanh(0.7978845608 * (x + 0.044715 * x ** 3)))),
+    "a write into out=": lambda x, y: (x * torch.sigmoid(x, out=y), y),  # absorbing it would drop the write
+    # two numbers in one sum: (x + 1e8) - 1e8 is not x in float32
+    "numbers that float32 does not fold": lambda x, y: x * torch.sigmoid(x + 1e8 - 1e8),
     "another power": lambda x, y: 0.5 * x * (1.0 + torch.tanh(0.7978845608 * (x + 0.044715 * torch.pow(x, 4.0)))),
 }
 
@@ -126,8 +131,57 @@ def test_an_input_written_in_place_inside_the_expression_is_a_miss():
     gm = traced(m, x.clone())
     ctx = PassContext((x.clone(),))
     assert apply(recognize_activations, gm, x.clone(), ctx=ctx) == 0
-    assert ctx.misses.counts() == {"the activation's input is written in place inside the expression": 1}
+    assert ctx.misses.counts() == {"a value is written in place inside the expression": 1}
     torch.testing.assert_close(gm(x.clone()), m(x.clone()))
+
+
+WRITES = {  # each writes x between the sigmoid and the product, reaching it another way
+    "through ravel": lambda x: x.ravel().add_(1.0),
+    "through out=": lambda x: torch.add(x, 1.0, out=x),
+    "through __setitem__": lambda x: x.__setitem__(0, 5.0),
+    "by keyword": lambda x: nn.init.constant_(tensor=x, val=0.3),
+    "through x.cpu()": lambda x: x.cpu().mul_(2.0),
+}
+
+
+@pytest.mark.parametrize("name", WRITES)
+def test_any_write_inside_the_expression_is_a_miss(name):
+    def f(x):
+        s = torch.sigmoid(x)
+        WRITES[name](x)
+        return x * s
+
+    m, x = Formula(f).eval(), torch.randn(4, 8)
+    gm = traced(m, x.clone())
+    ctx = PassContext((x.clone(),))
+    assert apply(recognize_activations, gm, x.clone(), ctx=ctx) == 0
+    assert ctx.misses.counts() == {"a value is written in place inside the expression": 1}
+    torch.testing.assert_close(gm(x.clone()), m(x.clone()))
+
+
+def test_a_chain_of_powers_is_read_in_linear_time():
+    def f(x):  # (((x ** 3) ** 3) ...): expanding each power as a product would grow 3^20 terms
+        y = x
+        for _ in range(20):
+            y = y ** 3
+        return x * torch.sigmoid(y)
+
+    m, x = Formula(f).eval(), torch.rand(2, 3)
+    gm = traced(m, x)
+    assert apply(recognize_activations, gm, x) == 0
+
+
+def test_a_long_chain_of_silus_is_all_rewritten():
+    def f(x):
+        for _ in range(300):
+            x = x * torch.sigmoid(x)
+        return x
+
+    m, x = Formula(f).eval(), torch.randn(2, 3)
+    gm = traced(m, x)
+    assert apply(recognize_activations, gm, x) == 300
+    assert len(_calls(gm, F.silu)) == 300
+    close(gm(x), m(x))
 
 
 def test_only_float32_is_rewritten():
