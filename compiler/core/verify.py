@@ -256,6 +256,7 @@ def _close(new: Any, old: Any, exact: bool) -> bool:
         return same_bits(new, old)
     if not isinstance(old, torch.Tensor) or new.shape != old.shape:
         return False
+    new, old = new.detach(), old.detach()  # (a value that requires grad: float() of it warns)
     scale = float(old[old.isfinite()].abs().max()) if old.isfinite().any() else 1.0
     return bool(torch.isclose(new, old, rtol=1e-4, atol=1e-5 * scale + 1e-7, equal_nan=True).all())
 
