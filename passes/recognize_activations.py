@@ -80,9 +80,10 @@ def _match(gm: fx.GraphModule, node: fx.Node, order: dict[fx.Node, int]
     if not is_product(node) or meta is None or getattr(meta, "dtype", None) != torch.float32:
         return None
     term, inner = expand(gm, node, order)
-    if term.op == "leaf" or len(leaves(term)) != 1:
+    read = leaves(term)
+    if term.op == "leaf" or len(read) != 1:
         return None
-    (x,) = leaves(term)
+    (x,) = read
     if not same_shape(x, node):
         return None
     for formula, fn, kwargs in RULES:

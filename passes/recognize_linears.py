@@ -22,16 +22,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from graphopt.passes import PassContext, register
-from graphopt.passes.lib.query import attr_value, call_sites, shares_tensor, tensor_meta
+from graphopt.passes.lib.query import attr_value, call_sites, constant_value, shares_tensor, tensor_meta
 from graphopt.passes.lib.rewrite import add_constant, replace_chain
 
 
 def _constant(gm: fx.GraphModule, v: object, ndim: int) -> torch.Tensor | None:
     """The float32 tensor of ``ndim`` dimensions behind a get_attr node, else None."""
-    if not isinstance(v, fx.Node) or v.op != "get_attr":
-        return None
-    t = attr_value(gm, v.target)
-    return t if isinstance(t, torch.Tensor) and t.dim() == ndim and t.dtype == torch.float32 else None
+    t = constant_value(gm, v)
+    return t if t is not None and t.dim() == ndim and t.dtype == torch.float32 else None
 
 
 def _why_not(gm: fx.GraphModule, node: fx.Node) -> str | None:

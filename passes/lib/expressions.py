@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.passes.lib.patterns import match_act
-from graphopt.passes.lib.query import is_inplace, written
+from graphopt.passes.lib.query import is_inplace, number, written
 
 REL_TOL = 1e-6  # numbers in a rule against the model's: written to 8-10 digits (FastGELU's 0.7978845608)
 MAX_OPS = 32  # an expression reads at most this many ops (the formulas here have 9 at most): the rest are leaves
@@ -89,7 +89,10 @@ def _fold(op: str, operands: list[Term]) -> Term:
         if o.op == op and o.value != unit:
             numbers.append(o.value)
         for part in (o.args if o.op == op else (o,)):
-            (numbers if part.op == "num" else rest).append(part.value if part.op == "num" else part)
+            if part.op == "num":
+                numbers.append(part.value)
+            else:
+                rest.append(part)
     if len(numbers) > 1:
         return Term(op, unit, tuple(rest) + tuple(num(v) for v in numbers))
     value = numbers[0] if numbers else unit
@@ -153,15 +156,11 @@ def is_product(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and node.target in _MUL | _DIV
 
 
-def _number(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
 FLATTENED_BELOW = ("tanh", "sigmoid")
 
 
 def _operand(v: Any, expand_node: Any, flat: bool) -> Term | None:
-    n = _number(v)
+    n = number(v)
     if n is not None:
         return num(n)
     return expand_node(v, flat) if isinstance(v, fx.Node) else None
@@ -177,7 +176,7 @@ def _arithmetic(node: fx.Node, expand_node: Any, flat: bool) -> Term | None:
         return None  # (torch.div's rounding_mode, an add's alpha, an out=)
     a, b = node.args
     if target in _POW:
-        exponent = _number(b)
+        exponent = number(b)
         if exponent is None or not isinstance(a, fx.Node):
             return None
         base = expand_node(a, flat)
@@ -207,10 +206,9 @@ def _activation(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, str] | None
     return x, {"hardtanh:0.0:6.0": "relu6"}.get(name, name)
 
 
-def expand(gm: fx.GraphModule, root: fx.Node, order: dict[fx.Node, int] | None = None
-           ) -> tuple[Term, list[fx.Node]]:
-    """``root``'s normal form and the nodes it looked through, in graph order (``order``: each node's position,
-    when the caller has it), none where it is a leaf. Each node is read once (a value read twice by one op is
+def expand(gm: fx.GraphModule, root: fx.Node, order: dict[fx.Node, int]) -> tuple[Term, list[fx.Node]]:
+    """``root``'s normal form and the nodes it looked through, in graph order (``order``: each node's position),
+    none where it is a leaf. Each node is read once (a value read twice by one op is
     one term, shared)."""
     inner: list[fx.Node] = []
     memo: dict[tuple[fx.Node, bool], Term] = {}
@@ -238,8 +236,7 @@ def expand(gm: fx.GraphModule, root: fx.Node, order: dict[fx.Node, int] | None =
         return term
 
     term = expand_node(root)
-    position = order or {n: i for i, n in enumerate(gm.graph.nodes)}
-    return term, sorted(set(inner), key=position.__getitem__)
+    return term, sorted(set(inner), key=order.__getitem__)
 
 
 def _reads(gm: fx.GraphModule, node: fx.Node) -> Any:

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.kernels import activations
-from graphopt.passes.lib.query import arg, attr_value, constant_value, module_of, tensor_meta
+from graphopt.passes.lib.query import arg, attr_value, constant_value, module_of, number, tensor_meta
 
 # A "ref" below is a graph value (fx.Node) or, for a module's parameter, its attribute path (str).
 
@@ -194,14 +194,10 @@ def match_batch_norm(gm: fx.GraphModule, node: fx.Node) -> BatchNorm | None:
             problem = "BatchNorm in training mode"
         elif mean is None or var is None:
             problem = "BatchNorm statistics not constant"
-        elif (w is not None and weight is None) or (b is not None and bias is None) or _number(eps) is None:
+        elif (w is not None and weight is None) or (b is not None and bias is None) or number(eps) is None:
             problem = "BatchNorm parameters computed at run time"
-        return BatchNorm(node, x, mean, var, weight, bias, _number(eps) or 0.0, problem)
+        return BatchNorm(node, x, mean, var, weight, bias, number(eps) or 0.0, problem)
     return None
-
-
-def _number(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 # ---------------------------------------------------------------- activations (spellings: kernels/activations.py)

@@ -46,6 +46,11 @@ def same_shape(a: fx.Node, b: fx.Node) -> bool:
         and ma.shape == mb.shape and ma.dtype == mb.dtype
 
 
+def number(v: Any) -> float | None:
+    """A Python int or float argument as a float (not a bool); None for anything else."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     """An argument given by position or keyword."""
     if len(node.args) > index:
