@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from typing import Callable
 
 import torch
@@ -65,6 +66,14 @@ def pack_linear_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
 def has_mkl_linear() -> bool:
     """Does this torch build have MKL's packed GEMM (``mkl::_mkl_linear``, what Inductor's freezing uses)?"""
     return bool(torch._C.has_mkl) and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+def mkl_gemm_fast() -> bool:
+    """Is MKL's float32 GEMM the one to run here? Only where torch has it and the CPU is Intel's (or of a vendor
+    this cannot read): MKL runs its AVX-512 kernels on Intel CPUs only, and on others a generic path that oneDNN
+    beats (an AMD EPYC, Zen 5: MKL at about 185 GFLOP/s on two cores, oneDNN 0.42-0.45x its time from 128 to
+    512 rows, 0.79-0.85x with oneDNN capped at AVX2; bench/kernels.py's "other GEMM" column)."""
+    return has_mkl_linear() and cpu_vendor() in ("GenuineIntel", None)
 
 
 def pack_linear_weight_mkl(weight: torch.Tensor, rows: int) -> torch.Tensor:
@@ -145,13 +154,31 @@ def onednn_avx512() -> bool:
     return "avx512f" in _cpu_flags() and onednn_isa_cap() not in _BELOW_AVX512_CAPS
 
 
-@functools.lru_cache(maxsize=1)
 def _cpu_flags() -> frozenset[str]:
+    return _cpuinfo()[1]
+
+
+def cpu_vendor() -> str | None:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...), or None where it cannot be read."""
+    return _cpuinfo()[0]
+
+
+_VENDORS = ("GenuineIntel", "AuthenticAMD", "HygonGenuine", "CentaurHauls")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str | None, frozenset[str]]:
+    """(vendor, ISA flags) from /proc/cpuinfo; elsewhere the vendor named in platform.processor() (Windows
+    writes it there) and no flags."""
     try:
         with open("/proc/cpuinfo") as f:
-            return frozenset(flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split())
+            lines = f.read().splitlines()
     except OSError:
-        return frozenset()
+        named = platform.processor()
+        return next((v for v in _VENDORS if v in named), None), frozenset()
+    vendor = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), None)
+    flags = frozenset(flag for line in lines if line.startswith("flags") for flag in line.split(":", 1)[1].split())
+    return vendor or None, flags
 
 
 def int8_scheme() -> str:

@@ -1,13 +1,13 @@
 """Lower the fused ops to oneDNN's fused primitives, with weights reordered once, now.
 
     graphopt::conv2d_act(x, w, b, ..., act, r)  ->  mkldnn::_convolution_pointwise[.binary](x, [r,] W, b, ...)
-    graphopt::linear_act(x, w, b, act)          ->  mkl::_mkl_linear(x, W, w, b, rows)        (large weights)
-                                                    mkldnn::_linear_pointwise(x, W, b, ...)  (... without MKL)
+    graphopt::linear_act(x, w, b, act)          ->  mkl::_mkl_linear(x, W, w, b, rows)        (large, Intel CPU)
+                                                    mkldnn::_linear_pointwise(x, W, b, ...)  (large, elsewhere)
                                                     aten::linear(x, w, b)                    (small: less overhead)
 
 W is the weight packed once for the traced input shape (any batch size still runs): a plain linear
 weight would be reordered on every call (measured, 768x768 at 16 rows: 0.22 ms plain, 0.15 ms packed).
-Large fp32 linears run on MKL's packed GEMM where torch has MKL (as Inductor's freezing does), their
+On an Intel CPU, large fp32 linears run on MKL's packed GEMM (as Inductor's freezing does), their
 activation after it in place: faster than oneDNN's primitive with the activation as a post-op at 128 to
 16384 rows (measured interleaved, (512 | 2048) x 768 -> 3072: MKL's time / oneDNN's 0.95-0.96 with GELU,
 0.91-0.95 SiLU, 0.95-0.96 sigmoid, 0.92-0.99 tanh, 0.94-0.95 hardswish, 0.95-0.96 leaky_relu; 16384 x 1024
@@ -17,7 +17,10 @@ torch has no MKL. With MKL and oneDNN capped at AVX2 (MKL_ENABLE_INSTRUCTIONS, O
 wins on every activation: 0.82-0.89 with GELU, SiLU and GELU's tanh form (0.87-0.95 with torch's own
 kernels capped too, ATEN_CPU_CAPABILITY=avx2). Rows other than the traced count run on the plain weight
 through aten::linear. A linear with few rows (a batch-1 classifier head) or a small weight runs through
-aten::linear, MKL's unpacked GEMM (1280 -> 1000 at one row: 0.13 ms, oneDNN 0.19).
+aten::linear, MKL's unpacked GEMM (1280 -> 1000 at one row: 0.13 ms, oneDNN 0.19). On other vendors'
+CPUs (and without MKL) MKL's generic path loses to oneDNN's primitive from about a million multiply-adds
+on (linear_kernel; an AMD EPYC, Zen 5: 0.42-0.45x MKL's time at 128 to 512 rows, 0.79-0.85x with oneDNN
+capped at AVX2), the activation fused as its post-op where that is exact.
 
 The activation becomes a oneDNN post-op where oneDNN's results equal eager's on NaN and inf
 too (kernels/cpu.py); relu, relu6, hardtanh run as an in-place op after the primitive instead.
@@ -44,16 +47,26 @@ from graphopt.passes.lib.rewrite import add_constant, copy_meta
 SMALL_LINEAR = 1 << 15  # weights with fewer elements run faster through aten::linear (measured: bench/)
 FEW_ROWS = 4  # ... and inputs with this many rows or fewer (all dimensions but the last)
 POSTOP_FASTER = frozenset({"gelu:tanh"})  # activations oneDNN's AVX-512 post-op applies faster than torch's in place
+# Without MKL's fast GEMM: oneDNN's primitive from this many multiply-adds (rows x weight elements), aten::linear
+# below (on an AMD EPYC, Zen 5: oneDNN / aten 0.96-0.99 at 2^20 (16 x 256 -> 256), 1.2-1.3 at 2^19, 0.4-0.5
+# from 2^22; oneDNN's fixed cost about 12 us a call).
+ONEDNN_MACS = 1 << 20
 
 
 def linear_kernel(weight: torch.Tensor, rows: int, act: str) -> str:
     """Which kernel a float32 linear of ``weight`` with activation ``act`` on inputs of ``rows`` rows runs on: "mkl"
-    (MKL's packed GEMM, the activation after it in place), "onednn" (oneDNN's primitive: where torch has no MKL,
-    and for the activations in POSTOP_FASTER where oneDNN has AVX-512, fused as its post-op) or "aten"
-    (aten::linear: small or few-row)."""
-    if weight.numel() < SMALL_LINEAR or rows <= FEW_ROWS or weight.dim() != 2:
+    (MKL's packed GEMM, the activation after it in place), "onednn" (oneDNN's primitive, the activation fused as
+    its post-op where that is exact) or "aten" (aten::linear). Where MKL's GEMM is the fast one (an Intel CPU):
+    MKL, but aten for a small weight or few rows, and oneDNN for the activations in POSTOP_FASTER where oneDNN
+    has AVX-512. Elsewhere (another vendor's CPU, or no MKL): oneDNN from ONEDNN_MACS multiply-adds, below that
+    aten, whose GEMM costs less than the primitive's fixed overhead."""
+    if weight.dim() != 2:
         return "aten"
-    return "mkl" if cpu.has_mkl_linear() and not (act in POSTOP_FASTER and cpu.onednn_avx512()) else "onednn"
+    if not cpu.mkl_gemm_fast():
+        return "onednn" if rows * weight.numel() >= ONEDNN_MACS else "aten"
+    if weight.numel() < SMALL_LINEAR or rows <= FEW_ROWS:
+        return "aten"
+    return "onednn" if act in POSTOP_FASTER and cpu.onednn_avx512() else "mkl"
 
 
 def _lowerable(gm: fx.GraphModule, x: fx.Node, w: fx.Node, b: fx.Node | None) -> torch.Tensor | None:

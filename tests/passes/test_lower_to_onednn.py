@@ -60,26 +60,30 @@ def test_conv_lowering_four_ways(act, residual):
     assert apply(lower_to_onednn, gm, x) == 0
 
 
-@pytest.mark.parametrize("features", [(12, 7), (512, 256)])
-@pytest.mark.parametrize("rows", [3, 2 * 9])
+@pytest.mark.parametrize("features", [(12, 7), (256, 128), (512, 256), (1024, 1024)])
+@pytest.mark.parametrize("rows", [2, 3, 2 * 9])
 @pytest.mark.parametrize("act", [nn.Identity(), nn.ReLU(), nn.GELU(), nn.SiLU()], ids=repr)
-@pytest.mark.parametrize("mkl", [True, False], ids=["mkl", "no-mkl"])
+@pytest.mark.parametrize("mkl", [True, False], ids=["mkl-fast", "mkl-slow-or-absent"])
 def test_linear_lowering(features, rows, act, mkl, monkeypatch):
+    """Where MKL's GEMM is the fast one (an Intel CPU), large linears run on it and the rest on aten; elsewhere
+    oneDNN's primitive takes every linear of ONEDNN_MACS multiply-adds or more."""
     from graphopt.kernels import cpu
-    from graphopt.passes.lower_to_onednn import FEW_ROWS, SMALL_LINEAR
+    from graphopt.passes.lower_to_onednn import FEW_ROWS, ONEDNN_MACS, SMALL_LINEAR
 
     if mkl and not cpu.has_mkl_linear():
         pytest.skip("this torch build has no MKL")
-    monkeypatch.setattr(cpu, "has_mkl_linear", lambda: mkl)
+    monkeypatch.setattr(cpu, "mkl_gemm_fast", lambda: mkl)
     m = nn.Sequential(nn.Linear(*features), act).eval()
     x = torch.randn(rows // 9 if rows > FEW_ROWS else rows, *([9] if rows > FEW_ROWS else []), features[0])
     x.view(-1)[0] = float("nan")
     gm = _fused(m, x)
     assert apply(lower_to_onednn, gm, x) == 1
     assert not graphopt_calls(gm, "linear_act")
-    packed = features[0] * features[1] >= SMALL_LINEAR and rows > FEW_ROWS
-    assert (MKL_LINEAR in _targets(gm)) == (packed and mkl)  # MKL's packed GEMM where torch has it
-    assert (LINEAR in _targets(gm)) == (packed and not mkl)  # oneDNN's primitive where it has not
+    weight_size = features[0] * features[1]
+    packed = weight_size >= SMALL_LINEAR and rows > FEW_ROWS if mkl else rows * weight_size >= ONEDNN_MACS
+    assert (MKL_LINEAR in _targets(gm)) == (packed and mkl)  # MKL's packed GEMM where it is the fast one
+    assert (LINEAR in _targets(gm)) == (packed and not mkl)  # oneDNN's primitive elsewhere
+    assert (torch.nn.functional.linear in _targets(gm)) == (not packed)
     if packed:  # the weight packed once, for the traced rows
         weights = [n for n in gm.graph.nodes if n.op == "get_attr"]
         suffix = "_mkl" if mkl else "_onednn"
@@ -89,6 +93,42 @@ def test_linear_lowering(features, rows, act, mkl, monkeypatch):
         other = torch.randn(5, *x.shape[1:])  # (other rows run on the packed weight too)
         close(gm(other), m(other))
     assert apply(lower_to_onednn, gm, x) == 0
+
+
+@pytest.mark.parametrize("vendor, fast", [("GenuineIntel", True), (None, True), ("AuthenticAMD", False),
+                                          ("HygonGenuine", False)])
+def test_mkls_gemm_is_chosen_only_on_intel_cpus_or_where_the_vendor_is_unknown(vendor, fast, monkeypatch):
+    """MKL runs its AVX-512 kernels on Intel CPUs only (kernels/cpu.py: mkl_gemm_fast), and without MKL never."""
+    from graphopt.kernels import cpu
+    from graphopt.passes.lower_to_onednn import linear_kernel
+
+    monkeypatch.setattr(cpu, "cpu_vendor", lambda: vendor)
+    for has_mkl in (True, False):
+        monkeypatch.setattr(cpu, "has_mkl_linear", lambda has_mkl=has_mkl: has_mkl)
+        assert cpu.mkl_gemm_fast() is (fast and has_mkl)
+        kernel = linear_kernel(torch.empty(3072, 768), 128, "gelu")  # (GPT-2's MLP at 128 tokens)
+        assert kernel == ("mkl" if fast and has_mkl else "onednn")
+
+
+def test_the_cpu_vendor_and_flags_are_read_from_proc_cpuinfo_or_the_platform(monkeypatch, tmp_path):
+    import builtins
+
+    from graphopt.kernels import cpu
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f\n\n"
+                    "processor\t: 1\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f\n")
+    real_open = builtins.open
+    for path, vendor, flags in [(str(info), "AuthenticAMD", {"fpu", "avx2", "avx512f"}),
+                                (str(tmp_path / "absent"), "GenuineIntel", set())]:
+        monkeypatch.setattr(builtins, "open", lambda f, *a, p=path, **k: real_open(p if f == "/proc/cpuinfo" else f,
+                                                                                   *a, **k))
+        monkeypatch.setattr(cpu.platform, "processor", lambda: "Intel64 Family 6 Model 85 Stepping 7, GenuineIntel")
+        cpu._cpuinfo.cache_clear()
+        try:
+            assert (cpu.cpu_vendor(), cpu._cpu_flags()) == (vendor, flags)
+        finally:
+            cpu._cpuinfo.cache_clear()
 
 
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "avx2"])
@@ -102,6 +142,7 @@ def test_mkl_runs_a_linear_with_its_activation_in_place_after_it_but_gelu_tanh_k
 
     if not cpu.has_mkl_linear():
         pytest.skip("this torch build has no MKL")
+    monkeypatch.setattr(cpu, "mkl_gemm_fast", lambda: True)  # (as on an Intel CPU)
     monkeypatch.setattr(cpu, "onednn_avx512", lambda: avx512)
     m, x = nn.Sequential(nn.Linear(256, 256), act).eval(), torch.randn(rows, 256)
     x[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
