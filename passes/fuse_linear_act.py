@@ -1,22 +1,27 @@
 """Fuse linear [+ activation] into one ``graphopt::linear_act``.
 
-    act(linear(x, W, b))  ->  linear_act(x, W, b, act)
+    act(linear(x, W, b))        ->  linear_act(x, W, b, act)
+    act(view(linear(x, W, b)))  ->  view(linear_act(x, W, b, act))
 
 A linear with no activation after it becomes ``linear_act(..., "none")``, so that every GEMM
-runs on the backend's kernel.
+runs on the backend's kernel. An activation is elementwise, so it commutes with a reshape: where the
+linear's output goes only through a view (or reshape) to the activation and nowhere else, the
+activation moves before the view and fuses (Hugging Face's GPT-2 ``Conv1D`` returns its 2-d GEMM
+through a view to 3-d, and its MLP's GELU follows it).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from graphopt.kernels.ops import OPS
 from graphopt.kernels.signatures import LinearAct
 from graphopt.passes import PassContext, register
 from graphopt.passes.lib.epilogue import inputs_stable, match_epilogue
-from graphopt.passes.lib.patterns import Linear, match_linear
-from graphopt.passes.lib.query import tensor_meta
-from graphopt.passes.lib.rewrite import as_node, replace_chain
+from graphopt.passes.lib.patterns import Linear, match_act, match_linear
+from graphopt.passes.lib.query import only_user, tensor_meta
+from graphopt.passes.lib.rewrite import as_node, copy_meta, replace_chain
 
 
 def _unfusable(linear: Linear) -> str | None:
@@ -31,6 +36,37 @@ def _unfusable(linear: Linear) -> str | None:
     return None
 
 
+def _is_reshape(node: fx.Node) -> bool:
+    """x.view(shape), x.reshape(shape) or torch.reshape(x, shape) (not ``view(dtype)``, which reinterprets bits)."""
+    shaped = node.op == "call_method" and node.target in ("view", "reshape") or \
+        node.op == "call_function" and node.target is torch.reshape
+    return shaped and not any(isinstance(a, torch.dtype) for a in (*node.args, *node.kwargs.values()))
+
+
+def _act_through_view(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """act(view(node)) -> view(act(node)) where the view is ``node``'s only reader and the activation (with no
+    other graph input) the view's: nothing else sees either value, so nothing can tell."""
+    view = only_user(node)
+    if view is None or not _is_reshape(view) or not view.args or view.args[0] is not node:
+        return False
+    act = only_user(view)
+    found = match_act(gm, act) if act is not None else None
+    if found is None or found[0] is not view or act.all_input_nodes != [view]:
+        return False
+    with gm.graph.inserting_before(view):
+        moved = gm.graph.node_copy(act, lambda n: node if n is view else n)
+    with gm.graph.inserting_before(act):
+        reshaped = gm.graph.node_copy(view, lambda n: moved if n is node else n)
+    copy_meta(moved, act, [act])
+    if "tensor_meta" in node.meta:
+        moved.meta["tensor_meta"] = node.meta["tensor_meta"]  # (the linear's shape: the view now follows)
+    copy_meta(reshaped, act, [view])
+    act.replace_all_uses_with(reshaped)
+    gm.graph.erase_node(act)
+    gm.graph.erase_node(view)
+    return True
+
+
 @register("fp32")
 def fuse_linear_act(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
@@ -42,6 +78,7 @@ def fuse_linear_act(gm: fx.GraphModule, ctx: PassContext) -> int:
         if why is not None:
             ctx.miss(why, node)
             continue
+        _act_through_view(gm, node)
         ep = match_epilogue(gm, node, allow_residual=False, kind="linear")
         if not ep.last.users:
             continue  # dead work: eliminate_dead_code's, not ours to rewrite
