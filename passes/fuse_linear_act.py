@@ -20,7 +20,7 @@ from graphopt.kernels.signatures import LinearAct
 from graphopt.passes import PassContext, register
 from graphopt.passes.lib.epilogue import inputs_stable, match_epilogue
 from graphopt.passes.lib.patterns import Linear, match_act, match_linear
-from graphopt.passes.lib.query import only_user, tensor_meta
+from graphopt.passes.lib.query import mutated_between, only_user, tensor_meta
 from graphopt.passes.lib.rewrite import as_node, copy_meta, replace_chain
 
 
@@ -43,15 +43,20 @@ def _is_reshape(node: fx.Node) -> bool:
     return shaped and not any(isinstance(a, torch.dtype) for a in (*node.args, *node.kwargs.values()))
 
 
-def _act_through_view(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """act(view(node)) -> view(act(node)) where the view is ``node``'s only reader and the activation (with no
-    other graph input) the view's: nothing else sees either value, so nothing can tell."""
+def _act_through_view(gm: fx.GraphModule, linear: Linear) -> bool:
+    """act(view(y)) -> view(act(y)) for the linear's output y, where the view is y's only reader and the
+    activation (with no other graph input) the view's: nothing else sees either value, so nothing can tell. Not
+    where the linear's inputs are written in place before the activation (the fusion would not take it then)."""
+    node = linear.node
     view = only_user(node)
     if view is None or not _is_reshape(view) or not view.args or view.args[0] is not node:
         return False
     act = only_user(view)
     found = match_act(gm, act) if act is not None else None
     if found is None or found[0] is not view or act.all_input_nodes != [view]:
+        return False
+    if any(isinstance(v, fx.Node) and mutated_between(gm, v, node, act)
+           for v in (linear.input, linear.weight, linear.bias)):
         return False
     with gm.graph.inserting_before(view):
         moved = gm.graph.node_copy(act, lambda n: node if n is view else n)
@@ -78,7 +83,7 @@ def fuse_linear_act(gm: fx.GraphModule, ctx: PassContext) -> int:
         if why is not None:
             ctx.miss(why, node)
             continue
-        _act_through_view(gm, node)
+        _act_through_view(gm, linear)
         ep = match_epilogue(gm, node, allow_residual=False, kind="linear")
         if not ep.last.users:
             continue  # dead work: eliminate_dead_code's, not ours to rewrite
