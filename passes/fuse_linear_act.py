@@ -46,7 +46,8 @@ def _is_reshape(node: fx.Node) -> bool:
 def _act_through_view(gm: fx.GraphModule, linear: Linear) -> bool:
     """act(view(y)) -> view(act(y)) for the linear's output y, where the view is y's only reader and the
     activation (with no other graph input) the view's: nothing else sees either value, so nothing can tell. Not
-    where the linear's inputs are written in place before the activation (the fusion would not take it then)."""
+    where the linear's inputs are written in place before the view, where the activation would go (the fusion
+    would not take it there)."""
     node = linear.node
     view = only_user(node)
     if view is None or not _is_reshape(view) or not view.args or view.args[0] is not node:
@@ -55,7 +56,7 @@ def _act_through_view(gm: fx.GraphModule, linear: Linear) -> bool:
     found = match_act(gm, act) if act is not None else None
     if found is None or found[0] is not view or act.all_input_nodes != [view]:
         return False
-    if any(isinstance(v, fx.Node) and mutated_between(gm, v, node, act)
+    if any(isinstance(v, fx.Node) and mutated_between(gm, v, node, view)
            for v in (linear.input, linear.weight, linear.bias)):
         return False
     with gm.graph.inserting_before(view):

@@ -179,6 +179,8 @@ def mutated_roots(gm: fx.GraphModule) -> set[fx.Node]:
 
 def mutated_between(gm: fx.GraphModule, value: fx.Node, first: fx.Node, last: fx.Node) -> bool:
     """Is ``value`` (or anything sharing its storage) written in place strictly between two nodes?"""
+    if first is last:
+        return False  # (nothing is between a node and itself)
     roots = alias_roots(gm.graph)
     node = first.next
     while node is not last and node.op != "root":

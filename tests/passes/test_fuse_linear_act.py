@@ -89,7 +89,7 @@ def test_an_activation_after_a_view_of_the_linear_moves_before_it_and_fuses(resh
 
 
 @pytest.mark.parametrize("case", ["view read twice", "linear read twice", "view(dtype)", "transpose", "softmax",
-                                  "act of two values", "input written before the act"])
+                                  "act of two values", "input written before the view"])
 def test_an_activation_after_a_view_stays_where_anything_else_sees_the_values(case):
     """The activation moves only where the view is the linear's one reader and the activation the view's, on a
     reshape (not a transpose, not a bit cast), and only for an elementwise activation of that one value."""
@@ -112,10 +112,9 @@ def test_an_activation_after_a_view_stays_where_anything_else_sees_the_values(ca
                 return F.relu(y.transpose(0, 1))
             if case == "softmax":
                 return F.softmax(y.view(2, 3, 16), dim=-1)
-            if case == "input written before the act":
-                v = y.view(2, 3, 16)
+            if case == "input written before the view":
                 x.mul_(2)
-                return F.relu(v)
+                return F.relu(y.view(2, 3, 16))
             return torch.maximum(y.view(2, 3, 16), x.sum() * torch.ones(2, 3, 16))
 
     m, x = M().eval(), torch.randn(6, 12)
@@ -127,11 +126,35 @@ def test_an_activation_after_a_view_stays_where_anything_else_sees_the_values(ca
                 if n.op in ("call_method", "call_function") and n not in fused]
 
     before = rest(gm)
-    written = case == "input written before the act"  # (then the linear does not fuse at all)
-    assert apply(fuse_linear_act, gm, x.clone()) == (0 if written else 1)        # the linear fuses on its own
-    for fused in graphopt_calls(gm, "linear_act"):
-        assert fused.args[3] == "none"                                            # the activation stays apart
-        assert not any(u.op == "output" for u in fused.users) or case == "linear read twice"
+    assert apply(fuse_linear_act, gm, x.clone()) == 1                             # the linear fuses on its own
+    (fused,) = graphopt_calls(gm, "linear_act")
+    assert fused.args[3] == "none"                                                # the activation stays apart
+    assert not any(u.op == "output" for u in fused.users) or case == "linear read twice"
     assert rest(gm) == before                                                     # nothing else moved
     with torch.no_grad():
         close(gm(x.clone()), m(x.clone()))  # (one case writes its input)
+
+
+@pytest.mark.parametrize("act", [nn.Identity(), nn.ReLU()], ids=["none", "relu"])
+def test_a_linear_whose_input_is_written_after_it_still_fuses(act):
+    """Nothing runs between a linear and itself: a write to its input after the linear (and its activation)
+    does not stop the fusion (it did: the check ran on to the end of the graph)."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(12, 16), act
+
+        def forward(self, x):
+            y = self.act(self.fc(x))
+            x.mul_(2)
+            return y, x
+
+    m, x = M().eval(), torch.randn(6, 12)
+    gm = traced(m, x.clone())
+    assert apply(fuse_linear_act, gm, x.clone()) == 1
+    (fused,) = graphopt_calls(gm, "linear_act")
+    assert fused.args[3] == ("relu" if isinstance(act, nn.ReLU) else "none")
+    with torch.no_grad():
+        close(gm(x.clone()), m(x.clone()))
+    assert apply(fuse_linear_act, gm, x.clone()) == 0
