@@ -34,6 +34,7 @@ _SPECIAL: dict[Any, tuple[Callable, tuple[int, ...] | None]] = {
 }
 _METHODS = {"view", "expand", "contiguous", "to", "size", "sym_size", "type_as", "repeat", "expand_as"}
 _PLAIN_OPS = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}  # operator.* only without kwargs
+_METADATA_ASSERTS = {aten._assert_tensor_metadata.default}
 
 
 def _raised(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
@@ -84,9 +85,9 @@ def raise_aten(gm: fx.GraphModule) -> int:
     """Rewrite aten calls to their torch-level spellings, in place; returns how many were rewritten."""
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":  # torch.export's input guards
-            gm.graph.erase_node(node)
-            continue
+        if node.op == "call_module" and node.target == "_guards_fn" or node.target in _METADATA_ASSERTS:
+            gm.graph.erase_node(node)  # torch.export's input guards, and its record that a .to() found the dtype and
+            continue                   # device it was traced with: the module checks its inputs' (module.py)
         raised = _raised(node) if node.op == "call_function" else None
         if raised is None:
             continue
