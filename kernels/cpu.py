@@ -167,11 +167,11 @@ _VENDORS = ("GenuineIntel", "AuthenticAMD", "HygonGenuine", "CentaurHauls")
 
 
 @functools.lru_cache(maxsize=1)
-def _cpuinfo() -> tuple[str | None, frozenset[str]]:
+def _cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str | None, frozenset[str]]:
     """(vendor, ISA flags) from /proc/cpuinfo; elsewhere the vendor named in platform.processor() (Windows
     writes it there) and no flags."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             lines = f.read().splitlines()
     except OSError:
         named = platform.processor()

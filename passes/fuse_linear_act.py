@@ -56,8 +56,7 @@ def _act_through_view(gm: fx.GraphModule, linear: Linear) -> bool:
     found = match_act(gm, act) if act is not None else None
     if found is None or found[0] is not view or act.all_input_nodes != [view]:
         return False
-    if any(isinstance(v, fx.Node) and mutated_between(gm, v, node, view)
-           for v in (linear.input, linear.weight, linear.bias)):
+    if mutated_between(gm, (linear.input, linear.weight, linear.bias), node, view):
         return False
     with gm.graph.inserting_before(view):
         moved = gm.graph.node_copy(act, lambda n: node if n is view else n)

@@ -85,9 +85,11 @@ def raise_aten(gm: fx.GraphModule) -> int:
     """Rewrite aten calls to their torch-level spellings, in place; returns how many were rewritten."""
     count = 0
     for node in list(gm.graph.nodes):
+        # torch.export's input guards, and its record that a .to() found the dtype and device it was traced with
+        # (the module checks its inputs' own: module.py)
         if node.op == "call_module" and node.target == "_guards_fn" or node.target in _METADATA_ASSERTS:
-            gm.graph.erase_node(node)  # torch.export's input guards, and its record that a .to() found the dtype and
-            continue                   # device it was traced with: the module checks its inputs' (module.py)
+            gm.graph.erase_node(node)
+            continue
         raised = _raised(node) if node.op == "call_function" else None
         if raised is None:
             continue

@@ -80,4 +80,4 @@ def match_epilogue(gm: fx.GraphModule, producer: fx.Node, allow_residual: bool, 
 
 def inputs_stable(gm: fx.GraphModule, ep: Epilogue, values: list) -> bool:
     """The fused node runs where the epilogue's last node was: its inputs must not change in between."""
-    return not any(isinstance(v, fx.Node) and mutated_between(gm, v, ep.nodes[0], ep.last) for v in values)
+    return not mutated_between(gm, values, ep.nodes[0], ep.last)

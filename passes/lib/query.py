@@ -7,7 +7,7 @@ match is certain (the helpers that mutate are in rewrite.py).
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
@@ -177,15 +177,18 @@ def mutated_roots(gm: fx.GraphModule) -> set[fx.Node]:
     return out
 
 
-def mutated_between(gm: fx.GraphModule, value: fx.Node, first: fx.Node, last: fx.Node) -> bool:
-    """Is ``value`` (or anything sharing its storage) written in place strictly between two nodes?"""
-    if first is last:
+def mutated_between(gm: fx.GraphModule, values: Iterable[Any], first: fx.Node, last: fx.Node) -> bool:
+    """Is any of ``values`` (graph values; anything else is skipped), or anything sharing its storage, written in
+    place strictly between two nodes?"""
+    nodes = [v for v in values if isinstance(v, fx.Node)]
+    if first is last or not nodes:
         return False  # (nothing is between a node and itself)
-    roots = alias_roots(gm.graph)
+    roots = alias_roots(gm.graph)  # (once for all the values)
+    watched = {roots[v] for v in nodes}
     node = first.next
     while node is not last and node.op != "root":
         target = written(node) if is_inplace(gm, node) else None
-        if target is not None and roots[target] is roots[value]:
+        if target is not None and roots[target] in watched:
             return True
         node = node.next
     return False
