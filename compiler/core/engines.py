@@ -23,7 +23,14 @@ Guarantees kept:
   they round a requantization their own way, so their outputs are checked against graphopt's int8 graph by
   SQNR (``int8_disagreement``, INT8_AGREE_DB), not bits. No NaN guard: graphopt's own int8 kernels do not keep
   eager's NaN either (a NaN has no int8 code). Which int8 plan runs at all is compiler/int8/plans.py's choice.
-- Only at the measured shapes: a call whose input shapes differ from the example's runs graphopt's graph.
+- At the example's shapes, and at other batch sizes in ONNX Runtime: the graph is exported with its batch
+  (dimension 0 of every input) free. The chosen session runs calls at the example's shapes (OpenVINO's and a
+  one-thread session with the batch fixed there: OpenVINO's dynamic-shape kernels measured 1.02-1.11x slower
+  at the example's shape); calls at any other batch size run in ONNX Runtime's session on torch's threads where
+  that session measured faster than graphopt's graph at the example's shape (``by_batch``), checked at another
+  batch size as well as on the example. (Only the example's batch size is timed.) Where the export fails or that
+  check disagrees, the graph is exported at the example's shapes and other batch sizes run graphopt's graph,
+  as does any other call.
 - The plan is saved (manifest.json names the engine); load() rebuilds the session from the loaded graph
   (no ONNX file is ever read from a saved folder), checks it against graphopt's graph, and runs the same plan.
 - The choice is in ``opt.report`` (a row "engine: <name> (its ms; the others' ms)"), ``opt.engine`` and
@@ -104,17 +111,18 @@ def resolve_engines(engines: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(e for e in ENGINES if e in names)
 
 
-def onnx_model(module: torch.nn.Module, inputs: tuple, checks: Sequence[str] = (), by_sum: Collection[str] = ()
-               ) -> bytes:
-    """The optimized graph as ONNX, at the example's shapes (the engine runs only there), returning max |v| of
-    each value named in ``checks`` (sum |v| of those in ``by_sum``) after its own outputs."""
+def onnx_model(module: torch.nn.Module, inputs: tuple, checks: Sequence[str] = (), by_sum: Collection[str] = (),
+               dynamic_batch: bool = False) -> bytes:
+    """The optimized graph as ONNX, at the example's shapes (``dynamic_batch``: its batch free), returning max |v|
+    of each value named in ``checks`` (sum |v| of those in ``by_sum``) after its own outputs."""
     from graphopt.compiler.core.capture import locked_tracing
     from graphopt.compiler.core.pipeline import is_quantized
     from graphopt.compiler.deploy.onnx import exportable, int8_weights, write_onnx
 
     buffer = io.BytesIO()
     with locked_tracing():  # (the exporter traces: one at a time, like every trace)
-        write_onnx(exportable(module, checks, for_engine=True, by_sum=by_sum), inputs, buffer, dynamic_batch=False)
+        write_onnx(exportable(module, checks, for_engine=True, by_sum=by_sum), inputs, buffer,
+                   dynamic_batch=dynamic_batch)
     return int8_weights(buffer.getvalue()) if is_quantized(module.portable) else buffer.getvalue()
 
 
@@ -140,22 +148,41 @@ def _outputs(spec: Any, limits: Sequence[float]) -> Callable[[list], Any]:
     return convert
 
 
-def _arrays(shapes: Sequence[tuple]) -> Callable[[tuple], list | None]:
+def batch_of(shapes: Sequence[tuple]) -> int | None:
+    """The inputs' common batch size (dimension 0), or None where they have none (a 0-d input, sizes that differ)."""
+    sizes = {shape[0] if len(shape) else None for shape in shapes}
+    return next(iter(sizes)) if len(sizes) == 1 else None
+
+
+def any_batch(name: str, threads: str, dynamic: bool) -> bool:
+    """Does the session over an export (``dynamic``: its batch free) take any batch size? Only ONNX Runtime's on
+    torch's threads: OpenVINO's is fixed at the example's shapes (faster there), a one-thread one at the example's
+    batch (it was chosen for a quick call; more rows split across the pool)."""
+    return dynamic and name == "onnxruntime" and threads == "torch"
+
+
+def _arrays(shapes: Sequence[tuple], any_batch: bool) -> Callable[[tuple], list | None]:
     """A call's inputs as numpy views, or None where the call is not the library's: anything but float32 CPU
-    tensors of exactly the measured ``shapes``, or an input that wants grad while grad mode is on (graphopt's own
-    path then runs it, or says what is wrong with it). This check and the views are all the Python a library's
-    call adds: about 3 us alone, several times that right after a run of the library's spinning thread pool.
-    (No torch op: any torch op between two library runs cost 20-30 us more than it takes alone, measured on a
-    0.3 ms ConvNet in ONNX Runtime.)"""
+    tensors of the measured ``shapes`` (``any_batch``: or of their sizes past dimension 0, with a common batch
+    size), or an input that wants grad while grad mode is on (graphopt's own path then runs it, or says what is
+    wrong with it). This check and the views are all the Python a library's call adds: about 3 us alone, several
+    times that right after a run of the library's spinning thread pool. (No torch op: any torch op between two
+    library runs cost 20-30 us more than it takes alone, measured on a 0.3 ms ConvNet in ONNX Runtime.)"""
     sizes = [torch.Size(shape) for shape in shapes]
 
     def arrays(args: tuple) -> list | None:
         if len(args) != len(sizes):
             return None
-        out = []
+        out, rows = [], None
         for x, size in zip(args, sizes):
-            if type(x) is not torch.Tensor or x.shape != size or x.dtype is not torch.float32 or not x.is_cpu:
+            if type(x) is not torch.Tensor or x.dtype is not torch.float32 or not x.is_cpu:
                 return None
+            if x.shape != size and not (any_batch and x.dim() == len(size) and x.shape[1:] == size[1:]
+                                        and x.shape[0] > 0):
+                return None
+            if any_batch and rows is not None and x.shape[0] != rows:
+                return None
+            rows = x.shape[0] if any_batch else None
             if x.requires_grad:
                 if torch.is_grad_enabled():
                     return None
@@ -169,8 +196,8 @@ def _threads(threads: str) -> int:
     return 1 if threads == "1" else torch.get_num_threads()
 
 
-def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float], shapes: Sequence[tuple]
-                 ) -> Callable:
+def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float], shapes: Sequence[tuple],
+                 any_batch: bool) -> Callable:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -178,7 +205,7 @@ def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float],
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     names, wanted = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
-    arrays, outputs = _arrays(shapes), _outputs(spec, limits)
+    arrays, outputs = _arrays(shapes, any_batch), _outputs(spec, limits)
     # the session's compiled run, without the Python wrapper's per-call checks of what this function builds
     # itself (3 us of a 0.03 ms MLP, measured); the wrapper's where a version has no such attribute. (A version
     # whose compiled run takes other arguments fails the first call, in optimize() or load(): graphopt runs.)
@@ -193,27 +220,32 @@ def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float],
     # anything else. Python right after a run of the session is several times slower than alone (its caches
     # cold, the pool spinning): each frame less was 2-4% of a 0.27 ms ConvNet, measured interleaved.
     (name,), size, bound = names, torch.Size(shapes[0]), float(limits[0]) if limits else math.inf
+    rank, rest = len(size), size[1:]
 
     def run_one(*args: torch.Tensor) -> Any:
         if len(args) == 1:
             x = args[0]
-            if (type(x) is torch.Tensor and x.shape == size and x.dtype is torch.float32 and x.is_cpu
-                    and not x.requires_grad and x.is_contiguous()):
+            if (type(x) is torch.Tensor and x.dtype is torch.float32 and x.is_cpu and not x.requires_grad
+                    and x.is_contiguous() and (x.shape == size or (any_batch and x.dim() == rank and x.shape[0] > 0
+                                                                   and x.shape[1:] == rest))):
                 got = call(wanted, {name: x.numpy()}, None)
                 return torch.from_numpy(got[0]) if len(got) == 1 or float(got[1]) <= bound else None
         return run(*args)
     return run_one
 
 
-def _openvino(model: bytes, spec: Any, threads: str, limits: Sequence[float], shapes: Sequence[tuple]) -> Callable:
+def _openvino(model: bytes, spec: Any, threads: str, limits: Sequence[float], shapes: Sequence[tuple],
+              any_batch: bool) -> Callable:
     import openvino as ov
 
     core = ov.Core()
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
               "INFERENCE_NUM_THREADS": _threads(threads)}
-    compiled = core.compile_model(core.read_model(model), "CPU", config)
+    graph = core.read_model(model)  # (fixed at the example's shapes: a free batch measured 1.02-1.11x slower there)
+    graph.reshape({port: list(shape) for port, shape in zip(graph.inputs, shapes)})
+    compiled = core.compile_model(graph, "CPU", config)
     local = threading.local()  # an infer request serves one call at a time: one per thread
-    arrays, outputs = _arrays(shapes), _outputs(spec, limits)
+    arrays, outputs = _arrays(shapes, False), _outputs(spec, limits)
 
     def run(*args: torch.Tensor) -> Any:
         feed = arrays(args)
@@ -231,11 +263,12 @@ _BUILDERS = {"onnxruntime": _onnxruntime, "openvino": _openvino}
 
 
 def build(name: str, model: bytes, spec: Any, shapes: Sequence[tuple], threads: str = "torch",
-          limits: Sequence[float] = ()) -> Callable:
-    """``name``'s session over ``model`` (exported at input ``shapes``) as a function of tensors: the graph's
-    outputs, or None where the call is not the library's (``_arrays``) or one of the checked values (``limits``,
-    in the order of the model's extra outputs) is not within its limit."""
-    return _BUILDERS[name](model, spec, threads, limits, shapes)
+          limits: Sequence[float] = (), dynamic: bool = False) -> Callable:
+    """``name``'s session over ``model`` (exported at input ``shapes``; ``dynamic``: with its batch free) as a
+    function of tensors: the graph's outputs, or None where the call is not the library's (``_arrays``; other
+    batch sizes where ``any_batch``) or one of the checked values (``limits``, in the order of the model's extra
+    outputs) is not within its limit."""
+    return _BUILDERS[name](model, spec, threads, limits, shapes, any_batch(name, threads, dynamic))
 
 
 def label(name: str, threads: str) -> str:
@@ -250,7 +283,10 @@ class EnginePlan:
     threads: str = "torch"  # the engine's session threads (THREADS)
     limit: float | None = None  # calls with finite inputs within +-limit may run the engine
     checks: dict[str, float] = field(default_factory=dict)  # ... if these values are within +-their limit
-    shapes: tuple = ()  # ... and with exactly these input shapes
+    shapes: tuple = ()  # ... and with these input shapes
+    dynamic_batch: bool = False  # exported with its batch free
+    other_batches: bool = False  # ... and calls at other batch sizes run in ONNX Runtime's pool session (by_batch)
+    fixed_batch: str | None = None  # why not, where the export or its check at another batch size failed
     measured_ms: dict[str, float] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)  # library -> why it was not chosen
 
@@ -264,10 +300,22 @@ class EnginePlan:
         mine = f"{self.measured_ms[self.label]:.3f} ms; " if self.label in self.measured_ms else ""
         return f"engine: {self.label} ({mine}{', '.join(others)})" if mine or others else f"engine: {self.label}"
 
+    def batch_sizes(self) -> str:
+        """Which library runs which batch sizes, in words: "any: onnxruntime", "1: openvino; any other:
+        onnxruntime" or "1: openvino" (any other: graphopt's graph)."""
+        if self.engine == "graphopt":
+            return "any: graphopt"
+        batch = batch_of(self.shapes)
+        example = f"{batch}: {self.label}" if batch is not None else f"the example's shapes: {self.label}"
+        if not self.other_batches:
+            return example
+        return "any: onnxruntime" if self.label == "onnxruntime" else f"{example}; any other: onnxruntime"
+
     def as_dict(self) -> dict:
+        batch = {"sizes": self.batch_sizes(), "fixed_because": self.fixed_batch} if self.engine != "graphopt" else None
         return {"engine": self.engine, "threads": self.threads, "partition": "whole graph", "input_limit": self.limit,
-                "range_checks": self.checks,
-                "shapes": [list(s) for s in self.shapes], "measured_ms": self.measured_ms, "reasons": self.reasons}
+                "range_checks": self.checks, "shapes": [list(s) for s in self.shapes], "batch": batch,
+                "measured_ms": self.measured_ms, "reasons": self.reasons}
 
 
 NO_BOUND = ("no proven NaN-free input range (an op without a bound, or gains past float32's range): "
@@ -382,22 +430,20 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
         plan.reasons = {name: reason for name in names}
         return plan, None
     checked, limits, by_sum = _checked(opt, plan)
-    try:
-        model = onnx_model(opt, fresh(inputs), checked, by_sum)
-    except Exception as e:  # an op the exporter cannot write: graphopt runs it
-        plan.reasons = {name: f"the ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                        for name in names}
-        return plan, None
-    if dump_dir is not None:
-        (dump_dir / "engine.onnx").write_bytes(model)
     runners: dict[tuple[str, str], Callable] = {}  # (library, threads) -> runner
+    model = b""  # (the export add() builds its sessions over: set below)
 
     def add(name: str, threads: str) -> None:
         try:
-            runner = build(name, model, spec, plan.shapes, threads, limits)
+            runner = build(name, model, spec, plan.shapes, threads, limits, plan.dynamic_batch)
             with torch.no_grad():
                 out = runner(*fresh(inputs))
             problem = "its range checks fail on the example" if out is None else check(tree_flatten(out)[0])
+            if problem is None and plan.dynamic_batch:
+                problem = _other_batch_disagreement(opt, runner, inputs, name, threads)
+                if problem is not None:  # (the export's fault: every session runs the example's shapes instead)
+                    plan.fixed_batch = f"{label(name, threads)} {problem}"
+                    return
         except Exception as e:
             problem = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         if problem is None:
@@ -405,8 +451,25 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
         else:
             plan.reasons[label(name, threads)] = f"rejected by the numerics check: {problem}"
 
-    for name in names:
-        add(name, "torch")
+    # The export with its batch free where the inputs have one (ONNX Runtime then takes other batch sizes too);
+    # where that export fails, or a session over it disagrees at another batch size, at the example's shapes only
+    for dynamic in ([True, False] if batch_of(plan.shapes) is not None else [False]):
+        plan.dynamic_batch, runners, plan.reasons = dynamic, {}, {}
+        try:
+            model = onnx_model(opt, fresh(inputs), checked, by_sum, dynamic_batch=dynamic)
+        except Exception as e:  # an op the exporter cannot write: graphopt runs it
+            why = f"the ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            if dynamic:
+                plan.fixed_batch = f"with its batch free, {why}"
+                continue
+            plan.reasons = {name: why for name in names}
+            return plan, None
+        for name in names:
+            add(name, "torch")
+        if not (dynamic and plan.fixed_batch):
+            break
+    if dump_dir is not None:
+        (dump_dir / "engine.onnx").write_bytes(model)
     if not runners:
         return plan, None
     sizes = call_ms({"graphopt": opt, **{label(*k): r for k, r in runners.items()}}, fresh(inputs), warmup=WARMUP,
@@ -425,7 +488,68 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
         ms = plan.measured_ms[label(*key)]
         return ms / ONE_THREAD_EDGE if key[1] == "1" else ms
     plan.engine, plan.threads = best = min(faster, key=cost)
+    pool = ("onnxruntime", "torch")
+    plan.other_batches = plan.dynamic_batch and pool in faster
+    if plan.other_batches and best != pool:
+        return plan, by_batch(runners[best], runners[pool], plan.shapes)
     return plan, runners[best]
+
+
+def by_batch(example: Callable, others: Callable, shapes: Sequence[tuple]) -> Callable:
+    """One runner of two: ``example`` for calls at the example's ``shapes``, ``others`` (ONNX Runtime's session over
+    the free-batch export) for the rest. (A call ``example`` declines at its shapes, its range checks failed or
+    not a call for a library, goes to graphopt's graph, not to ``others``: it would decline it too.)"""
+    sizes = tuple(torch.Size(shape) for shape in shapes)
+    if len(sizes) == 1:
+        (size,) = sizes
+
+        def one(*args: torch.Tensor) -> Any:
+            x = args[0] if len(args) == 1 else None
+            return example(*args) if type(x) is torch.Tensor and x.shape == size else others(*args)
+        return one
+
+    def run(*args: torch.Tensor) -> Any:
+        at = len(args) == len(sizes) and all(type(x) is torch.Tensor and x.shape == s for x, s in zip(args, sizes))
+        return example(*args) if at else others(*args)
+    return run
+
+
+def _disagreement(opt: torch.nn.Module, runner: Callable, probe: tuple) -> str | None:
+    """What is wrong with the library's answers on ``probe`` against graphopt's own graph (``opt``, no engine in it
+    yet), or None: bits to rounding for an fp32 graph, INT8_AGREE_DB for an int8 one."""
+    from graphopt.compiler.core.capture import fresh
+    from graphopt.compiler.core.pipeline import is_quantized
+
+    with torch.no_grad():
+        out = runner(*fresh(probe))
+        if out is None:
+            return "its range checks fail"
+        want, got = tree_flatten(opt(*fresh(probe)))[0], tree_flatten(out)[0]
+    if len(want) != len(got):
+        return f"{len(got)} outputs, graphopt's graph {len(want)}"
+    if is_quantized(opt.portable):
+        return int8_disagreement(want, got)
+    for i, (w, o) in enumerate(zip(want, got)):
+        try:
+            torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5 * max(1.0, float(w.abs().max())))
+        except AssertionError as e:
+            return f"output {i}: {str(e).strip().splitlines()[0][:120]}"
+    return None
+
+
+def _other_batch_disagreement(opt: torch.nn.Module, runner: Callable, inputs: tuple, name: str, threads: str
+                              ) -> str | None:
+    """Where a session over a free-batch export takes batch sizes other than the example's: what is wrong with
+    its answers at one (the example's rows cycled to it, row r scaled by 1 - r / (2 rows): rows that differ, so
+    that an export which broadcast one row fails, within the example's magnitudes), or None."""
+    if not any_batch(name, threads, True):
+        return None
+    batch = batch_of([tuple(t.shape) for t in inputs])
+    rows = batch + 1
+    scale = 1.0 - torch.arange(rows, dtype=torch.float32) / (2 * rows)
+    probe = tuple(t[torch.arange(rows) % batch] * scale.view(-1, *[1] * (t.dim() - 1)) for t in inputs)
+    problem = _disagreement(opt, runner, probe)
+    return None if problem is None else f"disagrees with graphopt's graph at batch size {rows}: {problem}"
 
 
 def race(candidates: dict[str, Callable], inputs: tuple, sizes: dict[str, float] | None = None) -> dict[str, float]:
@@ -457,10 +581,13 @@ def race(candidates: dict[str, Callable], inputs: tuple, sizes: dict[str, float]
 
 
 def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True, threads: str = "torch",
-            limits: dict | None = None) -> tuple[EnginePlan | None, Callable | None, str | None]:
-    """The saved plan on load: rebuild ``name``'s session (on ``threads``, with the saved range ``limits``) from
-    ``opt``'s loaded graph and check it against graphopt's own graph on a seeded input. (plan, runner, None), or
-    (None, None, why graphopt's graph runs)."""
+            limits: dict | None = None, dynamic_batch: bool = False, other_batches: bool = False
+            ) -> tuple[EnginePlan | None, Callable | None, str | None]:
+    """The saved plan on load: rebuild ``name``'s session (on ``threads``, with the saved range ``limits``, over an
+    export with its batch free if ``dynamic_batch``; and ONNX Runtime's for ``other_batches``) from ``opt``'s
+    loaded graph and check it against graphopt's own graph on a seeded input (and at another batch size where it
+    takes one). (plan, runner, None); (None, None, why graphopt's graph runs); or, where only the session for
+    other batch sizes fails, (plan, runner at the example's shapes, why)."""
     from graphopt.compiler.core.capture import fresh
     from graphopt.compiler.core.pipeline import is_quantized
 
@@ -472,22 +599,35 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
     g = torch.Generator().manual_seed(PROBE_SEED)
     bound = plan.limit or 1.0
     probe = tuple(torch.randn(t.shape, generator=g).clamp(-bound, bound) for t in inputs)
+    plan.dynamic_batch = dynamic_batch and batch_of(plan.shapes) is not None
+    checked, limits, by_sum = _checked(opt, plan)
     try:
-        checked, limits, by_sum = _checked(opt, plan)
-        runner = build(name, onnx_model(opt, fresh(inputs), checked, by_sum), spec, plan.shapes, threads, limits)
-        with torch.no_grad():
-            out = runner(*fresh(probe))
-            if out is None:
-                return None, None, f"{name}'s range checks fail on load's seeded probe input"
-            want, got = tree_flatten(opt(*fresh(probe)))[0], tree_flatten(out)[0]
-        if is_quantized(opt.portable):
-            problem = int8_disagreement(want, got)
-            if problem is not None:
-                return None, None, f"{name} disagrees with graphopt's int8 graph on load's probe input: {problem}"
-        else:
-            for w, o in zip(want, got, strict=True):
-                torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5 * max(1.0, float(w.abs().max())))
+        model = onnx_model(opt, fresh(inputs), checked, by_sum, dynamic_batch=plan.dynamic_batch)
     except Exception as e:
         return None, None, f"{name} could not run it as saved: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+    def rebuilt(library: str, threads: str) -> tuple[Callable | None, str | None]:
+        try:
+            runner = build(library, model, spec, plan.shapes, threads, limits, plan.dynamic_batch)
+            problem = _disagreement(opt, runner, probe)
+            if problem is None and plan.dynamic_batch:
+                problem = _other_batch_disagreement(opt, runner, probe, library, threads)
+        except Exception as e:
+            return None, f"{library} could not run it as saved: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        if problem is not None:
+            graph = "graphopt's int8 graph" if is_quantized(opt.portable) else "graphopt's graph"
+            return None, f"{library} disagrees with {graph} on load's seeded probe input: {problem}"
+        return runner, None
+
+    runner, why = rebuilt(name, threads)
+    if runner is None:
+        return None, None, why
     plan.engine, plan.threads = name, threads
+    plan.other_batches = other_batches and plan.dynamic_batch
+    if plan.other_batches and not any_batch(name, threads, True):
+        others, why = rebuilt("onnxruntime", "torch") if installed("onnxruntime") else (None, "it is not installed")
+        if others is None:
+            plan.other_batches = False
+            return plan, runner, f"batch sizes other than the example's run graphopt's own kernels: {why}"
+        runner = by_batch(runner, others, plan.shapes)
     return plan, runner, None

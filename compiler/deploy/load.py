@@ -174,6 +174,9 @@ def _manifest(root: Path) -> dict:
     if manifest.setdefault("engine_threads", "torch") not in THREADS:
         raise LoadError(f"manifest.json names the engine threads {str(manifest['engine_threads'])[:20]!r}; graphopt "
                         f"has {', '.join(THREADS)}", hint=_HINT)
+    for key in ("engine_dynamic_batch", "engine_other_batches"):
+        if not isinstance(manifest.setdefault(key, False), bool):
+            raise LoadError(f"manifest.json: {key} is not true or false", hint=_HINT)
     manifest["engine_limits"] = _engine_limits(manifest.get("engine_limits"))
     manifest["engine_int8_sums"] = _engine_int8_sums(manifest.get("engine_int8_sums"))
     manifest["inputs"] = [_input_spec(i, s) for i, s in enumerate(inputs)]
@@ -274,9 +277,11 @@ def load(path: str | os.PathLike) -> OptimizedModule:
                       "(scheme s8) would saturate in this CPU's int8 arithmetic", stacklevel=2)
     elif manifest["engine"] != "graphopt":
         plan, runner, why = restore(manifest["engine"], module, inputs, guarded=manifest["nan_checks"] == "fast",
-                                    threads=manifest["engine_threads"], limits=manifest["engine_limits"])
+                                    threads=manifest["engine_threads"], limits=manifest["engine_limits"],
+                                    dynamic_batch=manifest["engine_dynamic_batch"],
+                                    other_batches=manifest["engine_other_batches"])
         if why is not None:
-            warnings.warn(f"{root.name}: running graphopt's own kernels, not {manifest['engine']}: {why}",
-                          stacklevel=2)
+            running = "" if plan is not None else f"running graphopt's own kernels, not {manifest['engine']}: "
+            warnings.warn(f"{root.name}: {running}{why}", stacklevel=2)
         module.use_engine(plan, runner)
     return module

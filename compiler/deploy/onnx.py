@@ -313,12 +313,15 @@ class _Exportable(nn.Module):
 
 def write_onnx(module: nn.Module, inputs: tuple, f: Any, *, dynamic_batch: bool, opset: int = 17) -> list[str]:
     """The TorchScript exporter on a plain-aten module (it handles a dynamic batch simply); ``f`` is a path or a
-    file object. Inputs are named input_<i>, outputs output_<i> in their flattened order; returns the input names."""
+    file object. Inputs are named input_<i>, outputs output_<i> in their flattened order; returns the input names.
+    ``dynamic_batch``: dimension 0 of every input, and of every output that has one, is the batch (a 0-d output,
+    such as an engine's range check, has none)."""
     names = [f"input_{i}" for i in range(len(inputs))]
     with torch.no_grad():
         outputs = tree_flatten(module(*inputs))[0]
     out_names = [f"output_{i}" for i in range(len(outputs))]
-    axes = {n: {0: "batch"} for n in names + out_names} if dynamic_batch else None
+    batched = names + [n for n, t in zip(out_names, outputs) if not isinstance(t, torch.Tensor) or t.dim() > 0]
+    axes = {n: {0: "batch"} for n in batched} if dynamic_batch else None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(module, inputs, f, input_names=names, output_names=out_names, dynamic_axes=axes,

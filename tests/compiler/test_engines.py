@@ -103,7 +103,7 @@ def test_a_quick_graph_also_gets_a_one_thread_session_and_a_reload_keeps_it(alwa
     built = []
     monkeypatch.setitem(engines._BUILDERS, "onnxruntime", lambda *a: (built.append(a[2]), real(*a))[1])
     back = load(folder)
-    assert built == ["1"] and back.engine_plan.threads == "1"
+    assert built == ["1", "torch"] and back.engine_plan.threads == "1"  # (the pool: other batch sizes)
     with torch.no_grad():
         assert torch.equal(back(x), opt(x))
 
@@ -190,14 +190,131 @@ def test_an_input_with_room_in_its_limit_is_checked_by_its_sum_and_a_tight_one_b
     assert engines._checked(opt, opt.engine_plan)[2] == set()
 
 
-def test_other_shapes_run_graphopts_graph(always):
+def _logged(monkeypatch) -> list:
+    """Every call a library's session answers or declines, as (library, threads, batch size), in order."""
+    log = []
+    for library, real in list(engines._BUILDERS.items()):
+        def builder(model, spec, threads, *rest, real=real, library=library):
+            run = real(model, spec, threads, *rest)
+            return lambda *args: (log.append((library, threads, args[0].shape[0])), run(*args))[1]
+        monkeypatch.setitem(engines._BUILDERS, library, builder)
+    return log
+
+
+def _calls(opt, model, batches: list[int], shape: torch.Size) -> None:
+    with torch.no_grad():
+        for batch in batches:
+            x = torch.randn(batch, *shape[1:])
+            torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_runtime_runs_any_batch_size_and_other_shapes_run_graphopts_graph(always, tmp_path):
     model, x = _convnet(batch=2)
     opt = optimize(model, (x,), engines="onnxruntime")
+    plan = opt.engine_plan
+    assert plan.dynamic_batch and plan.other_batches
+    assert plan.as_dict()["batch"] == {"sizes": "any: onnxruntime", "fixed_because": None}
     calls = _spy(opt)
-    other = torch.randn(3, *x.shape[1:])
+    _calls(opt, model, [1, 2, 3, 17], x.shape)
+    assert all(call is not None for call in calls) and len(calls) == 4
     with torch.no_grad():
-        torch.testing.assert_close(opt(other), model(other), rtol=1e-4, atol=1e-5)
-    assert calls == [None]  # (the library declined the call: not its shape)
+        wider = torch.randn(2, x.shape[1], x.shape[2] + 2, x.shape[3])
+        torch.testing.assert_close(opt(wider), model(wider), rtol=1e-4, atol=1e-5)
+    assert calls[-1] is None  # (the library declined the call: not its shape)
+    folder = opt.save(tmp_path / "m")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["engine_dynamic_batch"] is True and manifest["engine_other_batches"] is True
+    back, five = load(folder), torch.randn(5, *x.shape[1:])
+    assert back.engine_plan.batch_sizes() == "any: onnxruntime"
+    calls = _spy(back)
+    with torch.no_grad():
+        assert torch.equal(back(five), opt(five))
+    assert calls[0] is not None
+
+
+@pytest.mark.parametrize("pool_ms, others", [(0.5, "onnxruntime"), (1.2, None)])
+def test_a_one_thread_session_runs_the_examples_batch_and_the_pool_the_others_if_it_measured_faster(
+        always, monkeypatch, tmp_path, pool_ms, others):
+    """A one-thread session was chosen for a quick call at the example's batch size; other batch sizes run in ONNX
+    Runtime's pool session where that measured faster than graphopt's graph (1.0 ms), else in graphopt's graph."""
+    monkeypatch.setattr(engines, "MARGIN", 1.0)
+    monkeypatch.setattr(engines, "SINGLE_THREAD_BELOW_MS", float("inf"))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(engines, "race", lambda candidates, *_: {"graphopt": 1.0, "onnxruntime": pool_ms,
+                                                                 "onnxruntime, 1 thread": 0.5})
+    log = _logged(monkeypatch)
+    model, x = _convnet(batch=3)
+    opt = optimize(model, (x,), engines="onnxruntime")
+    assert (opt.engine_plan.threads, opt.engine_plan.other_batches) == ("1", others is not None)
+    assert opt.engine_plan.batch_sizes() == "3: onnxruntime, 1 thread" + ("; any other: onnxruntime" if others
+                                                                          else "")
+    folder = opt.save(tmp_path / "m")
+    back = load(folder)
+    for module in (opt, back):
+        log.clear()
+        _calls(module, model, [3, 1, 4], x.shape)
+        assert log == [("onnxruntime", "1", 3)] + ([("onnxruntime", "torch", 1), ("onnxruntime", "torch", 4)]
+                                                   if others else [("onnxruntime", "1", 1), ("onnxruntime", "1", 4)])
+        # (without a pool session, the one-thread session declines other batch sizes: graphopt's graph runs them)
+
+
+@pytest.mark.skipif("openvino" not in LIBRARIES, reason="OpenVINO is not installed")
+def test_openvino_runs_the_examples_shapes_and_onnx_runtime_the_other_batch_sizes(always, monkeypatch, tmp_path):
+    monkeypatch.setattr(engines, "MARGIN", 1.0)
+    monkeypatch.setattr(engines, "race", lambda candidates, *_: {"graphopt": 1.0, "onnxruntime": 0.6,
+                                                                 "openvino": 0.5})
+    log = _logged(monkeypatch)
+    model, x = _convnet(batch=2)
+    opt = optimize(model, (x,), engines=["onnxruntime", "openvino"])
+    assert opt.engine_plan.batch_sizes() == "2: openvino; any other: onnxruntime"
+    folder = opt.save(tmp_path / "m")
+    back = load(folder)
+    for module in (opt, back):
+        log.clear()
+        _calls(module, model, [2, 1, 5], x.shape)
+        assert log == [("openvino", "torch", 2), ("onnxruntime", "torch", 1), ("onnxruntime", "torch", 5)]
+
+    real = engines._BUILDERS["onnxruntime"]  # a load whose ONNX Runtime session disagrees: OpenVINO still runs
+    monkeypatch.setitem(engines._BUILDERS, "onnxruntime", lambda *a: (lambda run: lambda *x: run(*x) * 1.01)(real(*a)))
+    with pytest.warns(UserWarning, match="batch sizes other than the example's run graphopt's own kernels: "
+                                         "onnxruntime disagrees"):
+        back = load(folder)
+    assert back.engine == "openvino" and back.engine_plan.batch_sizes() == "2: openvino"
+    log.clear()
+    _calls(back, model, [2, 5], x.shape)
+    assert log == [("openvino", "torch", 2), ("openvino", "torch", 5)]  # (which declines batch 5: graphopt's)
+
+
+@pytest.mark.parametrize("fault", ["broadcast", "export"])
+def test_an_export_that_fails_or_disagrees_at_another_batch_size_runs_at_the_examples(always, monkeypatch, fault):
+    """A session whose answers at another batch size are one row repeated (rows that differ on the example's
+    batch of one: the check's rows must differ too), or an exporter that cannot free the batch: the sessions
+    run the example's shapes only (other batch sizes graphopt's graph), and the plan says why."""
+    real_build, real_export = engines.build, engines.onnx_model
+
+    def broadcast(*args, **kwargs):
+        runner = real_build(*args, **kwargs)
+        return lambda x: (lambda y: y if y is None or x.shape[0] == 1 else y[:1].expand_as(y).clone())(runner(x))
+
+    def export(*args, dynamic_batch=False, **kwargs):
+        if dynamic_batch:
+            raise RuntimeError("no dynamic axes here")
+        return real_export(*args, **kwargs)
+    if fault == "broadcast":
+        monkeypatch.setattr(engines, "build", broadcast)
+    else:
+        monkeypatch.setattr(engines, "onnx_model", export)
+    model, x = _convnet(batch=1)
+    opt = optimize(model, (x,), engines="onnxruntime")
+    plan = opt.engine_plan
+    assert opt.engine == "onnxruntime" and not plan.dynamic_batch and not plan.other_batches
+    assert plan.batch_sizes() == "1: onnxruntime"
+    why = {"broadcast": "onnxruntime disagrees with graphopt's graph at batch size 2",
+           "export": "with its batch free, the ONNX export failed: RuntimeError: no dynamic axes here"}[fault]
+    assert plan.fixed_batch.startswith(why) and plan.as_dict()["batch"]["fixed_because"] == plan.fixed_batch
+    calls = _spy(opt)
+    _calls(opt, model, [3], x.shape)
+    assert calls == [None]
 
 
 def test_a_library_with_wrong_answers_is_rejected_by_the_numerics_check(always, monkeypatch):

@@ -66,6 +66,9 @@ def test_every_layer_int8_in_onnxruntime_when_it_measures_fastest(monkeypatch, t
     assert back.engine == "onnxruntime"
     with torch.no_grad():
         assert torch.equal(back(x), got)
+        five = torch.randn(5, *x.shape[1:])  # another batch size: the same session (compiler/core/engines.py)
+        assert opt._engine(five) is not None and sqnr(opt.graph_module(five), opt(five)) >= engines.INT8_AGREE_DB
+        assert torch.equal(back(five), opt(five))
 
 
 def test_graphopts_int8_plan_alone_when_no_layer_is_small(monkeypatch):

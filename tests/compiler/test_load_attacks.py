@@ -401,6 +401,15 @@ def test_a_manifest_naming_unknown_engine_threads_is_a_load_error(folder, thread
     _refused(folder, "engine threads")
 
 
+@pytest.mark.parametrize("key", ["engine_dynamic_batch", "engine_other_batches"])
+@pytest.mark.parametrize("value", [1, "true", None, [True]])
+def test_a_manifest_whose_engine_batch_flags_are_not_booleans_is_a_load_error(folder, key, value):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest[key] = value
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _refused(folder, key)
+
+
 def test_a_hostile_safetensors_header_is_a_load_error(folder):
     header = json.dumps({"w": {"dtype": "F32", "shape": [2 ** 40], "data_offsets": [0, 2 ** 42]}}).encode()
     (folder / "weights.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
