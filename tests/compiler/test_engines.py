@@ -72,6 +72,24 @@ def test_a_chosen_library_runs_the_graph_with_eagers_answers(always, library):
     assert plan["shapes"] == [list(x.shape)] and plan["input_limit"] > 1.0
 
 
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_a_librarys_answers_are_the_callers_and_its_inputs_are_only_read(always, library):
+    """OpenVINO reads the input's memory in place and writes fresh outputs: a later call changes neither."""
+    model, x = _convnet()
+    opt = optimize(model, (x,), engines=library)
+    a, b = torch.randn(x.shape), torch.randn(x.shape)
+    kept = a.clone()
+    with torch.no_grad():
+        first = opt(a)
+        was = first.clone()
+        opt(b)
+        a.mul_(2.0)  # (the caller reuses its input buffer)
+        opt(a)
+    assert torch.equal(first, was) and torch.equal(a, kept * 2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(first, model(kept), rtol=1e-4, atol=1e-5)
+
+
 def test_graphopt_keeps_the_graph_when_no_library_is_faster(monkeypatch):
     monkeypatch.setattr(engines, "MARGIN", 0.0)
     monkeypatch.setattr(engines, "SINGLE_THREAD_BELOW_MS", 0.0)
