@@ -26,11 +26,11 @@ Guarantees kept:
 - At the example's shapes, and at other batch sizes in ONNX Runtime: the graph is exported with its batch
   (dimension 0 of every input) free. The chosen session runs calls at the example's shapes (OpenVINO's and a
   one-thread session with the batch fixed there: OpenVINO's dynamic-shape kernels measured 1.02-1.11x slower
-  at the example's shape); calls at any other batch size run in ONNX Runtime's session on torch's threads where
-  that session measured faster than graphopt's graph at the example's shape (``by_batch``), checked at another
-  batch size as well as on the example. (Only the example's batch size is timed.) Where the export fails or that
-  check disagrees, the graph is exported at the example's shapes and other batch sizes run graphopt's graph,
-  as does any other call.
+  at the example's shape); calls at any other batch size run in ONNX Runtime's session on torch's threads
+  where that session measured faster than graphopt's graph at the example's shape (``route_other_batches``),
+  checked at another batch size as well as on the example. (Only the example's batch size is timed.) Where
+  the export fails or that check disagrees, the graph is exported at the example's shapes and other batch
+  sizes run graphopt's graph, as does any other call.
 - The plan is saved (manifest.json names the engine); load() rebuilds the session from the loaded graph
   (no ONNX file is ever read from a saved folder), checks it against graphopt's graph, and runs the same plan.
 - The choice is in ``opt.report`` (a row "engine: <name> (its ms; the others' ms)"), ``opt.engine`` and
@@ -197,7 +197,7 @@ def _threads(threads: str) -> int:
 
 
 def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float], shapes: Sequence[tuple],
-                 any_batch: bool) -> Callable:
+                 any_batch: bool, declined: list) -> Callable:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -213,7 +213,9 @@ def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float],
 
     def run(*args: torch.Tensor) -> Any:
         feed = arrays(args)
-        return None if feed is None else outputs(call(wanted, dict(zip(names, feed)), None))
+        if feed is None:
+            return None if declined[0] is None else declined[0](*args)
+        return outputs(call(wanted, dict(zip(names, feed)), None))
     if len(names) != 1 or not spec.is_leaf() or len(limits) > 1:
         return run
     # The usual call (one tensor in, one out, at most one range check) in a single Python frame, ``run`` for
@@ -235,7 +237,7 @@ def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float],
 
 
 def _openvino(model: bytes, spec: Any, threads: str, limits: Sequence[float], shapes: Sequence[tuple],
-              any_batch: bool) -> Callable:
+              any_batch: bool, declined: list) -> Callable:
     import openvino as ov
 
     core = ov.Core()
@@ -250,7 +252,7 @@ def _openvino(model: bytes, spec: Any, threads: str, limits: Sequence[float], sh
     def run(*args: torch.Tensor) -> Any:
         feed = arrays(args)
         if feed is None:
-            return None
+            return None if declined[0] is None else declined[0](*args)
         request = getattr(local, "request", None)
         if request is None:
             request = local.request = compiled.create_infer_request()
@@ -270,8 +272,12 @@ def build(name: str, model: bytes, spec: Any, shapes: Sequence[tuple], threads: 
     """``name``'s session over ``model`` (exported at input ``shapes``; ``dynamic``: with its batch free) as a
     function of tensors: the graph's outputs, or None where the call is not the library's (``_arrays``; other
     batch sizes where ``any_batch``) or one of the checked values (``limits``, in the order of the model's extra
-    outputs) is not within its limit."""
-    return _BUILDERS[name](model, spec, threads, limits, shapes, any_batch(name, threads, dynamic))
+    outputs) is not within its limit. A call it does not take goes to ``runner.declined[0]`` instead, where
+    ``route_other_batches`` put a runner there."""
+    declined: list = [None]
+    runner = _BUILDERS[name](model, spec, threads, limits, shapes, any_batch(name, threads, dynamic), declined)
+    runner.declined = declined
+    return runner
 
 
 def label(name: str, threads: str) -> str:
@@ -288,7 +294,7 @@ class EnginePlan:
     checks: dict[str, float] = field(default_factory=dict)  # ... if these values are within +-their limit
     shapes: tuple = ()  # ... and with these input shapes
     dynamic_batch: bool = False  # exported with its batch free
-    other_batches: bool = False  # ... and calls at other batch sizes run in ONNX Runtime's pool session (by_batch)
+    other_batches: bool = False  # ... and other batch sizes run in ONNX Runtime's pool session (route_other_batches)
     fixed_batch: str | None = None  # why not, where the export or its check at another batch size failed
     measured_ms: dict[str, float] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)  # library -> why it was not chosen
@@ -492,29 +498,22 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
         return ms / ONE_THREAD_EDGE if key[1] == "1" else ms
     plan.engine, plan.threads = best = min(faster, key=cost)
     pool = ("onnxruntime", "torch")
-    plan.other_batches = plan.dynamic_batch and pool in faster
-    if plan.other_batches and best != pool:
-        return plan, by_batch(runners[best], runners[pool], plan.shapes)
+    plan.other_batches = plan.dynamic_batch and pool in faster and (
+        best == pool or route_other_batches(runners[best], runners[pool]))
     return plan, runners[best]
 
 
-def by_batch(example: Callable, others: Callable, shapes: Sequence[tuple]) -> Callable:
-    """One runner of two: ``example`` for calls at the example's ``shapes``, ``others`` (ONNX Runtime's session over
-    the free-batch export) for the rest. (A call ``example`` declines at its shapes, its range checks failed or
-    not a call for a library, goes to graphopt's graph, not to ``others``: it would decline it too.)"""
-    sizes = tuple(torch.Size(shape) for shape in shapes)
-    if len(sizes) == 1:
-        (size,) = sizes
-
-        def one(*args: torch.Tensor) -> Any:
-            x = args[0] if len(args) == 1 else None
-            return example(*args) if type(x) is torch.Tensor and x.shape == size else others(*args)
-        return one
-
-    def run(*args: torch.Tensor) -> Any:
-        at = len(args) == len(sizes) and all(type(x) is torch.Tensor and x.shape == s for x, s in zip(args, sizes))
-        return example(*args) if at else others(*args)
-    return run
+def route_other_batches(example: Callable, others: Callable) -> bool:
+    """Calls ``example`` (a session at the example's shapes, from ``build``) does not take go to ``others`` (ONNX
+    Runtime's pool session over the free-batch export): calls at other batch sizes, and calls for no library,
+    which ``others`` declines too (graphopt's graph runs those). No frame more at the example's shapes (a wrapper
+    that compared shapes first cost 2.4% of a 12 us MLP call). A call ``example`` takes whose range checks fail
+    returns None (graphopt's graph), not ``others``'s answer. False where ``example`` was not built here."""
+    declined = getattr(example, "declined", None)
+    if declined is None:
+        return False
+    declined[0] = others
+    return True
 
 
 def _disagreement(opt: torch.nn.Module, runner: Callable, probe: tuple) -> str | None:
@@ -632,5 +631,5 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
         if others is None:
             plan.other_batches = False
             return plan, runner, f"batch sizes other than the example's run graphopt's own kernels: {why}"
-        runner = by_batch(runner, others, plan.shapes)
+        plan.other_batches = route_other_batches(runner, others)
     return plan, runner, None
