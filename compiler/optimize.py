@@ -149,4 +149,5 @@ def _choose_engine(opt: OptimizedModule, portable, ctx: PassContext, manager: Pa
     opt.report.append(record)
     if manager.dumper:
         manager.dumper.report([record])
-        (dump / "engine.md").write_text(f"# {plan.summary()}\n\n```json\n{json.dumps(plan.as_dict(), indent=1)}\n```\n")
+        (dump / "engine.md").write_text(f"# {plan.summary()}\n\n{plan.batch_sizes()}\n\n"
+                                        f"```json\n{json.dumps(plan.as_dict(), indent=1)}\n```\n")

@@ -310,15 +310,16 @@ class EnginePlan:
         return f"engine: {self.label} ({mine}{', '.join(others)})" if mine or others else f"engine: {self.label}"
 
     def batch_sizes(self) -> str:
-        """Which library runs which batch sizes, in words: "any: onnxruntime", "1: openvino; any other:
-        onnxruntime" or "1: openvino" (any other: graphopt's graph)."""
+        """Which library runs which batch sizes, in words: "onnxruntime at any batch size", "openvino at batch 1,
+        onnxruntime at any other" or "openvino at batch 1, graphopt's graph at any other"."""
         if self.engine == "graphopt":
-            return "any: graphopt"
+            return "graphopt's graph at any batch size"
+        if self.other_batches and self.label == "onnxruntime":
+            return "onnxruntime at any batch size"
         batch = batch_of(self.shapes)
-        example = f"{batch}: {self.label}" if batch is not None else f"the example's shapes: {self.label}"
-        if not self.other_batches:
-            return example
-        return "any: onnxruntime" if self.label == "onnxruntime" else f"{example}; any other: onnxruntime"
+        at = f"at batch {batch}" if batch is not None else "at the example's shapes"
+        others = "onnxruntime" if self.other_batches else "graphopt's graph"
+        return f"{self.label} {at}, {others} at any other"
 
     def as_dict(self) -> dict:
         batch = {"sizes": self.batch_sizes(), "fixed_because": self.fixed_batch} if self.engine != "graphopt" else None

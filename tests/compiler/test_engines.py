@@ -231,7 +231,7 @@ def test_onnx_runtime_runs_any_batch_size_and_other_shapes_run_graphopts_graph(a
     opt = optimize(model, (x,), engines="onnxruntime")
     plan = opt.engine_plan
     assert plan.dynamic_batch and plan.other_batches
-    assert plan.as_dict()["batch"] == {"sizes": "any: onnxruntime", "fixed_because": None}
+    assert plan.as_dict()["batch"] == {"sizes": "onnxruntime at any batch size", "fixed_because": None}
     calls = _spy(opt)
     _calls(opt, model, [1, 2, 3, 17], x.shape)
     assert all(call is not None for call in calls) and len(calls) == 4
@@ -243,14 +243,14 @@ def test_onnx_runtime_runs_any_batch_size_and_other_shapes_run_graphopts_graph(a
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["engine_dynamic_batch"] is True and manifest["engine_other_batches"] is True
     back, five = load(folder), torch.randn(5, *x.shape[1:])
-    assert back.engine_plan.batch_sizes() == "any: onnxruntime"
+    assert back.engine_plan.batch_sizes() == "onnxruntime at any batch size"
     calls = _spy(back)
     with torch.no_grad():
         assert torch.equal(back(five), opt(five))
     assert calls[0] is not None
 
 
-@pytest.mark.parametrize("pool_ms, others", [(0.5, "onnxruntime"), (1.2, None)])
+@pytest.mark.parametrize("pool_ms, others", [(0.5, "onnxruntime"), (1.2, "graphopt's graph")])
 def test_a_one_thread_session_runs_the_examples_batch_and_the_pool_the_others_if_it_measured_faster(
         always, monkeypatch, tmp_path, pool_ms, others):
     """A one-thread session was chosen for a quick call at the example's batch size; other batch sizes run in ONNX
@@ -263,15 +263,15 @@ def test_a_one_thread_session_runs_the_examples_batch_and_the_pool_the_others_if
     log = _logged(monkeypatch)
     model, x = _convnet(batch=3)
     opt = optimize(model, (x,), engines="onnxruntime")
-    assert (opt.engine_plan.threads, opt.engine_plan.other_batches) == ("1", others is not None)
-    assert opt.engine_plan.batch_sizes() == "3: onnxruntime, 1 thread" + ("; any other: onnxruntime" if others
-                                                                          else "")
+    pooled = others == "onnxruntime"
+    assert (opt.engine_plan.threads, opt.engine_plan.other_batches) == ("1", pooled)
+    assert opt.engine_plan.batch_sizes() == f"onnxruntime, 1 thread at batch 3, {others} at any other"
     folder = opt.save(tmp_path / "m")
     back = load(folder)
     for module in (opt, back):
         log.clear()
         _calls(module, model, [3, 1, 4], x.shape)
-        pool = (lambda batch: [("onnxruntime", "torch", batch)]) if others else (lambda batch: [])
+        pool = (lambda batch: [("onnxruntime", "torch", batch)]) if pooled else (lambda batch: [])
         assert log == [("onnxruntime", "1", 3), ("onnxruntime", "1", 1), *pool(1), ("onnxruntime", "1", 4), *pool(4)]
         # (the one-thread session declines other batch sizes and hands them to the pool session, or, without one,
         # to graphopt's graph)
@@ -285,7 +285,7 @@ def test_openvino_runs_the_examples_shapes_and_onnx_runtime_the_other_batch_size
     log = _logged(monkeypatch)
     model, x = _convnet(batch=2)
     opt = optimize(model, (x,), engines=["onnxruntime", "openvino"])
-    assert opt.engine_plan.batch_sizes() == "2: openvino; any other: onnxruntime"
+    assert opt.engine_plan.batch_sizes() == "openvino at batch 2, onnxruntime at any other"
     folder = opt.save(tmp_path / "m")
     back = load(folder)
     for module in (opt, back):
@@ -299,7 +299,8 @@ def test_openvino_runs_the_examples_shapes_and_onnx_runtime_the_other_batch_size
     with pytest.warns(UserWarning, match="batch sizes other than the example's run graphopt's own kernels: "
                                          "onnxruntime disagrees"):
         back = load(folder)
-    assert back.engine == "openvino" and back.engine_plan.batch_sizes() == "2: openvino"
+    assert back.engine == "openvino"
+    assert back.engine_plan.batch_sizes() == "openvino at batch 2, graphopt's graph at any other"
     log.clear()
     _calls(back, model, [2, 5], x.shape)
     assert log == [("openvino", "torch", 2), ("openvino", "torch", 5)]  # (which declines batch 5: graphopt's)
@@ -328,7 +329,7 @@ def test_an_export_that_fails_or_disagrees_at_another_batch_size_runs_at_the_exa
     opt = optimize(model, (x,), engines="onnxruntime")
     plan = opt.engine_plan
     assert opt.engine == "onnxruntime" and not plan.dynamic_batch and not plan.other_batches
-    assert plan.batch_sizes() == "1: onnxruntime"
+    assert plan.batch_sizes() == "onnxruntime at batch 1, graphopt's graph at any other"
     why = {"broadcast": "onnxruntime disagrees with graphopt's graph at batch size 2",
            "export": "with its batch free, the ONNX export failed: RuntimeError: no dynamic axes here"}[fault]
     assert plan.fixed_batch.startswith(why) and plan.as_dict()["batch"]["fixed_because"] == plan.fixed_batch
