@@ -23,14 +23,10 @@ Guarantees kept:
   they round a requantization their own way, so their outputs are checked against graphopt's int8 graph by
   SQNR (``int8_disagreement``, INT8_AGREE_DB), not bits. No NaN guard: graphopt's own int8 kernels do not keep
   eager's NaN either (a NaN has no int8 code). Which int8 plan runs at all is compiler/int8/plans.py's choice.
-- At the example's shapes, and at other batch sizes in ONNX Runtime: the graph is exported with its batch
-  (dimension 0 of every input) free. The chosen session runs calls at the example's shapes (OpenVINO's and a
-  one-thread session with the batch fixed there: OpenVINO's dynamic-shape kernels measured 1.02-1.11x slower
-  at the example's shape); calls at any other batch size run in ONNX Runtime's session on torch's threads
-  where that session measured faster than graphopt's graph at the example's shape (``route_other_batches``),
-  checked at another batch size as well as on the example. (Only the example's batch size is timed.) Where
-  the export fails or that check disagrees, the graph is exported at the example's shapes and other batch
-  sizes run graphopt's graph, as does any other call.
+- At the example's shapes, and at other batch sizes in ONNX Runtime: the chosen session runs the example's
+  shapes (as measured); calls at any other batch size run in a second ONNX Runtime session, over the graph
+  exported with its batch free, where ONNX Runtime measured faster than graphopt's graph at the example's
+  shape (compiler/core/engine_batches.py). Any other call runs graphopt's graph.
 - The plan is saved (manifest.json names the engine); load() rebuilds the session from the loaded graph
   (no ONNX file is ever read from a saved folder), checks it against graphopt's graph, and runs the same plan.
 - The choice is in ``opt.report`` (a row "engine: <name> (its ms; the others' ms)"), ``opt.engine`` and
@@ -148,26 +144,14 @@ def _outputs(spec: Any, limits: Sequence[float]) -> Callable[[list], Any]:
     return convert
 
 
-def batch_of(shapes: Sequence[tuple]) -> int | None:
-    """The inputs' common batch size (dimension 0), or None where they have none (a 0-d input, sizes that differ)."""
-    sizes = {shape[0] if len(shape) else None for shape in shapes}
-    return next(iter(sizes)) if len(sizes) == 1 else None
-
-
-def any_batch(name: str, threads: str, dynamic: bool) -> bool:
-    """Does the session over an export (``dynamic``: its batch free) take any batch size? Only ONNX Runtime's on
-    torch's threads: OpenVINO's is fixed at the example's shapes (faster there), a one-thread one at the example's
-    batch (it was chosen for a quick call; more rows split across the pool)."""
-    return dynamic and name == "onnxruntime" and threads == "torch"
-
-
 def _arrays(shapes: Sequence[tuple], any_batch: bool) -> Callable[[tuple], list | None]:
     """A call's inputs as numpy views, or None where the call is not the library's: anything but float32 CPU
     tensors of the measured ``shapes`` (``any_batch``: or of their sizes past dimension 0, with a common batch
-    size), or an input that wants grad while grad mode is on (graphopt's own path then runs it, or says what is
-    wrong with it). This check and the views are all the Python a library's call adds: about 3 us alone, several
-    times that right after a run of the library's spinning thread pool. (No torch op: any torch op between two
-    library runs cost 20-30 us more than it takes alone, measured on a 0.3 ms ConvNet in ONNX Runtime.)"""
+    size of at least 1), or an input that wants grad while grad mode is on (graphopt's own path then runs it, or
+    says what is wrong with it). This check and the views are all the Python a library's call adds: about 3 us
+    alone, several times that right after a run of the library's spinning thread pool. (No torch op: any torch
+    op between two library runs cost 20-30 us more than it takes alone, measured on a 0.3 ms ConvNet in ONNX
+    Runtime.)"""
     sizes = [torch.Size(shape) for shape in shapes]
 
     def arrays(args: tuple) -> list | None:
@@ -243,9 +227,7 @@ def _openvino(model: bytes, spec: Any, threads: str, limits: Sequence[float], sh
     core = ov.Core()
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
               "INFERENCE_NUM_THREADS": _threads(threads)}
-    graph = core.read_model(model)  # (fixed at the example's shapes: a free batch measured 1.02-1.11x slower there)
-    graph.reshape({port: list(shape) for port, shape in zip(graph.inputs, shapes)})
-    compiled = core.compile_model(graph, "CPU", config)
+    compiled = core.compile_model(core.read_model(model), "CPU", config)
     local = threading.local()  # an infer request serves one call at a time: one per thread
     arrays, outputs = _arrays(shapes, False), _outputs(spec, limits)
 
@@ -268,14 +250,14 @@ _BUILDERS = {"onnxruntime": _onnxruntime, "openvino": _openvino}
 
 
 def build(name: str, model: bytes, spec: Any, shapes: Sequence[tuple], threads: str = "torch",
-          limits: Sequence[float] = (), dynamic: bool = False) -> Callable:
-    """``name``'s session over ``model`` (exported at input ``shapes``; ``dynamic``: with its batch free) as a
-    function of tensors: the graph's outputs, or None where the call is not the library's (``_arrays``; other
-    batch sizes where ``any_batch``) or one of the checked values (``limits``, in the order of the model's extra
-    outputs) is not within its limit. A call it does not take goes to ``runner.declined[0]`` instead, where
-    ``route_other_batches`` put a runner there."""
+          limits: Sequence[float] = (), any_batch: bool = False) -> Callable:
+    """``name``'s session over ``model`` (exported at input ``shapes``; ``any_batch``: with its batch free, ONNX
+    Runtime only) as a function of tensors: the graph's outputs, or None where the call is not the library's
+    (``_arrays``) or one of the checked values (``limits``, in the order of the model's extra outputs) is not
+    within its limit. A call it does not take goes to ``runner.declined[0]`` instead where one was put there
+    (engine_batches.route_other_batches)."""
     declined: list = [None]
-    runner = _BUILDERS[name](model, spec, threads, limits, shapes, any_batch(name, threads, dynamic), declined)
+    runner = _BUILDERS[name](model, spec, threads, limits, shapes, any_batch, declined)
     runner.declined = declined
     return runner
 
@@ -293,9 +275,8 @@ class EnginePlan:
     limit: float | None = None  # calls with finite inputs within +-limit may run the engine
     checks: dict[str, float] = field(default_factory=dict)  # ... if these values are within +-their limit
     shapes: tuple = ()  # ... and with these input shapes
-    dynamic_batch: bool = False  # exported with its batch free
-    other_batches: bool = False  # ... and other batch sizes run in ONNX Runtime's pool session (route_other_batches)
-    fixed_batch: str | None = None  # why not, where the export or its check at another batch size failed
+    other_batches: bool = False  # calls at other batch sizes run in ONNX Runtime's free-batch session
+    fixed_batch: str | None = None  # ... or why they run graphopt's graph
     measured_ms: dict[str, float] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)  # library -> why it was not chosen
 
@@ -310,16 +291,16 @@ class EnginePlan:
         return f"engine: {self.label} ({mine}{', '.join(others)})" if mine or others else f"engine: {self.label}"
 
     def batch_sizes(self) -> str:
-        """Which library runs which batch sizes, in words: "onnxruntime at any batch size", "openvino at batch 1,
-        onnxruntime at any other" or "openvino at batch 1, graphopt's graph at any other"."""
+        """Who runs which batch size, in words: "openvino at batch 1; other batch sizes: onnxruntime's free-batch
+        session" (or "...: graphopt's graph")."""
+        from graphopt.compiler.core.engine_batches import batch_of
+
         if self.engine == "graphopt":
             return "graphopt's graph at any batch size"
-        if self.other_batches and self.label == "onnxruntime":
-            return "onnxruntime at any batch size"
         batch = batch_of(self.shapes)
         at = f"at batch {batch}" if batch is not None else "at the example's shapes"
-        others = "onnxruntime" if self.other_batches else "graphopt's graph"
-        return f"{self.label} {at}, {others} at any other"
+        others = "onnxruntime's free-batch session" if self.other_batches else "graphopt's graph"
+        return f"{self.label} {at}; other batch sizes: {others}"
 
     def as_dict(self) -> dict:
         batch = {"sizes": self.batch_sizes(), "fixed_because": self.fixed_batch} if self.engine != "graphopt" else None
@@ -433,6 +414,7 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
 
     ``check`` is the numerics oracle: flattened outputs on ``inputs`` -> None, or what is wrong with them."""
     from graphopt.compiler.core.capture import fresh
+    from graphopt.compiler.core.engine_batches import serve_other_batches
     from graphopt.compiler.workflow.timing import call_ms
 
     plan, spec, reason = _plan(opt, inputs, (lambda: guard(opt.portable, fresh(inputs))) if guarded else None)
@@ -440,20 +422,22 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
         plan.reasons = {name: reason for name in names}
         return plan, None
     checked, limits, by_sum = _checked(opt, plan)
+    try:
+        model = onnx_model(opt, fresh(inputs), checked, by_sum)
+    except Exception as e:  # an op the exporter cannot write: graphopt runs it
+        plan.reasons = {name: f"the ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                        for name in names}
+        return plan, None
+    if dump_dir is not None:
+        (dump_dir / "engine.onnx").write_bytes(model)
     runners: dict[tuple[str, str], Callable] = {}  # (library, threads) -> runner
-    model = b""  # (the export add() builds its sessions over: set below)
 
     def add(name: str, threads: str) -> None:
         try:
-            runner = build(name, model, spec, plan.shapes, threads, limits, plan.dynamic_batch)
+            runner = build(name, model, spec, plan.shapes, threads, limits)
             with torch.no_grad():
                 out = runner(*fresh(inputs))
             problem = "its range checks fail on the example" if out is None else check(tree_flatten(out)[0])
-            if problem is None and plan.dynamic_batch:
-                problem = _other_batch_disagreement(opt, runner, inputs, name, threads)
-                if problem is not None:  # (the export's fault: every session runs the example's shapes instead)
-                    plan.fixed_batch = f"{label(name, threads)} {problem}"
-                    return
         except Exception as e:
             problem = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         if problem is None:
@@ -461,25 +445,8 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
         else:
             plan.reasons[label(name, threads)] = f"rejected by the numerics check: {problem}"
 
-    # The export with its batch free where the inputs have one (ONNX Runtime then takes other batch sizes too);
-    # where that export fails, or a session over it disagrees at another batch size, at the example's shapes only
-    for dynamic in ([True, False] if batch_of(plan.shapes) is not None else [False]):
-        plan.dynamic_batch, runners, plan.reasons = dynamic, {}, {}
-        try:
-            model = onnx_model(opt, fresh(inputs), checked, by_sum, dynamic_batch=dynamic)
-        except Exception as e:  # an op the exporter cannot write: graphopt runs it
-            why = f"the ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            if dynamic:
-                plan.fixed_batch = f"with its batch free, {why}"
-                continue
-            plan.reasons = {name: why for name in names}
-            return plan, None
-        for name in names:
-            add(name, "torch")
-        if not (dynamic and plan.fixed_batch):
-            break
-    if dump_dir is not None:
-        (dump_dir / "engine.onnx").write_bytes(model)
+    for name in names:
+        add(name, "torch")
     if not runners:
         return plan, None
     sizes = call_ms({"graphopt": opt, **{label(*k): r for k, r in runners.items()}}, fresh(inputs), warmup=WARMUP,
@@ -498,61 +465,12 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
         ms = plan.measured_ms[label(*key)]
         return ms / ONE_THREAD_EDGE if key[1] == "1" else ms
     plan.engine, plan.threads = best = min(faster, key=cost)
-    pool = ("onnxruntime", "torch")
-    plan.other_batches = plan.dynamic_batch and pool in faster and (
-        best == pool or route_other_batches(runners[best], runners[pool]))
+    if ("onnxruntime", "torch") in faster:
+        plan.other_batches, plan.fixed_batch = serve_other_batches(runners[best], opt, inputs, inputs, spec,
+                                                                   (checked, limits, by_sum))
+    else:
+        plan.fixed_batch = "onnxruntime did not measure faster than graphopt's graph at the example's shape"
     return plan, runners[best]
-
-
-def route_other_batches(example: Callable, others: Callable) -> bool:
-    """Calls ``example`` (a session at the example's shapes, from ``build``) does not take go to ``others`` (ONNX
-    Runtime's pool session over the free-batch export): calls at other batch sizes, and calls for no library,
-    which ``others`` declines too (graphopt's graph runs those). No frame more at the example's shapes (a wrapper
-    that compared shapes first cost 2.4% of a 12 us MLP call). A call ``example`` takes whose range checks fail
-    returns None (graphopt's graph), not ``others``'s answer. False where ``example`` was not built here."""
-    declined = getattr(example, "declined", None)
-    if declined is None:
-        return False
-    declined[0] = others
-    return True
-
-
-def _disagreement(opt: torch.nn.Module, runner: Callable, probe: tuple) -> str | None:
-    """What is wrong with the library's answers on ``probe`` against graphopt's own graph (``opt``, no engine in it
-    yet), or None: bits to rounding for an fp32 graph, INT8_AGREE_DB for an int8 one."""
-    from graphopt.compiler.core.capture import fresh
-    from graphopt.compiler.core.pipeline import is_quantized
-
-    with torch.no_grad():
-        out = runner(*fresh(probe))
-        if out is None:
-            return "its range checks fail"
-        want, got = tree_flatten(opt(*fresh(probe)))[0], tree_flatten(out)[0]
-    if len(want) != len(got):
-        return f"{len(got)} outputs, graphopt's graph {len(want)}"
-    if is_quantized(opt.portable):
-        return int8_disagreement(want, got)
-    for i, (w, o) in enumerate(zip(want, got)):
-        try:
-            torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5 * max(1.0, float(w.abs().max())))
-        except AssertionError as e:
-            return f"output {i}: {str(e).strip().splitlines()[0][:120]}"
-    return None
-
-
-def _other_batch_disagreement(opt: torch.nn.Module, runner: Callable, inputs: tuple, name: str, threads: str
-                              ) -> str | None:
-    """Where a session over a free-batch export takes batch sizes other than the example's: what is wrong with
-    its answers at one (the example's rows cycled to it, row r scaled by 1 - r / (2 rows): rows that differ, so
-    that an export which broadcast one row fails, within the example's magnitudes), or None."""
-    if not any_batch(name, threads, True):
-        return None
-    batch = batch_of([tuple(t.shape) for t in inputs])
-    rows = batch + 1
-    scale = 1.0 - torch.arange(rows, dtype=torch.float32) / (2 * rows)
-    probe = tuple(t[torch.arange(rows) % batch] * scale.view(-1, *[1] * (t.dim() - 1)) for t in inputs)
-    problem = _disagreement(opt, runner, probe)
-    return None if problem is None else f"disagrees with graphopt's graph at batch size {rows}: {problem}"
 
 
 def race(candidates: dict[str, Callable], inputs: tuple, sizes: dict[str, float] | None = None) -> dict[str, float]:
@@ -584,14 +502,14 @@ def race(candidates: dict[str, Callable], inputs: tuple, sizes: dict[str, float]
 
 
 def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True, threads: str = "torch",
-            limits: dict | None = None, dynamic_batch: bool = False, other_batches: bool = False
+            limits: dict | None = None, other_batches: bool = False
             ) -> tuple[EnginePlan | None, Callable | None, str | None]:
-    """The saved plan on load: rebuild ``name``'s session (on ``threads``, with the saved range ``limits``, over an
-    export with its batch free if ``dynamic_batch``; and ONNX Runtime's for ``other_batches``) from ``opt``'s
-    loaded graph and check it against graphopt's own graph on a seeded input (and at another batch size where it
-    takes one). (plan, runner, None); (None, None, why graphopt's graph runs); or, where only the session for
-    other batch sizes fails, (plan, runner at the example's shapes, why)."""
+    """The saved plan on load: rebuild ``name``'s session (on ``threads``, with the saved range ``limits``; and
+    ONNX Runtime's free-batch session for ``other_batches``) from ``opt``'s loaded graph and check it against
+    graphopt's own graph on a seeded input (the free-batch one also at another batch size). (plan, runner, None);
+    (None, None, why graphopt's graph runs); or, where only the free-batch session fails, (plan, runner, why)."""
     from graphopt.compiler.core.capture import fresh
+    from graphopt.compiler.core.engine_batches import disagreement, serve_other_batches
     from graphopt.compiler.core.pipeline import is_quantized
 
     if not installed(name):
@@ -602,35 +520,19 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
     g = torch.Generator().manual_seed(PROBE_SEED)
     bound = plan.limit or 1.0
     probe = tuple(torch.randn(t.shape, generator=g).clamp(-bound, bound) for t in inputs)
-    plan.dynamic_batch = dynamic_batch and batch_of(plan.shapes) is not None
-    checked, limits, by_sum = _checked(opt, plan)
+    checked = _checked(opt, plan)
     try:
-        model = onnx_model(opt, fresh(inputs), checked, by_sum, dynamic_batch=plan.dynamic_batch)
+        runner = build(name, onnx_model(opt, fresh(inputs), checked[0], checked[2]), spec, plan.shapes, threads,
+                       checked[1])
+        problem = disagreement(opt, runner, probe)
     except Exception as e:
         return None, None, f"{name} could not run it as saved: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-
-    def rebuilt(library: str, threads: str) -> tuple[Callable | None, str | None]:
-        try:
-            runner = build(library, model, spec, plan.shapes, threads, limits, plan.dynamic_batch)
-            problem = _disagreement(opt, runner, probe)
-            if problem is None and plan.dynamic_batch:
-                problem = _other_batch_disagreement(opt, runner, probe, library, threads)
-        except Exception as e:
-            return None, f"{library} could not run it as saved: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-        if problem is not None:
-            graph = "graphopt's int8 graph" if is_quantized(opt.portable) else "graphopt's graph"
-            return None, f"{library} disagrees with {graph} on load's seeded probe input: {problem}"
-        return runner, None
-
-    runner, why = rebuilt(name, threads)
-    if runner is None:
-        return None, None, why
+    if problem is not None:
+        graph = "graphopt's int8 graph" if is_quantized(opt.portable) else "graphopt's graph"
+        return None, None, f"{name} disagrees with {graph} on load's seeded probe input: {problem}"
     plan.engine, plan.threads = name, threads
-    plan.other_batches = other_batches and plan.dynamic_batch
-    if plan.other_batches and not any_batch(name, threads, True):
-        others, why = rebuilt("onnxruntime", "torch") if installed("onnxruntime") else (None, "it is not installed")
-        if others is None:
-            plan.other_batches = False
-            return plan, runner, f"batch sizes other than the example's run graphopt's own kernels: {why}"
-        plan.other_batches = route_other_batches(runner, others)
+    if other_batches:
+        plan.other_batches, plan.fixed_batch = serve_other_batches(runner, opt, inputs, probe, spec, checked)
+        if not plan.other_batches:
+            return plan, runner, f"batch sizes other than the example's run graphopt's own kernels: {plan.fixed_batch}"
     return plan, runner, None

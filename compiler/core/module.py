@@ -82,8 +82,9 @@ class OptimizedModule(nn.Module):
     def use_engine(self, plan, runner) -> None:
         """Run ``runner`` (another library's session over the whole graph) on every call it takes; graphopt's own
         graph on the others. It returns None where a call is not its (anything but float32 CPU tensors of the plan's
-        input shapes, or grad wanted) or its range checks fail (an input not finite within plan.limit, or a checked
-        value past its limit): compiler/core/engines.py."""
+        input shapes, or of another batch size where ONNX Runtime's free-batch session takes those, or grad wanted)
+        or its range checks fail (an input not finite within plan.limit, or a checked value past its limit):
+        compiler/core/engines.py, compiler/core/engine_batches.py."""
         self.engine_plan = plan
         if runner is not None:
             self._engine = runner
@@ -111,16 +112,16 @@ class OptimizedModule(nn.Module):
                     extra={"engine": self.engine, "nan_checks": self.nan_checks, **self._engine_manifest()})
 
     def _engine_manifest(self) -> dict:
-        """What load() needs to run the same engine plan: its threads, its export's batch (free or not), whether
-        ONNX Runtime runs other batch sizes and, where guarded, its range limits."""
+        """What load() needs to run the same engine plan: its threads, whether ONNX Runtime runs other batch sizes
+        and, where guarded, its range limits."""
         plan = self.engine_plan
         if plan is None or plan.engine == "graphopt":
             return {"engine_threads": "torch", "engine_limits": None, "engine_int8_sums": None,
-                    "engine_dynamic_batch": False, "engine_other_batches": False}
+                    "engine_other_batches": False}
         limits = {"inputs": plan.limit, "checks": plan.checks} if plan.limit is not None else None
         sums = {name: [scale, zp] for name, (scale, zp) in self.int8_sums.items()} or None
         return {"engine_threads": plan.threads, "engine_limits": limits, "engine_int8_sums": sums,
-                "engine_dynamic_batch": plan.dynamic_batch, "engine_other_batches": plan.other_batches}
+                "engine_other_batches": plan.other_batches}
 
     def forward(self, *args: Any) -> Any:
         if self._engine is not None:

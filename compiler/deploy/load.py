@@ -174,9 +174,8 @@ def _manifest(root: Path) -> dict:
     if manifest.setdefault("engine_threads", "torch") not in THREADS:
         raise LoadError(f"manifest.json names the engine threads {str(manifest['engine_threads'])[:20]!r}; graphopt "
                         f"has {', '.join(THREADS)}", hint=_HINT)
-    for key in ("engine_dynamic_batch", "engine_other_batches"):
-        if not isinstance(manifest.setdefault(key, False), bool):
-            raise LoadError(f"manifest.json: {key} is not true or false", hint=_HINT)
+    if not isinstance(manifest.setdefault("engine_other_batches", False), bool):
+        raise LoadError("manifest.json: engine_other_batches is not true or false", hint=_HINT)
     manifest["engine_limits"] = _engine_limits(manifest.get("engine_limits"))
     manifest["engine_int8_sums"] = _engine_int8_sums(manifest.get("engine_int8_sums"))
     manifest["inputs"] = [_input_spec(i, s) for i, s in enumerate(inputs)]
@@ -278,7 +277,6 @@ def load(path: str | os.PathLike) -> OptimizedModule:
     elif manifest["engine"] != "graphopt":
         plan, runner, why = restore(manifest["engine"], module, inputs, guarded=manifest["nan_checks"] == "fast",
                                     threads=manifest["engine_threads"], limits=manifest["engine_limits"],
-                                    dynamic_batch=manifest["engine_dynamic_batch"],
                                     other_batches=manifest["engine_other_batches"])
         if why is not None:
             running = "" if plan is not None else f"running graphopt's own kernels, not {manifest['engine']}: "

@@ -84,10 +84,11 @@ def test_a_librarys_answers_are_the_callers_and_its_inputs_are_only_read(always,
         was = first.clone()
         opt(b)
         a.mul_(2.0)  # (the caller reuses its input buffer)
-        opt(a)
+        third = opt(a)
     assert torch.equal(first, was) and torch.equal(a, kept * 2.0)
     with torch.no_grad():
         torch.testing.assert_close(first, model(kept), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(third, model(kept * 2.0), rtol=1e-4, atol=1e-5)
 
 
 def test_graphopt_keeps_the_graph_when_no_library_is_faster(monkeypatch):
@@ -121,7 +122,7 @@ def test_a_quick_graph_also_gets_a_one_thread_session_and_a_reload_keeps_it(alwa
     built = []
     monkeypatch.setitem(engines._BUILDERS, "onnxruntime", lambda *a: (built.append(a[2]), real(*a))[1])
     back = load(folder)
-    assert built == ["1", "torch"] and back.engine_plan.threads == "1"  # (the pool: other batch sizes)
+    assert built == ["1", "torch"] and back.engine_plan.threads == "1"  # (the free-batch session: the others)
     with torch.no_grad():
         assert torch.equal(back(x), opt(x))
 
@@ -209,12 +210,12 @@ def test_an_input_with_room_in_its_limit_is_checked_by_its_sum_and_a_tight_one_b
 
 
 def _logged(monkeypatch) -> list:
-    """Every call a library's session answers or declines, as (library, threads, batch size), in order."""
+    """Every call a library's session answers or declines, as (library, free batch or not, batch size), in order."""
     log = []
     for library, real in list(engines._BUILDERS.items()):
-        def builder(model, spec, threads, *rest, real=real, library=library):
-            run = real(model, spec, threads, *rest)
-            return lambda *args: (log.append((library, threads, args[0].shape[0])), run(*args))[1]
+        def builder(model, spec, threads, limits, shapes, any_batch, *rest, real=real, library=library):
+            run = real(model, spec, threads, limits, shapes, any_batch, *rest)
+            return lambda *args: (log.append((library, any_batch, args[0].shape[0])), run(*args))[1]
         monkeypatch.setitem(engines._BUILDERS, library, builder)
     return log
 
@@ -226,35 +227,44 @@ def _calls(opt, model, batches: list[int], shape: torch.Size) -> None:
             torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_onnx_runtime_runs_any_batch_size_and_other_shapes_run_graphopts_graph(always, tmp_path):
+def test_onnx_runtime_runs_any_batch_size_and_other_shapes_run_graphopts_graph(always, monkeypatch, tmp_path):
+    log = _logged(monkeypatch)
     model, x = _convnet(batch=2)
     opt = optimize(model, (x,), engines="onnxruntime")
     plan = opt.engine_plan
-    assert plan.dynamic_batch and plan.other_batches
-    assert plan.as_dict()["batch"] == {"sizes": "onnxruntime at any batch size", "fixed_because": None}
+    assert plan.other_batches and plan.fixed_batch is None
+    assert plan.as_dict()["batch"] == {"sizes": "onnxruntime at batch 2; other batch sizes: onnxruntime's free-batch "
+                                                "session", "fixed_because": None}
     calls = _spy(opt)
-    _calls(opt, model, [1, 2, 3, 17], x.shape)
+    log.clear()
+    _calls(opt, model, [2, 1, 3, 17], x.shape)
     assert all(call is not None for call in calls) and len(calls) == 4
+    # (the measured session at the example's shape; the free-batch one, any_batch, at the others)
+    assert log == [("onnxruntime", False, 2)] + [(library, any_batch, batch) for batch in (1, 3, 17)
+                                                for library, any_batch in (("onnxruntime", False),
+                                                                           ("onnxruntime", True))]
     with torch.no_grad():
         wider = torch.randn(2, x.shape[1], x.shape[2] + 2, x.shape[3])
         torch.testing.assert_close(opt(wider), model(wider), rtol=1e-4, atol=1e-5)
-    assert calls[-1] is None  # (the library declined the call: not its shape)
+        empty = torch.randn(0, *x.shape[1:])
+        assert opt(empty).shape[0] == 0
+    assert calls[-2:] == [None, None]  # (the libraries declined both: not their shapes)
     folder = opt.save(tmp_path / "m")
-    manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["engine_dynamic_batch"] is True and manifest["engine_other_batches"] is True
+    assert json.loads((folder / "manifest.json").read_text())["engine_other_batches"] is True
     back, five = load(folder), torch.randn(5, *x.shape[1:])
-    assert back.engine_plan.batch_sizes() == "onnxruntime at any batch size"
+    assert back.engine_plan.other_batches
     calls = _spy(back)
     with torch.no_grad():
-        assert torch.equal(back(five), opt(five))
-    assert calls[0] is not None
+        assert torch.equal(back(five), opt(five)) and torch.equal(back(x), opt(x))
+    assert all(call is not None for call in calls)
 
 
-@pytest.mark.parametrize("pool_ms, others", [(0.5, "onnxruntime"), (1.2, "graphopt's graph")])
+@pytest.mark.parametrize("pool_ms, others", [(0.5, "onnxruntime's free-batch session"), (1.2, "graphopt's graph")])
 def test_a_one_thread_session_runs_the_examples_batch_and_the_pool_the_others_if_it_measured_faster(
         always, monkeypatch, tmp_path, pool_ms, others):
     """A one-thread session was chosen for a quick call at the example's batch size; other batch sizes run in ONNX
-    Runtime's pool session where that measured faster than graphopt's graph (1.0 ms), else in graphopt's graph."""
+    Runtime's free-batch session where its pool measured faster than graphopt's graph (1.0 ms), else in graphopt's
+    graph."""
     monkeypatch.setattr(engines, "MARGIN", 1.0)
     monkeypatch.setattr(engines, "SINGLE_THREAD_BELOW_MS", float("inf"))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
@@ -263,18 +273,20 @@ def test_a_one_thread_session_runs_the_examples_batch_and_the_pool_the_others_if
     log = _logged(monkeypatch)
     model, x = _convnet(batch=3)
     opt = optimize(model, (x,), engines="onnxruntime")
-    pooled = others == "onnxruntime"
+    pooled = pool_ms < 1.0
     assert (opt.engine_plan.threads, opt.engine_plan.other_batches) == ("1", pooled)
-    assert opt.engine_plan.batch_sizes() == f"onnxruntime, 1 thread at batch 3, {others} at any other"
+    assert opt.engine_plan.batch_sizes() == f"onnxruntime, 1 thread at batch 3; other batch sizes: {others}"
+    assert pooled or opt.engine_plan.fixed_batch.startswith("onnxruntime did not measure faster")
     folder = opt.save(tmp_path / "m")
     back = load(folder)
     for module in (opt, back):
         log.clear()
         _calls(module, model, [3, 1, 4], x.shape)
-        pool = (lambda batch: [("onnxruntime", "torch", batch)]) if pooled else (lambda batch: [])
-        assert log == [("onnxruntime", "1", 3), ("onnxruntime", "1", 1), *pool(1), ("onnxruntime", "1", 4), *pool(4)]
-        # (the one-thread session declines other batch sizes and hands them to the pool session, or, without one,
-        # to graphopt's graph)
+        free = (lambda batch: [("onnxruntime", True, batch)]) if pooled else (lambda batch: [])
+        assert log == [("onnxruntime", False, 3), ("onnxruntime", False, 1), *free(1), ("onnxruntime", False, 4),
+                       *free(4)]
+        # (the one-thread session declines other batch sizes and hands them to the free-batch session, or,
+        # without one, to graphopt's graph)
 
 
 @pytest.mark.skipif("openvino" not in LIBRARIES, reason="OpenVINO is not installed")
@@ -285,57 +297,89 @@ def test_openvino_runs_the_examples_shapes_and_onnx_runtime_the_other_batch_size
     log = _logged(monkeypatch)
     model, x = _convnet(batch=2)
     opt = optimize(model, (x,), engines=["onnxruntime", "openvino"])
-    assert opt.engine_plan.batch_sizes() == "openvino at batch 2, onnxruntime at any other"
+    assert opt.engine_plan.batch_sizes() == "openvino at batch 2; other batch sizes: onnxruntime's free-batch session"
     folder = opt.save(tmp_path / "m")
     back = load(folder)
     for module in (opt, back):
         log.clear()
         _calls(module, model, [2, 1, 5], x.shape)
-        assert log == [("openvino", "torch", 2), ("openvino", "torch", 1), ("onnxruntime", "torch", 1),
-                       ("openvino", "torch", 5), ("onnxruntime", "torch", 5)]  # (OpenVINO hands them on)
-
-    real = engines._BUILDERS["onnxruntime"]  # a load whose ONNX Runtime session disagrees: OpenVINO still runs
-    monkeypatch.setitem(engines._BUILDERS, "onnxruntime", lambda *a: (lambda run: lambda *x: run(*x) * 1.01)(real(*a)))
-    with pytest.warns(UserWarning, match="batch sizes other than the example's run graphopt's own kernels: "
-                                         "onnxruntime disagrees"):
-        back = load(folder)
-    assert back.engine == "openvino"
-    assert back.engine_plan.batch_sizes() == "openvino at batch 2, graphopt's graph at any other"
-    log.clear()
-    _calls(back, model, [2, 5], x.shape)
-    assert log == [("openvino", "torch", 2), ("openvino", "torch", 5)]  # (which declines batch 5: graphopt's)
+        assert log == [("openvino", False, 2), ("openvino", False, 1), ("onnxruntime", True, 1),
+                       ("openvino", False, 5), ("onnxruntime", True, 5)]  # (OpenVINO hands them on)
 
 
-@pytest.mark.parametrize("fault", ["broadcast", "export"])
-def test_an_export_that_fails_or_disagrees_at_another_batch_size_runs_at_the_examples(always, monkeypatch, fault):
-    """A session whose answers at another batch size are one row repeated (rows that differ on the example's
-    batch of one: the check's rows must differ too), or an exporter that cannot free the batch: the sessions
-    run the example's shapes only (other batch sizes graphopt's graph), and the plan says why."""
-    real_build, real_export = engines.build, engines.onnx_model
+def _broadcast(monkeypatch) -> None:
+    """Free-batch sessions whose answers at a batch size other than 1 are the first row repeated."""
+    real = engines.build
 
-    def broadcast(*args, **kwargs):
-        runner = real_build(*args, **kwargs)
+    def build(*args, any_batch=False, **kwargs):
+        runner = real(*args, any_batch=any_batch, **kwargs)
+        if not any_batch:
+            return runner
         return lambda x: (lambda y: y if y is None or x.shape[0] == 1 else y[:1].expand_as(y).clone())(runner(x))
+    monkeypatch.setattr(engines, "build", build)
 
-    def export(*args, dynamic_batch=False, **kwargs):
-        if dynamic_batch:
-            raise RuntimeError("no dynamic axes here")
-        return real_export(*args, **kwargs)
+
+class _BatchOfOne(nn.Module):
+    """A graph that only takes its example's batch of one: view(1, -1) before the linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).view(1, -1))
+
+
+@pytest.mark.parametrize("fault", ["broadcast", "export", "graphopt's graph"])
+def test_a_free_batch_session_that_fails_or_disagrees_leaves_other_batch_sizes_to_graphopts_graph(
+        always, monkeypatch, tmp_path, fault):
+    """A free-batch session whose answers at another batch size are one row repeated (rows that differ even on the
+    example's batch of one: the check's rows must differ too), an exporter that cannot free the batch, or a graph
+    that takes no other batch size: the chosen session still runs the example's shapes; other batch sizes run
+    graphopt's graph, and the plan says why."""
     if fault == "broadcast":
-        monkeypatch.setattr(engines, "build", broadcast)
-    else:
+        _broadcast(monkeypatch)
+        model, x = _convnet(batch=1)
+    elif fault == "export":
+        real_export = engines.onnx_model
+
+        def export(*args, dynamic_batch=False, **kwargs):
+            if dynamic_batch:
+                raise RuntimeError("no dynamic axes here")
+            return real_export(*args, **kwargs)
         monkeypatch.setattr(engines, "onnx_model", export)
-    model, x = _convnet(batch=1)
+        model, x = _convnet(batch=1)
+    else:
+        torch.manual_seed(0)
+        model, x = _BatchOfOne().eval(), torch.randn(1, 1, 8, 8)
     opt = optimize(model, (x,), engines="onnxruntime")
     plan = opt.engine_plan
-    assert opt.engine == "onnxruntime" and not plan.dynamic_batch and not plan.other_batches
-    assert plan.batch_sizes() == "onnxruntime at batch 1, graphopt's graph at any other"
-    why = {"broadcast": "onnxruntime disagrees with graphopt's graph at batch size 2",
-           "export": "with its batch free, the ONNX export failed: RuntimeError: no dynamic axes here"}[fault]
+    assert opt.engine == "onnxruntime" and not plan.other_batches
+    assert plan.batch_sizes() == "onnxruntime at batch 1; other batch sizes: graphopt's graph"
+    why = {"broadcast": "onnxruntime's free-batch session disagrees with graphopt's graph at batch size 2",
+           "export": "onnxruntime's free-batch session failed: RuntimeError: no dynamic axes here",
+           "graphopt's graph": "onnxruntime's free-batch session failed: "}[fault]
     assert plan.fixed_batch.startswith(why) and plan.as_dict()["batch"]["fixed_because"] == plan.fixed_batch
     calls = _spy(opt)
-    _calls(opt, model, [3], x.shape)
-    assert calls == [None]
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
+        if fault != "graphopt's graph":
+            _calls(opt, model, [3], x.shape)
+    assert calls[0] is not None and calls[1:] in ([], [None])
+
+
+def test_a_load_whose_free_batch_session_disagrees_keeps_the_engine_at_the_examples_shape(always, monkeypatch,
+                                                                                          tmp_path):
+    model, x = _convnet(batch=1)
+    folder = optimize(model, (x,), engines="onnxruntime").save(tmp_path / "m")
+    _broadcast(monkeypatch)
+    with pytest.warns(UserWarning, match="batch sizes other than the example's run graphopt's own kernels: "
+                                         "onnxruntime's free-batch session disagrees"):
+        back = load(folder)
+    assert back.engine == "onnxruntime" and not back.engine_plan.other_batches
+    calls = _spy(back)
+    _calls(back, model, [1, 3], x.shape)
+    assert calls[0] is not None and calls[1] is None
 
 
 def test_a_library_with_wrong_answers_is_rejected_by_the_numerics_check(always, monkeypatch):
@@ -606,7 +650,13 @@ def test_several_inputs_and_outputs_and_a_session_without_its_compiled_run(alway
     seen = _spy(opt)
     with torch.no_grad():
         torch.testing.assert_close(opt(a, b), model(a, b), rtol=1e-5, atol=1e-6)
-    assert seen[-1] is not None
+        assert seen[-1] is not None
+        a5, b5 = torch.randn(5, 8), torch.randn(5, 8)  # another batch size, the same for both inputs
+        torch.testing.assert_close(opt(a5, b5), model(a5, b5), rtol=1e-5, atol=1e-6)
+        assert seen[-1] is not None
+        b1 = torch.randn(1, 8)  # batch sizes that differ (b broadcasts): graphopt's graph
+        torch.testing.assert_close(opt(a5, b1), model(a5, b1), rtol=1e-5, atol=1e-6)
+        assert seen[-1] is None
     if public_run:
         assert calls and set(calls) == {2}
 
