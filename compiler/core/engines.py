@@ -255,7 +255,7 @@ def build(name: str, model: bytes, spec: Any, shapes: Sequence[tuple], threads: 
     Runtime only) as a function of tensors: the graph's outputs, or None where the call is not the library's
     (``_arrays``) or one of the checked values (``limits``, in the order of the model's extra outputs) is not
     within its limit. A call it does not take goes to ``runner.declined[0]`` instead where one was put there
-    (engine_batches.route_other_batches)."""
+    (engine_batches.serve_other_batches)."""
     declined: list = [None]
     runner = _BUILDERS[name](model, spec, threads, limits, shapes, any_batch, declined)
     runner.declined = declined
@@ -466,8 +466,8 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
         return ms / ONE_THREAD_EDGE if key[1] == "1" else ms
     plan.engine, plan.threads = best = min(faster, key=cost)
     if ("onnxruntime", "torch") in faster:
-        plan.other_batches, plan.fixed_batch = serve_other_batches(runners[best], opt, inputs, inputs, spec,
-                                                                   (checked, limits, by_sum))
+        plan.other_batches = serve_other_batches(runners[best], opt, inputs, inputs, spec, (checked, limits, by_sum),
+                                                 plan)
     else:
         plan.fixed_batch = "onnxruntime did not measure faster than graphopt's graph at the example's shape"
     return plan, runners[best]
@@ -504,10 +504,10 @@ def race(candidates: dict[str, Callable], inputs: tuple, sizes: dict[str, float]
 def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True, threads: str = "torch",
             limits: dict | None = None, other_batches: bool = False
             ) -> tuple[EnginePlan | None, Callable | None, str | None]:
-    """The saved plan on load: rebuild ``name``'s session (on ``threads``, with the saved range ``limits``; and
-    ONNX Runtime's free-batch session for ``other_batches``) from ``opt``'s loaded graph and check it against
-    graphopt's own graph on a seeded input (the free-batch one also at another batch size). (plan, runner, None);
-    (None, None, why graphopt's graph runs); or, where only the free-batch session fails, (plan, runner, why)."""
+    """The saved plan on load: rebuild ``name``'s session (on ``threads``, with the saved range ``limits``) from
+    ``opt``'s loaded graph and check it against graphopt's own graph on a seeded input; ``other_batches``: route
+    other batch sizes to ONNX Runtime's free-batch session, built and checked on the first such call
+    (engine_batches.py). (plan, runner, None), or (None, None, why graphopt's graph runs)."""
     from graphopt.compiler.core.capture import fresh
     from graphopt.compiler.core.engine_batches import disagreement, serve_other_batches
     from graphopt.compiler.core.pipeline import is_quantized
@@ -532,7 +532,5 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
         return None, None, f"{name} disagrees with {graph} on load's seeded probe input: {problem}"
     plan.engine, plan.threads = name, threads
     if other_batches:
-        plan.other_batches, plan.fixed_batch = serve_other_batches(runner, opt, inputs, probe, spec, checked)
-        if not plan.other_batches:
-            return plan, runner, f"batch sizes other than the example's run graphopt's own kernels: {plan.fixed_batch}"
+        plan.other_batches = serve_other_batches(runner, opt, inputs, probe, spec, checked, plan)
     return plan, runner, None

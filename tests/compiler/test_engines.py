@@ -122,7 +122,7 @@ def test_a_quick_graph_also_gets_a_one_thread_session_and_a_reload_keeps_it(alwa
     built = []
     monkeypatch.setitem(engines._BUILDERS, "onnxruntime", lambda *a: (built.append(a[2]), real(*a))[1])
     back = load(folder)
-    assert built == ["1", "torch"] and back.engine_plan.threads == "1"  # (the free-batch session: the others)
+    assert built == ["1"] and back.engine_plan.threads == "1"  # (the free-batch session: on its first call)
     with torch.no_grad():
         assert torch.equal(back(x), opt(x))
 
@@ -235,14 +235,19 @@ def test_onnx_runtime_runs_any_batch_size_and_other_shapes_run_graphopts_graph(a
     assert plan.other_batches and plan.fixed_batch is None
     assert plan.as_dict()["batch"] == {"sizes": "onnxruntime at batch 2; other batch sizes: onnxruntime's free-batch "
                                                 "session", "fixed_because": None}
+    assert not [call for call in log if call[1]]  # (no free-batch session yet: built on the first call for one)
     calls = _spy(opt)
     log.clear()
-    _calls(opt, model, [2, 1, 3, 17], x.shape)
-    assert all(call is not None for call in calls) and len(calls) == 4
-    # (the measured session at the example's shape; the free-batch one, any_batch, at the others)
-    assert log == [("onnxruntime", False, 2)] + [(library, any_batch, batch) for batch in (1, 3, 17)
-                                                for library, any_batch in (("onnxruntime", False),
-                                                                           ("onnxruntime", True))]
+    _calls(opt, model, [2, 1], x.shape)
+    # the measured session at the example's shape; at batch 1 it declines, the free-batch session is built and
+    # checked (on the example, at batch 3) and answers
+    assert log == [("onnxruntime", False, 2), ("onnxruntime", False, 1), ("onnxruntime", True, 2),
+                   ("onnxruntime", True, 3), ("onnxruntime", True, 1)]
+    log.clear()
+    _calls(opt, model, [3, 17, 2], x.shape)
+    assert log == [("onnxruntime", False, 3), ("onnxruntime", True, 3), ("onnxruntime", False, 17),
+                   ("onnxruntime", True, 17), ("onnxruntime", False, 2)]
+    assert all(call is not None for call in calls) and len(calls) == 5
     with torch.no_grad():
         wider = torch.randn(2, x.shape[1], x.shape[2] + 2, x.shape[3])
         torch.testing.assert_close(opt(wider), model(wider), rtol=1e-4, atol=1e-5)
@@ -257,6 +262,30 @@ def test_onnx_runtime_runs_any_batch_size_and_other_shapes_run_graphopts_graph(a
     with torch.no_grad():
         assert torch.equal(back(five), opt(five)) and torch.equal(back(x), opt(x))
     assert all(call is not None for call in calls)
+
+
+def test_the_free_batch_session_is_built_once_when_threads_call_at_once(always, monkeypatch):
+    built = []
+    real = engines.build
+    monkeypatch.setattr(engines, "build", lambda *a, **k: (built.append(k.get("any_batch", False)), real(*a, **k))[1])
+    model, x = _convnet(batch=2)
+    opt = optimize(model, (x,), engines="onnxruntime")
+    built.clear()
+    inputs = [torch.randn(3, *x.shape[1:]) for _ in range(4)]
+    results = [None] * 4
+
+    def call(i):
+        with torch.no_grad():
+            results[i] = opt(inputs[i])
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert built == [True]
+    with torch.no_grad():
+        for got, x3 in zip(results, inputs):
+            torch.testing.assert_close(got, model(x3), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("pool_ms, others", [(0.5, "onnxruntime's free-batch session"), (1.2, "graphopt's graph")])
@@ -280,6 +309,7 @@ def test_a_one_thread_session_runs_the_examples_batch_and_the_pool_the_others_if
     folder = opt.save(tmp_path / "m")
     back = load(folder)
     for module in (opt, back):
+        _calls(module, model, [2], x.shape)  # (builds the free-batch session, where there is one)
         log.clear()
         _calls(module, model, [3, 1, 4], x.shape)
         free = (lambda batch: [("onnxruntime", True, batch)]) if pooled else (lambda batch: [])
@@ -301,6 +331,7 @@ def test_openvino_runs_the_examples_shapes_and_onnx_runtime_the_other_batch_size
     folder = opt.save(tmp_path / "m")
     back = load(folder)
     for module in (opt, back):
+        _calls(module, model, [3], x.shape)  # (builds the free-batch session)
         log.clear()
         _calls(module, model, [2, 1, 5], x.shape)
         assert log == [("openvino", False, 2), ("openvino", False, 1), ("onnxruntime", True, 1),
@@ -335,8 +366,8 @@ def test_a_free_batch_session_that_fails_or_disagrees_leaves_other_batch_sizes_t
         always, monkeypatch, tmp_path, fault):
     """A free-batch session whose answers at another batch size are one row repeated (rows that differ even on the
     example's batch of one: the check's rows must differ too), an exporter that cannot free the batch, or a graph
-    that takes no other batch size: the chosen session still runs the example's shapes; other batch sizes run
-    graphopt's graph, and the plan says why."""
+    that takes no other batch size: the first call at another batch size warns and runs graphopt's graph, as do
+    the later ones; the chosen session still runs the example's shapes, and the plan says why."""
     if fault == "broadcast":
         _broadcast(monkeypatch)
         model, x = _convnet(batch=1)
@@ -353,19 +384,28 @@ def test_a_free_batch_session_that_fails_or_disagrees_leaves_other_batch_sizes_t
         torch.manual_seed(0)
         model, x = _BatchOfOne().eval(), torch.randn(1, 1, 8, 8)
     opt = optimize(model, (x,), engines="onnxruntime")
-    plan = opt.engine_plan
-    assert opt.engine == "onnxruntime" and not plan.other_batches
-    assert plan.batch_sizes() == "onnxruntime at batch 1; other batch sizes: graphopt's graph"
+    calls = _spy(opt)
     why = {"broadcast": "onnxruntime's free-batch session disagrees with graphopt's graph at batch size 2",
            "export": "onnxruntime's free-batch session failed: RuntimeError: no dynamic axes here",
            "graphopt's graph": "onnxruntime's free-batch session failed: "}[fault]
+    three = torch.randn(3, *x.shape[1:])
+    with torch.no_grad(), pytest.warns(UserWarning, match="batch sizes other than the example's run graphopt's own "
+                                                          "kernels: " + why.replace("(", r"\(")):
+        if fault == "graphopt's graph":
+            with pytest.raises(RuntimeError):  # (graphopt's graph takes no other batch size either)
+                opt(three)
+        else:
+            torch.testing.assert_close(opt(three), model(three), rtol=1e-4, atol=1e-5)
+    plan = opt.engine_plan
+    assert opt.engine == "onnxruntime" and not plan.other_batches
+    assert plan.batch_sizes() == "onnxruntime at batch 1; other batch sizes: graphopt's graph"
     assert plan.fixed_batch.startswith(why) and plan.as_dict()["batch"]["fixed_because"] == plan.fixed_batch
-    calls = _spy(opt)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # (once)
         torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
         if fault != "graphopt's graph":
-            _calls(opt, model, [3], x.shape)
-    assert calls[0] is not None and calls[1:] in ([], [None])
+            torch.testing.assert_close(opt(three), model(three), rtol=1e-4, atol=1e-5)
+    assert calls[0] is None and calls[1] is not None and calls[2:] in ([], [None])
 
 
 def test_a_load_whose_free_batch_session_disagrees_keeps_the_engine_at_the_examples_shape(always, monkeypatch,
@@ -373,13 +413,14 @@ def test_a_load_whose_free_batch_session_disagrees_keeps_the_engine_at_the_examp
     model, x = _convnet(batch=1)
     folder = optimize(model, (x,), engines="onnxruntime").save(tmp_path / "m")
     _broadcast(monkeypatch)
+    back = load(folder)
+    calls = _spy(back)
     with pytest.warns(UserWarning, match="batch sizes other than the example's run graphopt's own kernels: "
                                          "onnxruntime's free-batch session disagrees"):
-        back = load(folder)
+        _calls(back, model, [3], x.shape)
     assert back.engine == "onnxruntime" and not back.engine_plan.other_batches
-    calls = _spy(back)
     _calls(back, model, [1, 3], x.shape)
-    assert calls[0] is not None and calls[1] is None
+    assert calls[0] is None and calls[1] is not None and calls[2] is None
 
 
 def test_a_library_with_wrong_answers_is_rejected_by_the_numerics_check(always, monkeypatch):
