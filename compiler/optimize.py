@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 from graphopt.compiler.core.backend import resolve_backend
 from graphopt.compiler.core.capture import capture, normalize_inputs
+from graphopt.compiler.core.engine_batches import serve_other_batches
 from graphopt.compiler.core.engines import choose, int8_disagreement, resolve_engines
 from graphopt.compiler.core.errors import GraphoptError
 from graphopt.compiler.core.fast_path import NAN_CHECKS, fast_plan
@@ -142,6 +143,8 @@ def _choose_engine(opt: OptimizedModule, portable, ctx: PassContext, manager: Pa
         check = (manager.oracle or Oracle.build(portable, ctx.example_inputs)).fp32_error
     dump = manager.dumper.root if manager.dumper else None
     plan, runner = choose(opt, ctx.example_inputs, names, check, dump_dir=dump, guarded=opt.nan_checks == "fast")
+    if runner is not None:
+        serve_other_batches(runner, opt, ctx.example_inputs, plan)
     opt.use_engine(plan, runner)
     record = PassRecord(plan.summary(), rewrites=int(runner is not None), seconds=time.perf_counter() - start,
                         nodes_before=count_nodes(opt.graph_module), nodes_after=count_nodes(opt.graph_module),

@@ -293,8 +293,6 @@ class EnginePlan:
     def batch_sizes(self) -> str:
         """Who runs which batch size, in words: "openvino at batch 1; other batch sizes: onnxruntime's free-batch
         session" (or "...: graphopt's graph")."""
-        from graphopt.compiler.core.engine_batches import batch_of
-
         if self.engine == "graphopt":
             return "graphopt's graph at any batch size"
         batch = batch_of(self.shapes)
@@ -414,7 +412,6 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
 
     ``check`` is the numerics oracle: flattened outputs on ``inputs`` -> None, or what is wrong with them."""
     from graphopt.compiler.core.capture import fresh
-    from graphopt.compiler.core.engine_batches import serve_other_batches
     from graphopt.compiler.workflow.timing import call_ms
 
     plan, spec, reason = _plan(opt, inputs, (lambda: guard(opt.portable, fresh(inputs))) if guarded else None)
@@ -465,10 +462,8 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
         ms = plan.measured_ms[label(*key)]
         return ms / ONE_THREAD_EDGE if key[1] == "1" else ms
     plan.engine, plan.threads = best = min(faster, key=cost)
-    if ("onnxruntime", "torch") in faster:
-        plan.other_batches = serve_other_batches(runners[best], opt, inputs, inputs, spec, (checked, limits, by_sum),
-                                                 plan)
-    else:
+    plan.other_batches = ("onnxruntime", "torch") in faster  # (engine_batches.serve_other_batches routes them)
+    if not plan.other_batches:
         plan.fixed_batch = "onnxruntime did not measure faster than graphopt's graph at the example's shape"
     return plan, runners[best]
 
@@ -505,11 +500,10 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
             limits: dict | None = None, other_batches: bool = False
             ) -> tuple[EnginePlan | None, Callable | None, str | None]:
     """The saved plan on load: rebuild ``name``'s session (on ``threads``, with the saved range ``limits``) from
-    ``opt``'s loaded graph and check it against graphopt's own graph on a seeded input; ``other_batches``: route
-    other batch sizes to ONNX Runtime's free-batch session, built and checked on the first such call
-    (engine_batches.py). (plan, runner, None), or (None, None, why graphopt's graph runs)."""
+    ``opt``'s loaded graph and check it against graphopt's own graph on a seeded input; ``other_batches``: the
+    plan says ONNX Runtime's free-batch session runs other batch sizes (engine_batches.serve_other_batches).
+    (plan, runner, None), or (None, None, why graphopt's graph runs)."""
     from graphopt.compiler.core.capture import fresh
-    from graphopt.compiler.core.engine_batches import disagreement, serve_other_batches
     from graphopt.compiler.core.pipeline import is_quantized
 
     if not installed(name):
@@ -517,9 +511,7 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
     plan, spec, reason = _plan(opt, inputs, (lambda: saved_guard(opt.portable, limits)) if guarded else None)
     if reason is not None:
         return None, None, reason
-    g = torch.Generator().manual_seed(PROBE_SEED)
-    bound = plan.limit or 1.0
-    probe = tuple(torch.randn(t.shape, generator=g).clamp(-bound, bound) for t in inputs)
+    probe = seeded_probe(inputs, plan.limit)
     checked = _checked(opt, plan)
     try:
         runner = build(name, onnx_model(opt, fresh(inputs), checked[0], checked[2]), spec, plan.shapes, threads,
@@ -530,7 +522,43 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
     if problem is not None:
         graph = "graphopt's int8 graph" if is_quantized(opt.portable) else "graphopt's graph"
         return None, None, f"{name} disagrees with {graph} on load's seeded probe input: {problem}"
-    plan.engine, plan.threads = name, threads
-    if other_batches:
-        plan.other_batches = serve_other_batches(runner, opt, inputs, probe, spec, checked, plan)
+    plan.engine, plan.threads, plan.other_batches = name, threads, other_batches  # (engine_batches routes them)
     return plan, runner, None
+
+
+def batch_of(shapes: Sequence[tuple]) -> int | None:
+    """The inputs' common batch size (dimension 0, at least 1), or None where they have none (a 0-d input,
+    sizes that differ, an empty batch)."""
+    sizes = {shape[0] if len(shape) else None for shape in shapes}
+    batch = next(iter(sizes)) if len(sizes) == 1 else None
+    return batch or None
+
+
+def seeded_probe(inputs: tuple, limit: float | None) -> tuple:
+    """Inputs like ``inputs`` for a check of a rebuilt session: seeded (PROBE_SEED) normal values within the
+    engine's input ``limit``."""
+    g, bound = torch.Generator().manual_seed(PROBE_SEED), limit or 1.0
+    return tuple(torch.randn(t.shape, generator=g).clamp(-bound, bound) for t in inputs)
+
+
+def disagreement(opt: torch.nn.Module, runner: Callable, probe: tuple) -> str | None:
+    """What is wrong with a library's answers on ``probe`` against graphopt's own graph (``opt.graph_module``, never
+    the engine), or None: the same numbers to rounding for an fp32 graph, INT8_AGREE_DB for an int8 one."""
+    from graphopt.compiler.core.capture import fresh
+    from graphopt.compiler.core.pipeline import is_quantized
+
+    with torch.no_grad():
+        out = runner(*fresh(probe))
+        if out is None:
+            return "its range checks fail"
+        want, got = tree_flatten(opt.graph_module(*fresh(probe)))[0], tree_flatten(out)[0]
+    if len(want) != len(got):
+        return f"{len(got)} outputs, graphopt's graph {len(want)}"
+    if is_quantized(opt.portable):
+        return int8_disagreement(want, got)
+    for i, (w, o) in enumerate(zip(want, got)):
+        try:
+            torch.testing.assert_close(o, w, rtol=1e-4, atol=1e-5 * max(1.0, float(w.abs().max())))
+        except AssertionError as e:
+            return f"output {i}: {str(e).strip().splitlines()[0][:120]}"
+    return None

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from graphopt.compiler.core.backend import has_triton
 from graphopt.compiler.core.capture import propagate
+from graphopt.compiler.core.engine_batches import serve_other_batches
 from graphopt.compiler.core.engines import ENGINES, THREADS, restore
 from graphopt.compiler.core.errors import LoadError
 from graphopt.compiler.core.fast_path import NAN_CHECKS, fast_plan
@@ -279,7 +280,9 @@ def load(path: str | os.PathLike) -> OptimizedModule:
                                     threads=manifest["engine_threads"], limits=manifest["engine_limits"],
                                     other_batches=manifest["engine_other_batches"])
         if why is not None:
-            running = "" if plan is not None else f"running graphopt's own kernels, not {manifest['engine']}: "
-            warnings.warn(f"{root.name}: {running}{why}", stacklevel=2)
+            warnings.warn(f"{root.name}: running graphopt's own kernels, not {manifest['engine']}: {why}",
+                          stacklevel=2)
+        if runner is not None:
+            serve_other_batches(runner, module, inputs, plan)
         module.use_engine(plan, runner)
     return module
