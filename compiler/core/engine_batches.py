@@ -81,7 +81,8 @@ def _free_batch_session(opt: torch.nn.Module, inputs: tuple, plan: Any) -> tuple
     shapes = [tuple(t.shape) for t in inputs]
     probe, batch = seeded_probe(inputs, plan.limit), batch_of(shapes)
     try:
-        spec = tree_flatten(opt.graph_module(*fresh(inputs)))[1]
+        with torch.no_grad():
+            spec = tree_flatten(opt.graph_module(*fresh(inputs)))[1]
         model = onnx_model(opt, fresh(inputs), values, by_sum, dynamic_batch=True)
         others = build("onnxruntime", model, spec, shapes, "torch", limits, any_batch=True)
         for where, case in (("", probe), (f" at batch size {batch + 1}", _more_rows(probe, batch + 1))):
