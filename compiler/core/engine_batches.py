@@ -47,10 +47,10 @@ def serve_other_batches(example: Callable, opt: torch.nn.Module, inputs: tuple, 
     from graphopt.compiler.core.engines import _arrays, batch_of
 
     shapes = [tuple(t.shape) for t in inputs]
-    declined = getattr(example, "declined", None)
-    if not plan.other_batches or declined is None or batch_of(shapes) is None:
+    declined, batched = getattr(example, "declined", None), batch_of(shapes) is not None
+    if not plan.other_batches or declined is None or not batched:
         plan.other_batches = False
-        if batch_of(shapes) is None:
+        if not batched:
             plan.fixed_batch = "the inputs have no common batch size"
         return
     inputs, lock, takes = fresh(inputs), threading.Lock(), _arrays(shapes, any_batch=True)

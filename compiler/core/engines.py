@@ -512,10 +512,9 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
     if reason is not None:
         return None, None, reason
     probe = seeded_probe(inputs, plan.limit)
-    checked = _checked(opt, plan)
+    values, bounds, by_sum = _checked(opt, plan)  # (``limits`` is the saved form of the same)
     try:
-        runner = build(name, onnx_model(opt, fresh(inputs), checked[0], checked[2]), spec, plan.shapes, threads,
-                       checked[1])
+        runner = build(name, onnx_model(opt, fresh(inputs), values, by_sum), spec, plan.shapes, threads, bounds)
         problem = disagreement(opt, runner, probe)
     except Exception as e:
         return None, None, f"{name} could not run it as saved: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
