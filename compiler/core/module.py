@@ -12,14 +12,30 @@ a 1x8 -> 8 linear + relu, one thread, 22.6 us a call without it, 21.3 us with it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.modules.module as torch_module
 
 from graphopt.compiler.core.errors import InputError
 from graphopt.compiler.core.fast_path import within
+
+
+def _global_hooks() -> Callable[[], bool]:
+    """Is a hook registered for every module (torch.nn.modules.module.register_module_forward_hook and kin)? Where
+    this torch keeps them elsewhere: always yes (OptimizedModule.__call__ then always takes nn.Module's path)."""
+    names = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
+             "_global_backward_hooks")
+    hooks = [getattr(torch_module, name, None) for name in names]
+    if not all(isinstance(h, dict) for h in hooks):
+        return lambda: True
+    a, b, c, d = hooks
+    return lambda: bool(a or b or c or d)
+
+
+_HOOKED = _global_hooks()
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -123,11 +139,30 @@ class OptimizedModule(nn.Module):
         return {"engine_threads": plan.threads, "engine_limits": limits, "engine_int8_sums": sums,
                 "engine_other_batches": plan.other_batches}
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``forward`` itself where nn.Module's call machinery would do nothing but call it (no hooks, no keyword
+        arguments, not ``.compile()``d): 0.14 us a call instead of 0.55 us for an nn.Module whose forward returns
+        its input, measured; 3% of a 12 us MLP call in ONNX Runtime. Anything else goes through nn.Module's
+        __call__, hooks and all."""
+        if (kwargs or self._compiled_call_impl is not None or self._forward_pre_hooks or self._forward_hooks
+                or self._backward_pre_hooks or self._backward_hooks or _HOOKED()):
+            return super().__call__(*args, **kwargs)
+        engine = self._engine  # (forward's first lines, inline: a frame less)
+        if engine is not None:
+            out = engine(*args)
+            if out is not None:
+                return out
+        return self._graph(args)
+
     def forward(self, *args: Any) -> Any:
         if self._engine is not None:
             out = self._engine(*args)  # (another library: no autograd either way)
             if out is not None:
                 return out  # (None: not a call it takes, or a range check inside it failed: graphopt's graph runs it)
+        return self._graph(args)
+
+    def _graph(self, args: tuple) -> Any:
+        """graphopt's own graph on ``args``, after checking them against the example's."""
         if len(args) != len(self.input_specs):
             raise InputError(f"expected {len(self.input_specs)} inputs, got {len(args)}",
                              hint="call the optimized module with the same inputs as the example inputs")

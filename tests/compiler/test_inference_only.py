@@ -55,3 +55,30 @@ def test_the_same_input_runs_without_grad_mode(pair, context):
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
     assert not out.requires_grad
     torch.testing.assert_close(opt(wants.detach()), out, rtol=0, atol=0)  # or detached
+
+
+def test_hooks_still_run_though_a_plain_call_skips_nn_modules_machinery(pair):
+    """OptimizedModule.__call__ calls forward directly only where nn.Module's __call__ would do nothing else: a hook
+    on the module, or on every module, still runs, and a keyword argument still meets forward's signature."""
+    model, opt, loaded, x = pair
+    seen: list[str] = []
+    for module in (opt, loaded):
+        want = module.forward(x)
+        torch.testing.assert_close(module(x), want)
+        handles = [module.register_forward_pre_hook(lambda m, args: seen.append("pre")),
+                   module.register_forward_hook(lambda m, args, out: seen.append("post"))]
+        torch.testing.assert_close(module(x), want)
+        assert seen == ["pre", "post"]
+        for handle in handles:
+            handle.remove()
+        handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+        try:
+            torch.testing.assert_close(module(x), want)
+        finally:
+            handle.remove()
+        assert seen == ["pre", "post", type(module).__name__]
+        module(x)
+        assert len(seen) == 3  # (removed: none runs)
+        seen.clear()
+        with pytest.raises(TypeError):
+            module(x=x)
