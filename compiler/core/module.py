@@ -12,34 +12,14 @@ a 1x8 -> 8 linear + relu, one thread, 22.6 us a call without it, 21.3 us with it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.modules.module as torch_module
 
 from graphopt.compiler.core.errors import InputError
 from graphopt.compiler.core.fast_path import within
-
-
-def _global_hooks() -> Callable[[], bool]:
-    """Is a hook registered for every module (torch.nn.modules.module.register_module_forward_hook and kin)? Where
-    this torch keeps its hooks or its compiled call elsewhere than OptimizedModule.__call__ reads them: always yes
-    (every call then takes nn.Module's path)."""
-    names = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
-             "_global_backward_hooks")
-    hooks = [getattr(torch_module, name, None) for name in names]
-    probe = nn.Module()
-    if not all(isinstance(h, dict) for h in hooks) or not all(
-            hasattr(probe, name) for name in ("_compiled_call_impl", "_forward_pre_hooks", "_forward_hooks",
-                                              "_backward_pre_hooks", "_backward_hooks")):
-        return lambda: True
-    a, b, c, d = hooks
-    return lambda: bool(a or b or c or d)
-
-
-_HOOKED = _global_hooks()
 
 
 def finalize(gm: fx.GraphModule) -> fx.GraphModule:
@@ -143,30 +123,11 @@ class OptimizedModule(nn.Module):
         return {"engine_threads": plan.threads, "engine_limits": limits, "engine_int8_sums": sums,
                 "engine_other_batches": plan.other_batches}
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """``forward`` itself where nn.Module's call machinery would do nothing but call it (no hooks, no keyword
-        arguments, not ``.compile()``d): the MLP of bench/zoo.py in ONNX Runtime, 12.18 us a call against 12.73
-        through nn.Module's __call__ (4%; 15 interleaved rounds, medians). Anything else goes through nn.Module's
-        __call__, hooks and all."""
-        if (kwargs or _HOOKED() or self._compiled_call_impl is not None or self._forward_pre_hooks
-                or self._forward_hooks or self._backward_pre_hooks or self._backward_hooks):
-            return super().__call__(*args, **kwargs)
-        engine = self._engine  # (forward's first lines, inline: a frame less)
-        if engine is not None:
-            out = engine(*args)
-            if out is not None:
-                return out
-        return self._graph(args)
-
     def forward(self, *args: Any) -> Any:
         if self._engine is not None:
             out = self._engine(*args)  # (another library: no autograd either way)
             if out is not None:
                 return out  # (None: not a call it takes, or a range check inside it failed: graphopt's graph runs it)
-        return self._graph(args)
-
-    def _graph(self, args: tuple) -> Any:
-        """graphopt's own graph on ``args``, after checking them against the example's."""
         if len(args) != len(self.input_specs):
             raise InputError(f"expected {len(self.input_specs)} inputs, got {len(args)}",
                              hint="call the optimized module with the same inputs as the example inputs")

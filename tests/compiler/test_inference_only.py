@@ -57,9 +57,9 @@ def test_the_same_input_runs_without_grad_mode(pair, context):
     torch.testing.assert_close(opt(wants.detach()), out, rtol=0, atol=0)  # or detached
 
 
-def test_hooks_still_run_though_a_plain_call_skips_nn_modules_machinery(pair):
-    """OptimizedModule.__call__ calls forward directly only where nn.Module's __call__ would do nothing else: a hook
-    on the module, or on every module, still runs, and a keyword argument still meets forward's signature."""
+def test_hooks_on_the_module_and_on_every_module_run_on_its_calls(pair):
+    """An optimized (or loaded) module is an nn.Module to the tools around it: a hook on the module, or on every
+    module, runs on each call, and a keyword argument meets forward's signature."""
     model, opt, loaded, x = pair
     seen: list[str] = []
     for module in (opt, loaded):
