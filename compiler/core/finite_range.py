@@ -176,6 +176,7 @@ def input_limit(gm: fx.GraphModule) -> float | None:
 
 HEADROOM = 2.0 ** 8  # a checked value's limit: this many times its largest magnitude on the example
 MAX_CHECKS = 64
+LOOKAHEAD = 32  # checked_limits tries this many of an overflow's nearest dominators
 
 
 def allowance(magnitude: float) -> float:
@@ -208,21 +209,32 @@ def checked_limits(gm: fx.GraphModule, seen: dict[str, float],
     The inputs get ``allowance`` of their magnitude; while some value's bound reaches SAFE, the one of its
     ancestors whose bound is the most above its own allowance is checked (the latest point before the
     overflow, on a chain), with that allowance as its limit; but first, of its dominators (values every path to
-    it passes through, so the whole bound restarts there), the one under whose limit the bound gets furthest
-    through the graph. On a residual network that is a value on the residual stream: a check on a block's
-    wider inner value leaves the bound that the skip connection carries around it, and the next block
-    overflows again (EfficientNet-B0: four checks on 1152-channel values of consecutive blocks with the ratio
-    alone; one on a block's 192-channel output this way)."""
+    it passes through, so the whole bound restarts there; the LOOKAHEAD nearest), the one under whose limit the
+    bound gets furthest through the graph, where that is past the overflow. On a residual network that is a
+    value on the residual stream: a check on a block's wider inner value leaves the bound that the skip
+    connection carries around it, and the next block overflows again (EfficientNet-B0: four checks on
+    1152-channel values of consecutive blocks with the ratio alone; one on a block's 192-channel output this
+    way). A dominator held to its limit may still leave the overflow where it was (two branches that meet in
+    a product, each too large alone): the ratio then chooses among all the ancestors."""
     rules = _rules(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if rules is None or any(p.name not in seen for p in placeholders):
         return None
     limits = dict.fromkeys((p.name for p in placeholders), allowance(max(seen[p.name] for p in placeholders)))
-    idom, order = _immediate_dominators(gm), {n: i for i, n in enumerate(gm.graph.nodes)}
+    idom, steps = _immediate_dominators(gm), list(rules.items())
+    at = {node: i for i, (node, _) in enumerate(steps)}
 
-    def reach(trial: dict[str, float]) -> int:  # how far the bound gets under ``trial`` before it overflows
-        overflow = _propagate(gm, rules, trial)[1]
-        return len(order) if overflow is None else order[overflow]
+    def reach(env: dict, checked: fx.Node, limit: float) -> int:
+        """How many of ``steps`` the bound gets through with ``checked`` held to ``limit`` (``env``: the bounds as
+        they stand, of every value up to the overflow)."""
+        trial = {**env, checked: limit}
+        for i in range(at[checked] + 1, len(steps)):
+            node, rule = steps[i]
+            bound = rule(trial)
+            if not bound < SAFE:
+                return i
+            trial[node] = limits.get(node.name, bound)
+        return len(steps)
     for _ in range(MAX_CHECKS + 1):
         env, overflow = _propagate(gm, rules, limits)
         if overflow is None:
@@ -238,8 +250,10 @@ def checked_limits(gm: fx.GraphModule, seen: dict[str, float],
         if not candidates or len(limits) - len(placeholders) >= MAX_CHECKS:
             return None
         dominators = _dominators(idom, overflow)
-        pick = max(candidates, key=lambda n: (n in dominators and reach({**limits, n.name: allowance(seen[n.name])}),
-                                              env[n] / allowance(seen[n.name])))
+        nearest = sorted((n for n in candidates if n in dominators), key=at.__getitem__)[-LOOKAHEAD:]
+        reaches = {n: reach(env, n, allowance(seen[n.name])) for n in nearest}
+        gains = {n: r for n, r in reaches.items() if r > at[overflow]}  # (a check that moves the overflow on)
+        pick = max(candidates, key=lambda n: (gains.get(n, 0), env[n] / allowance(seen[n.name])))
         limits[pick.name] = allowance(seen[pick.name])
     return None
 

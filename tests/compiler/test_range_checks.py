@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from graphopt import optimize
-from graphopt.compiler.core.finite_range import SAFE, checked_limits, input_limit, magnitudes, proves
+from graphopt.compiler.core.finite_range import SAFE, allowance, checked_limits, input_limit, magnitudes, proves
 from graphopt.kernels.signatures import ConvAct, signature_of
 
 
@@ -186,3 +186,32 @@ def test_on_a_residual_network_the_checks_sit_on_the_residual_stream():
     checks = [k for k in limits if k != "x"]
     nodes = {n.name: n for n in gm.graph.nodes}
     assert len(checks) == 1 and nodes[checks[0]].target in (operator.add, torch.add), checks
+
+
+class Branches(nn.Module):
+    """d = H x, then c (H / width) d times (H / width) H d: two branches that meet in a product. The product's
+    bound overflows; d dominates it, but held to its own limit d still leaves the product past float32's
+    range (the branches' gains alone), while one check on the large branch covers it."""
+
+    def __init__(self, c: float = 1e23, width: int = 64):
+        super().__init__()
+        h = _hadamard(width)
+        self.d, self.a, self.b1, self.b = (nn.Linear(width, width) for _ in range(4))
+        with torch.no_grad():
+            for linear, weight in ((self.d, h), (self.a, c * h / width), (self.b1, h), (self.b, h / width)):
+                linear.weight.copy_(weight)
+                linear.bias.zero_()
+
+    def forward(self, x):
+        d = self.d(x)
+        return self.a(d) * self.b(self.b1(d))
+
+
+def test_a_dominator_that_leaves_the_overflow_where_it_was_is_not_preferred():
+    torch.manual_seed(0)
+    model, x = Branches().eval(), torch.randn(2, 64)
+    gm = _portable(model, x)
+    assert input_limit(gm) < allowance(float(x.abs().max()))  # (the premise: the whole bound does not cover x)
+    limits = checked_limits(gm, magnitudes(gm, (x,)))
+    assert limits is not None and proves(gm, limits)
+    assert len(limits) == 2, limits  # (the input and one value: checking d first would take two)
