@@ -53,13 +53,16 @@ def inductor(model: nn.Module, x: torch.Tensor) -> tuple[Callable, float]:
     return compiled, time.perf_counter() - start
 
 
-def onnxruntime(model: nn.Module, x: torch.Tensor) -> tuple[Callable, float]:
-    """ONNX Runtime on the CPU, as a user who exports to it gets it (_ort_runner)."""
+def onnxruntime(model: nn.Module, x: torch.Tensor, dynamic_batch: bool = False) -> tuple[Callable, float]:
+    """ONNX Runtime on the CPU, as a user who exports to it gets it (_ort_runner); ``dynamic_batch``: exported with
+    its batch free, as a user who serves several batch sizes does."""
 
     start = time.perf_counter()
     path = os.path.join(tempfile.mkdtemp(prefix="graphopt-bench-"), "model.onnx")
+    axes = {"x": {0: "batch"}, "y": {0: "batch"}} if dynamic_batch else None
     with torch.no_grad():
-        torch.onnx.export(model, (x,), path, input_names=["x"], output_names=["y"], dynamo=False, opset_version=17)
+        torch.onnx.export(model, (x,), path, input_names=["x"], output_names=["y"], dynamo=False, opset_version=17,
+                          dynamic_axes=axes)
     return _ort_runner(path), time.perf_counter() - start
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engines import _ort_runner, graphopt, graphopt_own  # noqa: E402
+from bench.engines import graphopt, graphopt_own, onnxruntime  # noqa: E402
 from bench.machine import cpu_features  # noqa: E402
 from bench.zoo import MODELS, randomize_bn  # noqa: E402
 from graphopt.compiler.workflow import timing  # noqa: E402
@@ -37,15 +36,6 @@ DEFAULT_MODELS = "convnet_b1,resnet18_b1,mobilenetv2_b1,efficientnet_b0_b1,mlp_b
 SETTLE_MS = 100.0  # (as bench/models.py: each block starts with untimed calls)
 
 
-def onnxruntime_any_batch(model: torch.nn.Module, x: torch.Tensor):
-    """ONNX Runtime over the model exported with its batch free, as a user who serves several batch sizes does."""
-    path = os.path.join(tempfile.mkdtemp(prefix="graphopt-bench-"), "model.onnx")
-    with torch.no_grad():
-        torch.onnx.export(model, (x,), path, input_names=["x"], output_names=["y"], dynamo=False, opset_version=17,
-                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
-    return _ort_runner(path)
-
-
 @torch.no_grad()
 def bench_model(name: str, batch: int, rounds: int, per_round: int) -> dict:
     make, shape = MODELS[name]
@@ -53,7 +43,7 @@ def bench_model(name: str, batch: int, rounds: int, per_round: int) -> dict:
     model = randomize_bn(make()).eval()
     example, x = torch.randn(shape), torch.randn((batch, *shape[1:]))
     opt = graphopt(model, example)[0]
-    built = {"eager": model, "onnxruntime": onnxruntime_any_batch(model, example), "graphopt_own":
+    built = {"eager": model, "onnxruntime": onnxruntime(model, example, dynamic_batch=True)[0], "graphopt_own":
              graphopt_own(model, example)[0], "graphopt": opt}
     reference = model(x)
     errors = {k: float((torch.as_tensor(f(x)) - reference).abs().max()) for k, f in built.items()}
