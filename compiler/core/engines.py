@@ -30,7 +30,9 @@ Guarantees kept:
 - The plan is saved (manifest.json names the engine); load() rebuilds the session from the loaded graph
   (no ONNX file is ever read from a saved folder), checks it against graphopt's graph, and runs the same plan.
 - The choice is in ``opt.report`` (a row "engine: <name> (its ms; the others' ms)"), ``opt.engine`` and
-  ``opt.engine_plan``, and in the dumps (engine.md, and the exported graph as engine.onnx).
+  ``opt.engine_plan``, and in the dumps (engine.md, and the exported graph as engine.onnx; ONNX Runtime's
+  session is built over that graph with its channel gates spread to full size, compiler/deploy/onnx_layout.py,
+  dumped as engine-onnxruntime.onnx where there are any).
 - Thread-safe: an ONNX Runtime session may be run from several threads; OpenVINO gets one infer request
   per thread.
 
@@ -184,10 +186,12 @@ def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float],
                  any_batch: bool, declined: list) -> Callable:
     import onnxruntime as ort
 
+    from graphopt.compiler.deploy.onnx_layout import spread_channel_gates
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = _threads(threads)
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(spread_channel_gates(model)[0], options, providers=["CPUExecutionProvider"])
     names, wanted = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
     arrays, outputs = _arrays(shapes, any_batch), _outputs(spec, limits)
     # the session's compiled run, without the Python wrapper's per-call checks of what this function builds
@@ -427,6 +431,11 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
         return plan, None
     if dump_dir is not None:
         (dump_dir / "engine.onnx").write_bytes(model)
+        if "onnxruntime" in names:
+            from graphopt.compiler.deploy.onnx_layout import spread_channel_gates
+            spread, gates = spread_channel_gates(model)
+            if gates:  # (what ONNX Runtime's session is built over, where it differs)
+                (dump_dir / "engine-onnxruntime.onnx").write_bytes(spread)
     runners: dict[tuple[str, str], Callable] = {}  # (library, threads) -> runner
 
     def add(name: str, threads: str) -> None:

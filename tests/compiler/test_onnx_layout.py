@@ -1,0 +1,145 @@
+"""ONNX Runtime's graph (compiler/deploy/onnx_layout.py): channel gates spread to full size, the same bits.
+
+Fired, structure (the Resize that feeds the gate, and fewer layout conversions in ONNX Runtime's own optimized
+graph), numbers (bit for bit against the graph as exported), idempotent, and the graphs it must leave alone."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt import optimize
+from graphopt.compiler.core import engines
+from graphopt.compiler.deploy.onnx_layout import spread_channel_gates
+
+
+class SqueezeExcite(nn.Module):
+    """EfficientNet's block in miniature: a conv, SiLU, the squeeze-excite gate on its output, a projection."""
+
+    def __init__(self, channels: int = 32):
+        super().__init__()
+        self.expand = nn.Conv2d(3, channels, 3, padding=1)
+        self.reduce, self.restore = nn.Conv2d(channels, 8, 1), nn.Conv2d(8, channels, 1)
+        self.project = nn.Conv2d(channels, 16, 1)
+
+    def forward(self, x):
+        h = nn.functional.silu(self.expand(x))
+        gate = torch.sigmoid(self.restore(nn.functional.silu(self.reduce(nn.functional.adaptive_avg_pool2d(h, 1)))))
+        return self.project(h * gate)
+
+
+@pytest.fixture(scope="module")
+def exported():
+    """graphopt's engine graph of SqueezeExcite (as optimize() hands it to a library) and an input."""
+    torch.manual_seed(0)
+    model, x = SqueezeExcite().eval(), torch.randn(2, 3, 11, 9)
+    opt = optimize(model, (x,), engines="graphopt", progress=False)
+    return engines.onnx_model(opt, (x,)), x
+
+
+def _session(model: bytes, optimized: str | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if optimized:
+        options.optimized_model_filepath = optimized
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _run(model: bytes, x: torch.Tensor) -> np.ndarray:
+    session = _session(model)
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def test_a_channel_gate_is_spread_to_the_values_size_and_gives_the_same_bits(exported):
+    model, x = exported
+    spread, gates = spread_channel_gates(model)
+    assert gates == 1
+    graph = onnx.load_from_string(spread).graph
+    (resize,) = [n for n in graph.node if n.op_type == "Resize"]
+    (mul,) = [n for n in graph.node if n.op_type == "Mul" and resize.output[0] in n.input]
+    scales = numpy_helper.to_array(next(t for t in graph.initializer if t.name == resize.input[2]))
+    assert scales.tolist() == [1, 1, 11, 9]
+    assert {a.name: helper.get_attribute_value(a) for a in resize.attribute} == {
+        "mode": b"nearest", "coordinate_transformation_mode": b"asymmetric", "nearest_mode": b"floor"}
+    onnx.checker.check_model(onnx.load_from_string(spread))
+    np.testing.assert_array_equal(_run(spread, x), _run(model, x))
+    assert spread_channel_gates(spread) == (spread, 0)  # idempotent: a spread gate is no gate
+
+
+def test_onnx_runtime_keeps_the_gated_value_in_its_blocked_layout(exported, tmp_path):
+    model, _ = exported
+    counts = {}
+    for name, graph in (("as exported", model), ("spread", spread_channel_gates(model)[0])):
+        _session(graph, str(tmp_path / f"{name}.onnx"))
+        counts[name] = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node)
+    if counts["as exported"]["ReorderInput"] == 0:
+        pytest.skip("ONNX Runtime put no convolution in its blocked layout on this CPU")
+    assert counts["spread"]["ReorderInput"] < counts["as exported"]["ReorderInput"]
+    assert counts["spread"]["ReorderOutput"] < counts["as exported"]["ReorderOutput"]
+
+
+def _gate_graph(full=(2, 32, 5, 5), gate=None, constant_gate: str | None = None, opset=17, extra=(),
+                conv=True) -> bytes:
+    """X * gate: X a 1x1 convolution's output (``conv``) or the input; the gate GlobalAveragePool(X) -> Sigmoid,
+    or of shape ``gate``: a second input, or a constant (``constant_gate``: an initializer or a Constant node)."""
+    nodes, inits = [], []
+    inputs = [helper.make_tensor_value_info("i" if conv else "x", TensorProto.FLOAT, list(full))]
+    if conv:  # x = a 1x1 convolution of the input
+        inits.append(numpy_helper.from_array(np.ones((full[1], full[1], 1, 1), np.float32), "w"))
+        nodes.append(helper.make_node("Conv", ["i", "w"], ["x"]))
+    if gate is None:
+        nodes += [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Sigmoid", ["p"], ["g"])]
+    elif constant_gate == "initializer":
+        inits.append(numpy_helper.from_array(np.ones(gate, np.float32), "g"))
+    elif constant_gate == "node":
+        nodes.append(helper.make_node("Constant", [], ["g"], value=numpy_helper.from_array(np.ones(gate, np.float32))))
+    else:
+        inputs.append(helper.make_tensor_value_info("g", TensorProto.FLOAT, list(gate)))
+    nodes += [helper.make_node("Mul", ["x", "g"], ["y"]), *extra]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]).SerializeToString()
+
+
+@pytest.mark.parametrize("gate", [None, (2, 32, 1, 1)])
+def test_a_computed_gate_or_one_given_as_an_input_is_spread(gate):
+    assert spread_channel_gates(_gate_graph(gate=gate))[1] == 1
+
+
+@pytest.mark.parametrize("why, graph", [
+    ("a constant gate (ONNX Runtime folds it into a convolution)",
+     lambda: _gate_graph(gate=(2, 32, 1, 1), constant_gate="initializer")),
+    ("a Constant node's gate", lambda: _gate_graph(gate=(2, 32, 1, 1), constant_gate="node")),
+    ("a free batch", lambda: _gate_graph(full=("batch", 32, 5, 5))),
+    ("a 1x1 value", lambda: _gate_graph(full=(2, 32, 1, 1))),
+    ("a gate over the batch, not per sample", lambda: _gate_graph(gate=(1, 32, 1, 1))),
+    ("a spatial mask, not a channel gate", lambda: _gate_graph(gate=(2, 1, 5, 5))),
+    ("an opset before Resize's scales", lambda: _gate_graph(opset=10)),
+    ("no convolution (no blocked layout)", lambda: _gate_graph(conv=False)),
+    ("an int8 (QDQ) graph", lambda: _gate_graph(extra=[helper.make_node("QuantizeLinear", ["y", "s"], ["q"])])),
+])
+def test_graphs_without_a_computed_per_channel_gate_are_left_as_they_are(why, graph):
+    model = graph()
+    assert spread_channel_gates(model) == (model, 0), why
+
+
+def test_optimize_runs_the_spread_graph_in_onnx_runtime_and_dumps_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(engines, "MARGIN", float("inf"))
+    monkeypatch.setattr(engines, "SINGLE_THREAD_BELOW_MS", 0.0)
+    torch.manual_seed(0)
+    model, x = SqueezeExcite().eval(), torch.randn(2, 3, 11, 9)
+    opt = optimize(model, (x,), engines="onnxruntime", dump_dir=tmp_path / "d", progress=False)
+    assert opt.engine == "onnxruntime"
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
+    dumped = onnx.load(str(tmp_path / "d" / "engine-onnxruntime.onnx")).graph
+    assert [n.op_type for n in dumped.node].count("Resize") == 1
+    assert "Resize" not in [n.op_type for n in onnx.load(str(tmp_path / "d" / "engine.onnx")).graph.node]
