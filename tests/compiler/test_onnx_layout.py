@@ -143,3 +143,13 @@ def test_optimize_runs_the_spread_graph_in_onnx_runtime_and_dumps_it(monkeypatch
     dumped = onnx.load(str(tmp_path / "d" / "engine-onnxruntime.onnx")).graph
     assert [n.op_type for n in dumped.node].count("Resize") == 1
     assert "Resize" not in [n.op_type for n in onnx.load(str(tmp_path / "d" / "engine.onnx")).graph.node]
+
+
+def test_a_graph_onnxs_shape_inference_cannot_read_is_left_as_it_is(monkeypatch):
+    from onnx import shape_inference
+
+    def refuse(*args, **kwargs):
+        raise onnx.shape_inference.InferenceError("no")
+    monkeypatch.setattr(shape_inference, "infer_shapes", refuse)
+    model = _gate_graph()
+    assert spread_channel_gates(model) == (model, 0)
