@@ -30,9 +30,9 @@ Guarantees kept:
 - The plan is saved (manifest.json names the engine); load() rebuilds the session from the loaded graph
   (no ONNX file is ever read from a saved folder), checks it against graphopt's graph, and runs the same plan.
 - The choice is in ``opt.report`` (a row "engine: <name> (its ms; the others' ms)"), ``opt.engine`` and
-  ``opt.engine_plan``, and in the dumps (engine.md, and the exported graph as engine.onnx; ONNX Runtime's
-  session is built over that graph with its channel gates spread to full size, compiler/deploy/onnx_layout.py,
-  dumped as engine-onnxruntime.onnx where there are any).
+  ``opt.engine_plan``, and in the dumps (engine.md, and the exported graph as engine.onnx). Where the graph
+  has squeeze-excite gates, ONNX Runtime also gets a session over it with the gates spread to full size
+  (compiler/deploy/onnx_layout.py; dumped as engine-onnxruntime-gates-spread.onnx), raced as one more candidate.
 - Thread-safe: an ONNX Runtime session may be run from several threads; OpenVINO gets one infer request
   per thread.
 
@@ -183,7 +183,7 @@ def _threads(threads: str) -> int:
 
 
 def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float], shapes: Sequence[tuple],
-                 any_batch: bool, declined: list) -> Callable:
+                 any_batch: bool, declined: list, spread: bool = False) -> Callable:
     import onnxruntime as ort
 
     from graphopt.compiler.deploy.onnx_layout import spread_channel_gates
@@ -191,7 +191,8 @@ def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float],
     options = ort.SessionOptions()
     options.intra_op_num_threads = _threads(threads)
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(spread_channel_gates(model)[0], options, providers=["CPUExecutionProvider"])
+    graph = spread_channel_gates(model)[0] if spread else model
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     names, wanted = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
     arrays, outputs = _arrays(shapes, any_batch), _outputs(spec, limits)
     # the session's compiled run, without the Python wrapper's per-call checks of what this function builds
@@ -254,21 +255,23 @@ _BUILDERS = {"onnxruntime": _onnxruntime, "openvino": _openvino}
 
 
 def build(name: str, model: bytes, spec: Any, shapes: Sequence[tuple], threads: str = "torch",
-          limits: Sequence[float] = (), any_batch: bool = False) -> Callable:
+          limits: Sequence[float] = (), any_batch: bool = False, spread: bool = False) -> Callable:
     """``name``'s session over ``model`` (exported at input ``shapes``; ``any_batch``: with its batch free, ONNX
-    Runtime only) as a function of tensors: the graph's outputs, or None where the call is not the library's
-    (``_arrays``) or one of the checked values (``limits``, in the order of the model's extra outputs) is not
-    within its limit. A call it does not take goes to ``runner.declined[0]`` instead where one was put there
+    Runtime only; ``spread``: ONNX Runtime over the graph with its channel gates spread, onnx_layout.py) as a
+    function of tensors: the graph's outputs, or None where the call is not the library's (``_arrays``) or one
+    of the checked values (``limits``, in the order of the model's extra outputs) is not within its limit. A call
+    it does not take goes to ``runner.declined[0]`` instead where one was put there
     (engine_batches.serve_other_batches)."""
     declined: list = [None]
-    runner = _BUILDERS[name](model, spec, threads, limits, shapes, any_batch, declined)
+    extra = {"spread": True} if spread else {}
+    runner = _BUILDERS[name](model, spec, threads, limits, shapes, any_batch, declined, **extra)
     runner.declined = declined
     return runner
 
 
-def label(name: str, threads: str) -> str:
-    """How the report names a session: "onnxruntime", or "onnxruntime, 1 thread"."""
-    return name if threads == "torch" else f"{name}, 1 thread"
+def label(name: str, threads: str, spread: bool = False) -> str:
+    """How the report names a session: "onnxruntime", "onnxruntime, 1 thread", "onnxruntime, gates spread"."""
+    return name + ("" if threads == "torch" else ", 1 thread") + (", gates spread" if spread else "")
 
 
 @dataclass
@@ -279,6 +282,7 @@ class EnginePlan:
     limit: float | None = None  # calls with finite inputs within +-limit may run the engine
     checks: dict[str, float] = field(default_factory=dict)  # ... if these values are within +-their limit
     shapes: tuple = ()  # ... and with these input shapes
+    spread: bool = False  # ONNX Runtime's session is over the graph with its channel gates spread (onnx_layout.py)
     other_batches: bool = False  # calls at other batch sizes run in ONNX Runtime's free-batch session
     fixed_batch: str | None = None  # ... or why they run graphopt's graph
     measured_ms: dict[str, float] = field(default_factory=dict)
@@ -286,7 +290,7 @@ class EnginePlan:
 
     @property
     def label(self) -> str:
-        return label(self.engine, self.threads)
+        return label(self.engine, self.threads, self.spread)
 
     def summary(self) -> str:
         others = [f"{k} {v:.3f} ms" for k, v in self.measured_ms.items() if k != self.label]
@@ -306,7 +310,8 @@ class EnginePlan:
 
     def as_dict(self) -> dict:
         batch = {"sizes": self.batch_sizes(), "fixed_because": self.fixed_batch} if self.engine != "graphopt" else None
-        return {"engine": self.engine, "threads": self.threads, "partition": "whole graph", "input_limit": self.limit,
+        return {"engine": self.engine, "threads": self.threads, "gates_spread": self.spread,
+                "partition": "whole graph", "input_limit": self.limit,
                 "range_checks": self.checks, "shapes": [list(s) for s in self.shapes], "batch": batch,
                 "measured_ms": self.measured_ms, "reasons": self.reasons}
 
@@ -429,49 +434,52 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
         plan.reasons = {name: f"the ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
                         for name in names}
         return plan, None
+    from graphopt.compiler.deploy.onnx_layout import spread_channel_gates
+
+    gates = spread_channel_gates(model)[1] if "onnxruntime" in names else 0
     if dump_dir is not None:
         (dump_dir / "engine.onnx").write_bytes(model)
-        if "onnxruntime" in names:
-            from graphopt.compiler.deploy.onnx_layout import spread_channel_gates
-            spread, gates = spread_channel_gates(model)
-            if gates:  # (what ONNX Runtime's session is built over, where it differs)
-                (dump_dir / "engine-onnxruntime.onnx").write_bytes(spread)
-    runners: dict[tuple[str, str], Callable] = {}  # (library, threads) -> runner
+        if gates:  # (what ONNX Runtime's session with its gates spread is built over)
+            (dump_dir / "engine-onnxruntime-gates-spread.onnx").write_bytes(spread_channel_gates(model)[0])
+    runners: dict[tuple[str, str, bool], Callable] = {}  # (library, threads, gates spread) -> runner
 
-    def add(name: str, threads: str) -> None:
+    def add(name: str, threads: str, spread: bool = False) -> None:
         try:
-            runner = build(name, model, spec, plan.shapes, threads, limits)
+            runner = build(name, model, spec, plan.shapes, threads, limits, spread=spread)
             with torch.no_grad():
                 out = runner(*fresh(inputs))
             problem = "its range checks fail on the example" if out is None else check(tree_flatten(out)[0])
         except Exception as e:
             problem = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         if problem is None:
-            runners[name, threads] = runner
+            runners[name, threads, spread] = runner
         else:
-            plan.reasons[label(name, threads)] = f"rejected by the numerics check: {problem}"
+            plan.reasons[label(name, threads, spread)] = f"rejected by the numerics check: {problem}"
 
     for name in names:
         add(name, "torch")
+    if gates:  # both graphs race: the spread one measured 0.94-1.0x on EfficientNet-B0, 1.0-1.1x on another
+        add("onnxruntime", "torch", True)  # squeeze-excite network, by the machine's memory load (onnx_layout.py)
     if not runners:
         return plan, None
     sizes = call_ms({"graphopt": opt, **{label(*k): r for k, r in runners.items()}}, fresh(inputs), warmup=WARMUP,
                     calls=SIZE_CALLS)
     if torch.get_num_threads() > 1:
-        for name, threads in list(runners):
-            if sizes[label(name, threads)] < SINGLE_THREAD_BELOW_MS:
-                add(name, "1")
+        for name, threads, spread in list(runners):
+            if sizes[label(name, threads, spread)] < SINGLE_THREAD_BELOW_MS:
+                add(name, "1", spread)
     plan.measured_ms = race({"graphopt": opt, **{label(*k): r for k, r in runners.items()}}, inputs, sizes)
 
     faster = [k for k in runners if plan.measured_ms[label(*k)] <= MARGIN * plan.measured_ms["graphopt"]]
     if not faster:
         return plan, None
 
-    def cost(key: tuple[str, str]) -> float:  # (a one-thread session wins within ONE_THREAD_EDGE of the pool's)
+    def cost(key: tuple[str, str, bool]) -> float:  # (a one-thread session wins within ONE_THREAD_EDGE of the pool's)
         ms = plan.measured_ms[label(*key)]
         return ms / ONE_THREAD_EDGE if key[1] == "1" else ms
-    plan.engine, plan.threads = best = min(faster, key=cost)
-    plan.other_batches = ("onnxruntime", "torch") in faster  # (engine_batches.serve_other_batches routes them)
+    plan.engine, plan.threads, plan.spread = best = min(faster, key=cost)
+    # (engine_batches.serve_other_batches routes them; its free-batch graph is never spread: onnx_layout._gated)
+    plan.other_batches = any(k[:2] == ("onnxruntime", "torch") for k in faster)
     if not plan.other_batches:
         plan.fixed_batch = "onnxruntime did not measure faster than graphopt's graph at the example's shape"
     return plan, runners[best]
@@ -506,11 +514,12 @@ def race(candidates: dict[str, Callable], inputs: tuple, sizes: dict[str, float]
 
 
 def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True, threads: str = "torch",
-            limits: dict | None = None, other_batches: bool = False
+            limits: dict | None = None, other_batches: bool = False, spread: bool = False
             ) -> tuple[EnginePlan | None, Callable | None, str | None]:
-    """The saved plan on load: rebuild ``name``'s session (on ``threads``, with the saved range ``limits``) from
-    ``opt``'s loaded graph and check it against graphopt's own graph on a seeded input; ``other_batches``: the
-    plan says ONNX Runtime's free-batch session runs other batch sizes (engine_batches.serve_other_batches).
+    """The saved plan on load: rebuild ``name``'s session (on ``threads``, with the saved range ``limits``; ONNX
+    Runtime's with its gates ``spread``) from ``opt``'s loaded graph and check it against graphopt's own graph on
+    a seeded input; ``other_batches``: the plan says ONNX Runtime's free-batch session runs other batch sizes
+    (engine_batches.serve_other_batches).
     (plan, runner, None), or (None, None, why graphopt's graph runs)."""
     from graphopt.compiler.core.capture import fresh
     from graphopt.compiler.core.pipeline import is_quantized
@@ -523,14 +532,16 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
     probe = seeded_probe(inputs, plan.limit)
     values, bounds, by_sum = _checked(opt, plan)  # (``limits`` is the saved form of the same)
     try:
-        runner = build(name, onnx_model(opt, fresh(inputs), values, by_sum), spec, plan.shapes, threads, bounds)
+        runner = build(name, onnx_model(opt, fresh(inputs), values, by_sum), spec, plan.shapes, threads, bounds,
+                       spread=spread)
         problem = disagreement(opt, runner, probe)
     except Exception as e:
         return None, None, f"{name} could not run it as saved: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     if problem is not None:
         graph = "graphopt's int8 graph" if is_quantized(opt.portable) else "graphopt's graph"
         return None, None, f"{name} disagrees with {graph} on load's seeded probe input: {problem}"
-    plan.engine, plan.threads, plan.other_batches = name, threads, other_batches  # (engine_batches routes them)
+    plan.engine, plan.threads, plan.spread = name, threads, spread
+    plan.other_batches = other_batches  # (engine_batches routes them)
     return plan, runner, None
 
 

@@ -112,16 +112,16 @@ class OptimizedModule(nn.Module):
                     extra={"engine": self.engine, "nan_checks": self.nan_checks, **self._engine_manifest()})
 
     def _engine_manifest(self) -> dict:
-        """What load() needs to run the same engine plan: its threads, whether ONNX Runtime runs other batch sizes
-        and, where guarded, its range limits."""
+        """What load() needs to run the same engine plan: its threads, whether ONNX Runtime runs other batch sizes,
+        whether its graph has its gates spread and, where guarded, its range limits."""
         plan = self.engine_plan
         if plan is None or plan.engine == "graphopt":
             return {"engine_threads": "torch", "engine_limits": None, "engine_int8_sums": None,
-                    "engine_other_batches": False}
+                    "engine_other_batches": False, "engine_gates_spread": False}
         limits = {"inputs": plan.limit, "checks": plan.checks} if plan.limit is not None else None
         sums = {name: [scale, zp] for name, (scale, zp) in self.int8_sums.items()} or None
         return {"engine_threads": plan.threads, "engine_limits": limits, "engine_int8_sums": sums,
-                "engine_other_batches": plan.other_batches}
+                "engine_other_batches": plan.other_batches, "engine_gates_spread": plan.spread}
 
     def forward(self, *args: Any) -> Any:
         if self._engine is not None:

@@ -175,8 +175,12 @@ def _manifest(root: Path) -> dict:
     if manifest.setdefault("engine_threads", "torch") not in THREADS:
         raise LoadError(f"manifest.json names the engine threads {str(manifest['engine_threads'])[:20]!r}; graphopt "
                         f"has {', '.join(THREADS)}", hint=_HINT)
-    if not isinstance(manifest.setdefault("engine_other_batches", False), bool):
-        raise LoadError("manifest.json: engine_other_batches is not true or false", hint=_HINT)
+    for flag in ("engine_other_batches", "engine_gates_spread"):
+        if not isinstance(manifest.setdefault(flag, False), bool):
+            raise LoadError(f"manifest.json: {flag} is not true or false", hint=_HINT)
+    if manifest["engine_gates_spread"] and engine != "onnxruntime":
+        raise LoadError(f"manifest.json: engine_gates_spread is set for the engine {engine!r}; only onnxruntime's "
+                        "graph has its gates spread", hint=_HINT)
     manifest["engine_limits"] = _engine_limits(manifest.get("engine_limits"))
     manifest["engine_int8_sums"] = _engine_int8_sums(manifest.get("engine_int8_sums"))
     manifest["inputs"] = [_input_spec(i, s) for i, s in enumerate(inputs)]
@@ -278,7 +282,8 @@ def load(path: str | os.PathLike) -> OptimizedModule:
     elif manifest["engine"] != "graphopt":
         plan, runner, why = restore(manifest["engine"], module, inputs, guarded=manifest["nan_checks"] == "fast",
                                     threads=manifest["engine_threads"], limits=manifest["engine_limits"],
-                                    other_batches=manifest["engine_other_batches"])
+                                    other_batches=manifest["engine_other_batches"],
+                                    spread=manifest["engine_gates_spread"])
         if why is not None:
             warnings.warn(f"{root.name}: running graphopt's own kernels, not {manifest['engine']}: {why}",
                           stacklevel=2)

@@ -8,11 +8,16 @@ form, so ONNX Runtime converts ``x`` out of the layout, multiplies, and converts
 (two passes over the full-size value, on every such block). Spread to ``x``'s size first, by a
 nearest-neighbour Resize (which has a blocked form), the gate multiplies in the blocked layout and both
 conversions go. The values are the same bit for bit: the Resize copies ``s``, the Mul is the same
-float multiply. EfficientNet-B0, ONNX Runtime 1.32, 2 threads: 16 conversion pairs gone, 0.94-0.96x the
-session's time (README, "Which kernels run").
+float multiply.
 
-Only ONNX Runtime gets this graph (OpenVINO multiplies the broadcast in its own layout), and only a float
-one (an int8 graph's convolutions are not blocked)."""
+It is not always faster: the spread gate is one more full-size value to write. EfficientNet-B0 (ONNX
+Runtime 1.32, 2 threads): 16 conversion pairs gone, 0.94-0.96x the session's time, but 0.99x in one of this
+shared machine's slow spells (where memory-bound ops ran 2.5-3x slower); a MobileNetV3-like stack of four
+56x56x96 blocks: 1.00x, and 1.10x in a slow spell. So it is
+measured: where a graph has gates, optimize() races ONNX Runtime's session over this graph as one more
+candidate beside the one over the graph as exported (compiler/core/engines.py ``choose``), and the plan
+says which won ("onnxruntime, gates spread"). Only ONNX Runtime gets it (OpenVINO multiplies the broadcast
+in its own layout), and only a float graph (an int8 graph's convolutions are not blocked)"""
 
 from __future__ import annotations
 

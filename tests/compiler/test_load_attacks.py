@@ -401,12 +401,21 @@ def test_a_manifest_naming_unknown_engine_threads_is_a_load_error(folder, thread
     _refused(folder, "engine threads")
 
 
+@pytest.mark.parametrize("flag", ["engine_other_batches", "engine_gates_spread"])
 @pytest.mark.parametrize("value", [1, "true", None, [True]])
-def test_a_manifest_whose_other_batches_flag_is_not_a_boolean_is_a_load_error(folder, value):
+def test_a_manifest_whose_engine_flag_is_not_a_boolean_is_a_load_error(folder, flag, value):
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["engine_other_batches"] = value
+    manifest[flag] = value
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    _refused(folder, "engine_other_batches")
+    _refused(folder, flag)
+
+
+@pytest.mark.parametrize("engine", ["graphopt", "openvino"])
+def test_a_manifest_spreading_gates_for_another_engine_than_onnx_runtime_is_a_load_error(folder, engine):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["engine"], manifest["engine_gates_spread"] = engine, True
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _refused(folder, "engine_gates_spread")
 
 
 def test_a_hostile_safetensors_header_is_a_load_error(folder):

@@ -1,11 +1,13 @@
 """ONNX Runtime's graph (compiler/deploy/onnx_layout.py): channel gates spread to full size, the same bits.
 
 Fired, structure (the Resize that feeds the gate, and fewer layout conversions in ONNX Runtime's own optimized
-graph), numbers (bit for bit against the graph as exported), idempotent, and the graphs it must leave alone."""
+graph), numbers (bit for bit against the graph as exported), idempotent, and the graphs it must leave alone;
+then optimize() racing the spread session against the plain one, and load() rebuilding the winner."""
 
 from __future__ import annotations
 
 import collections
+import json
 
 import numpy as np
 import onnx
@@ -14,7 +16,7 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import optimize
+from graphopt import load, optimize
 from graphopt.compiler.core import engines
 from graphopt.compiler.deploy.onnx_layout import spread_channel_gates
 
@@ -131,18 +133,52 @@ def test_graphs_without_a_computed_per_channel_gate_are_left_as_they_are(why, gr
     assert spread_channel_gates(model) == (model, 0), why
 
 
-def test_optimize_runs_the_spread_graph_in_onnx_runtime_and_dumps_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(engines, "MARGIN", float("inf"))
+@pytest.fixture
+def forced(monkeypatch):
+    """The race's outcome set by its labels (lower wins), on torch's threads."""
+    monkeypatch.setattr(engines, "MARGIN", 1.0)
     monkeypatch.setattr(engines, "SINGLE_THREAD_BELOW_MS", 0.0)
+
+    def outcome(ms: dict):
+        monkeypatch.setattr(engines, "race", lambda candidates, *_: {k: ms[k] for k in candidates})
+    return outcome
+
+
+@pytest.mark.parametrize("spread_ms, chosen", [(0.5, "onnxruntime, gates spread"), (0.7, "onnxruntime")])
+def test_onnx_runtime_over_the_spread_graph_races_as_one_more_session_and_a_reload_keeps_the_winner(
+        forced, monkeypatch, tmp_path, spread_ms, chosen):
+    forced({"graphopt": 1.0, "onnxruntime": 0.6, "onnxruntime, gates spread": spread_ms})
     torch.manual_seed(0)
     model, x = SqueezeExcite().eval(), torch.randn(2, 3, 11, 9)
     opt = optimize(model, (x,), engines="onnxruntime", dump_dir=tmp_path / "d", progress=False)
-    assert opt.engine == "onnxruntime"
+    assert set(opt.engine_plan.measured_ms) == {"graphopt", "onnxruntime", "onnxruntime, gates spread"}
+    assert opt.engine_plan.label == chosen and opt.engine == "onnxruntime"
+    assert opt.report[-1].name.startswith(f"engine: {chosen} (")
     with torch.no_grad():
         torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
-    dumped = onnx.load(str(tmp_path / "d" / "engine-onnxruntime.onnx")).graph
+    dumped = onnx.load(str(tmp_path / "d" / "engine-onnxruntime-gates-spread.onnx")).graph
     assert [n.op_type for n in dumped.node].count("Resize") == 1
     assert "Resize" not in [n.op_type for n in onnx.load(str(tmp_path / "d" / "engine.onnx")).graph.node]
+
+    spread = chosen.endswith("gates spread")
+    folder = opt.save(tmp_path / "m")
+    assert json.loads((folder / "manifest.json").read_text())["engine_gates_spread"] is spread
+    real, built = engines._BUILDERS["onnxruntime"], []
+    monkeypatch.setitem(engines._BUILDERS, "onnxruntime",
+                        lambda *a, **k: (built.append(k.get("spread", False)), real(*a, **k))[1])
+    back = load(folder)
+    assert built == [spread] and back.engine_plan.label == chosen
+    with torch.no_grad():
+        assert torch.equal(back(x), opt(x))
+
+
+def test_a_graph_without_gates_gets_no_second_onnx_runtime_session(forced, tmp_path):
+    forced({"graphopt": 1.0, "onnxruntime": 0.6})  # (a spread session in the race would be a KeyError)
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU()).eval(), torch.randn(2, 3, 11, 9)
+    opt = optimize(model, (x,), engines="onnxruntime", dump_dir=tmp_path / "d", progress=False)
+    assert opt.engine_plan.label == "onnxruntime"
+    assert not (tmp_path / "d" / "engine-onnxruntime-gates-spread.onnx").exists()
 
 
 def test_a_graph_onnxs_shape_inference_cannot_read_is_left_as_it_is(monkeypatch):
