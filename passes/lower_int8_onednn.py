@@ -157,16 +157,19 @@ def _is_int8(node) -> bool:
 
 
 def _max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Rewrite a max pooling of an int8 tensor to the uint8 kernel (aten's has no channels-last uint8)."""
+    """Rewrite a max pooling of an int8 tensor to the uint8 kernel (aten's has no channels-last uint8); not one
+    that returns its indices."""
     if node.op == "call_function" and node.target is F.max_pool2d and _is_int8(node.args[0]):
+        if (node.args[6] if len(node.args) > 6 else node.kwargs.get("return_indices", False)) is not False:
+            return False
         node.target = cpu.max_pool2d_u8
         return True
     if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.MaxPool2d) \
-            and _is_int8(node.args[0]):
+            and _is_int8(node.args[0]) and not gm.get_submodule(node.target).return_indices:
         m = gm.get_submodule(node.target)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(cpu.max_pool2d_u8, (node.args[0], m.kernel_size, m.stride, m.padding,
-                                                             m.dilation))
+                                                             m.dilation, m.ceil_mode))
         copy_meta(new, node, [node])
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

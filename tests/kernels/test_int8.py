@@ -155,12 +155,21 @@ def test_a_constant_activation_keeps_a_positive_scale(value):
     assert reference.dequantize(reference.quantize(torch.zeros(1), scale, zp), scale, zp).item() == 0.0
 
 
-def test_max_pool_u8_matches_aten_in_any_layout():
-    x = torch.randint(0, 256, (2, 5, 11, 13), dtype=torch.uint8)
-    for layout in (torch.contiguous_format, torch.channels_last):
-        for args in [(3, 2, 1, 1), (2, None, 0, 1), (3, 1, 1, 2), ((2, 3), (1, 2), (1, 1), 1)]:
-            got = cpu.max_pool2d_u8(x.contiguous(memory_format=layout), *args)
-            assert torch.equal(got, F.max_pool2d(x.float(), *args).to(torch.uint8))
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("args", [(3, 2, 1, 1), (2, None, 0, 1), (3, 1, 1, 2), ((2, 3), (1, 2), (1, 1), 1),
+                                  (3, 2, 0, 1, True), (2, 2, 0, 1, True), ((3, 2), (2, 3), (1, 0), (2, 1), True),
+                                  (1, 1, 0, 1), ((1, 3), (2, 1), 0, 1), ((3, 1), 1, (1, 0), 1), (1, 2, 0, 1, True)])
+def test_max_pool_u8_matches_aten_in_any_layout_and_keeps_the_layout(layout, args):
+    x = torch.randint(0, 256, (2, 5, 11, 13), dtype=torch.uint8).contiguous(memory_format=layout)
+    got = cpu.max_pool2d_u8(x, *args)
+    assert torch.equal(got, F.max_pool2d(x.float(), *args).to(torch.uint8))
+    assert got.is_contiguous(memory_format=layout)
+    assert got.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()  # (never a view of the input)
+
+
+def test_max_pool_u8_returns_no_indices():
+    with pytest.raises(ValueError, match="indices"):
+        cpu.max_pool2d_u8(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), 2, return_indices=True)
 
 
 def test_seven_bit_weights_stay_within_63_and_keep_their_scale():

@@ -1,5 +1,7 @@
 """quantize_int8: fired, structure, numbers, idempotent, and where it must not apply."""
 
+from operator import getitem
+
 import pytest
 import torch
 import torch.nn as nn
@@ -175,3 +177,44 @@ def test_the_scheme_sets_the_weights_range(scheme, widest):
     with torch.no_grad():
         got = gm(x)
     assert sqnr(expected[0], got[0]) >= 30.0
+
+
+class _Pools(nn.Module):
+    def __init__(self, ceil_mode: bool, return_indices: bool):
+        super().__init__()
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=ceil_mode, return_indices=return_indices)
+
+        self.indices = return_indices
+
+    def forward(self, x):
+        return self.pool(x)[0] if self.indices else self.pool(x)
+
+
+@pytest.mark.parametrize("module", [False, True])
+@pytest.mark.parametrize("ceil_mode, return_indices", [(False, False), (True, False), (False, True)])
+def test_the_int8_lowering_runs_a_pooling_on_the_uint8_kernel_with_its_ceil_mode_and_not_one_with_indices(
+        module, ceil_mode, return_indices):
+    """(lower_int8_onednn's max pooling, on a graph whose pooling reads an int8 value.)"""
+    from graphopt.kernels import cpu
+    from graphopt.passes.lower_int8_onednn import _max_pool
+
+    x = torch.randint(-128, 128, (2, 3, 10, 9), dtype=torch.int8)
+    gm = torch.fx.symbolic_trace(_Pools(ceil_mode, return_indices).eval())
+    if not module:  # the functional spelling
+        (node,) = [n for n in gm.graph.nodes if n.op == "call_module"]
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_function(F.max_pool2d, (node.args[0], 3, 2), {"ceil_mode": ceil_mode,
+                                                                                 "return_indices": return_indices})
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        gm.recompile()
+    propagate(gm, (x,))
+    (pool,) = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function") and n.target is not getitem]
+    assert _max_pool(gm, pool) is not return_indices
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    if not return_indices:
+        assert any(n.target is cpu.max_pool2d_u8 for n in gm.graph.nodes)
+        shifted = (x.to(torch.int16) + 128).to(torch.uint8)  # (what the lowered graph's poolings read)
+        want = F.max_pool2d(shifted.float(), 3, 2, ceil_mode=ceil_mode).to(torch.uint8)
+        assert torch.equal(gm(shifted), want)
