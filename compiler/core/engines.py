@@ -183,16 +183,13 @@ def _threads(threads: str) -> int:
 
 
 def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float], shapes: Sequence[tuple],
-                 any_batch: bool, declined: list, spread: bool = False) -> Callable:
+                 any_batch: bool, declined: list) -> Callable:
     import onnxruntime as ort
-
-    from graphopt.compiler.deploy.onnx_layout import spread_channel_gates
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = _threads(threads)
     options.inter_op_num_threads = 1
-    graph = spread_channel_gates(model)[0] if spread else model
-    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     names, wanted = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
     arrays, outputs = _arrays(shapes, any_batch), _outputs(spec, limits)
     # the session's compiled run, without the Python wrapper's per-call checks of what this function builds
@@ -255,16 +252,14 @@ _BUILDERS = {"onnxruntime": _onnxruntime, "openvino": _openvino}
 
 
 def build(name: str, model: bytes, spec: Any, shapes: Sequence[tuple], threads: str = "torch",
-          limits: Sequence[float] = (), any_batch: bool = False, spread: bool = False) -> Callable:
+          limits: Sequence[float] = (), any_batch: bool = False) -> Callable:
     """``name``'s session over ``model`` (exported at input ``shapes``; ``any_batch``: with its batch free, ONNX
-    Runtime only; ``spread``: ONNX Runtime over the graph with its channel gates spread, onnx_layout.py) as a
-    function of tensors: the graph's outputs, or None where the call is not the library's (``_arrays``) or one
-    of the checked values (``limits``, in the order of the model's extra outputs) is not within its limit. A call
-    it does not take goes to ``runner.declined[0]`` instead where one was put there
+    Runtime only) as a function of tensors: the graph's outputs, or None where the call is not the library's
+    (``_arrays``) or one of the checked values (``limits``, in the order of the model's extra outputs) is not
+    within its limit. A call it does not take goes to ``runner.declined[0]`` instead where one was put there
     (engine_batches.serve_other_batches)."""
     declined: list = [None]
-    extra = {"spread": True} if spread else {}
-    runner = _BUILDERS[name](model, spec, threads, limits, shapes, any_batch, declined, **extra)
+    runner = _BUILDERS[name](model, spec, threads, limits, shapes, any_batch, declined)
     runner.declined = declined
     return runner
 
@@ -434,18 +429,16 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
         plan.reasons = {name: f"the ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
                         for name in names}
         return plan, None
-    from graphopt.compiler.deploy.onnx_layout import spread_channel_gates
-
-    gates = spread_channel_gates(model)[1] if "onnxruntime" in names else 0
+    spread_model = _spread(model) if "onnxruntime" in names else None
     if dump_dir is not None:
         (dump_dir / "engine.onnx").write_bytes(model)
-        if gates:  # (what ONNX Runtime's session with its gates spread is built over)
-            (dump_dir / "engine-onnxruntime-gates-spread.onnx").write_bytes(spread_channel_gates(model)[0])
+        if spread_model is not None:  # (what ONNX Runtime's session with its gates spread is built over)
+            (dump_dir / "engine-onnxruntime-gates-spread.onnx").write_bytes(spread_model)
     runners: dict[tuple[str, str, bool], Callable] = {}  # (library, threads, gates spread) -> runner
 
     def add(name: str, threads: str, spread: bool = False) -> None:
         try:
-            runner = build(name, model, spec, plan.shapes, threads, limits, spread=spread)
+            runner = build(name, spread_model if spread else model, spec, plan.shapes, threads, limits)
             with torch.no_grad():
                 out = runner(*fresh(inputs))
             problem = "its range checks fail on the example" if out is None else check(tree_flatten(out)[0])
@@ -458,8 +451,8 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
 
     for name in names:
         add(name, "torch")
-    if gates:  # both graphs race: the spread one measured 0.94-1.0x on EfficientNet-B0, 1.0-1.1x on another
-        add("onnxruntime", "torch", True)  # squeeze-excite network, by the machine's memory load (onnx_layout.py)
+    if spread_model is not None:  # both graphs race: the spread one measured 0.94-1.0x on EfficientNet-B0 and
+        add("onnxruntime", "torch", True)  # 1.0-1.1x on another squeeze-excite network (onnx_layout.py)
     if not runners:
         return plan, None
     sizes = call_ms({"graphopt": opt, **{label(*k): r for k, r in runners.items()}}, fresh(inputs), warmup=WARMUP,
@@ -478,11 +471,24 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
         ms = plan.measured_ms[label(*key)]
         return ms / ONE_THREAD_EDGE if key[1] == "1" else ms
     plan.engine, plan.threads, plan.spread = best = min(faster, key=cost)
-    # (engine_batches.serve_other_batches routes them; its free-batch graph is never spread: onnx_layout._gated)
-    plan.other_batches = any(k[:2] == ("onnxruntime", "torch") for k in faster)
+    # (engine_batches.serve_other_batches routes them, in a session over the graph as exported: a free batch is
+    # never spread, onnx_layout._gated; so it is the plain session that must have measured faster)
+    plan.other_batches = ("onnxruntime", "torch", False) in faster
     if not plan.other_batches:
         plan.fixed_batch = "onnxruntime did not measure faster than graphopt's graph at the example's shape"
     return plan, runners[best]
+
+
+def _spread(model: bytes) -> bytes | None:
+    """``model`` with its channel gates spread (compiler/deploy/onnx_layout.py), or None where it has none or the
+    rewrite fails (then ONNX Runtime gets only the graph as exported)."""
+    from graphopt.compiler.deploy.onnx_layout import spread_channel_gates
+
+    try:
+        spread, gates = spread_channel_gates(model)
+    except Exception:
+        return None
+    return spread if gates else None
 
 
 def race(candidates: dict[str, Callable], inputs: tuple, sizes: dict[str, float] | None = None) -> dict[str, float]:
@@ -532,8 +538,10 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
     probe = seeded_probe(inputs, plan.limit)
     values, bounds, by_sum = _checked(opt, plan)  # (``limits`` is the saved form of the same)
     try:
-        runner = build(name, onnx_model(opt, fresh(inputs), values, by_sum), spec, plan.shapes, threads, bounds,
-                       spread=spread)
+        model = onnx_model(opt, fresh(inputs), values, by_sum)
+        spread_model = _spread(model) if spread and name == "onnxruntime" else None
+        spread = spread_model is not None  # (no gates to spread in the graph loaded: the session over it as it is)
+        runner = build(name, spread_model or model, spec, plan.shapes, threads, bounds)
         problem = disagreement(opt, runner, probe)
     except Exception as e:
         return None, None, f"{name} could not run it as saved: {type(e).__name__}: {str(e).splitlines()[0][:160]}"

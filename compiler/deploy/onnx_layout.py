@@ -56,7 +56,7 @@ def _gated(full: tuple | None, gate: tuple | None) -> bool:
 def spread_channel_gates(model: bytes) -> tuple[bytes, int]:
     """``model`` with every float ``x * s`` by a computed per-channel ``s`` (_gated) written ``x *
     Resize(s, nearest, to x's height and width)``, and how many; ``model`` itself where there are none, the
-    graph has no convolution, is int8 (QDQ) or its opset is before Resize's scales input (11)."""
+    graph has no convolution, is int8 (QDQ) or its opset is before Resize's optional roi input (13)."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -70,6 +70,14 @@ def spread_channel_gates(model: bytes) -> tuple[bytes, int]:
         return model, 0
     shapes, constant = _shapes(proto), {t.name for t in proto.graph.initializer}
     constant |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    taken = {t.name for t in proto.graph.initializer} | {v.name for v in proto.graph.input}
+    taken |= {name for n in proto.graph.node for name in (*n.input, *n.output, n.name)}
+
+    def fresh(name: str) -> str:  # (a name no value, initializer or node of the graph has)
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        return name
     done = 0
     for mul in muls:
         for full, gate in ((0, 1), (1, 0)):
@@ -77,9 +85,10 @@ def spread_channel_gates(model: bytes) -> tuple[bytes, int]:
             if s in constant or not _gated(shapes.get(x), shapes.get(s)):
                 continue
             height, width = shapes[x][2:]
-            scales = numpy_helper.from_array(np.array([1, 1, height, width], np.float32), f"{mul.output[0]}__scales")
-            spread = helper.make_node("Resize", [s, "", scales.name], [f"{mul.output[0]}__gate"],
-                                      name=f"{mul.name or mul.output[0]}__spread", mode="nearest",
+            scales = numpy_helper.from_array(np.array([1, 1, height, width], np.float32),
+                                             fresh(f"{mul.output[0]}__scales"))
+            spread = helper.make_node("Resize", [s, "", scales.name], [fresh(f"{mul.output[0]}__gate")],
+                                      name=fresh(f"{mul.name or mul.output[0]}__spread"), mode="nearest",
                                       coordinate_transformation_mode="asymmetric", nearest_mode="floor")
             proto.graph.initializer.append(scales)
             proto.graph.node.insert(list(proto.graph.node).index(mul), spread)

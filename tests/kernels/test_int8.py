@@ -158,7 +158,8 @@ def test_a_constant_activation_keeps_a_positive_scale(value):
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("args", [(3, 2, 1, 1), (2, None, 0, 1), (3, 1, 1, 2), ((2, 3), (1, 2), (1, 1), 1),
                                   (3, 2, 0, 1, True), (2, 2, 0, 1, True), ((3, 2), (2, 3), (1, 0), (2, 1), True),
-                                  (1, 1, 0, 1), ((1, 3), (2, 1), 0, 1), ((3, 1), 1, (1, 0), 1), (1, 2, 0, 1, True)])
+                                  (1, 1, 0, 1), ((1, 3), (2, 1), 0, 1), ((3, 1), 1, (1, 0), 1), (1, 2, 0, 1, True),
+                                  (2, 3, 1, 1, True), (3, 3, 1, 1, True)])  # (ceil_mode's last window dropped)
 def test_max_pool_u8_matches_aten_in_any_layout_and_keeps_the_layout(layout, args):
     x = torch.randint(0, 256, (2, 5, 11, 13), dtype=torch.uint8).contiguous(memory_format=layout)
     got = cpu.max_pool2d_u8(x, *args)
