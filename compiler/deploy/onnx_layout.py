@@ -65,12 +65,11 @@ def spread_channel_gates(model: bytes) -> tuple[bytes, int]:
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13 or any(n.op_type in _QDQ for n in proto.graph.node):
         return model, 0
-    muls = [n for n in proto.graph.node if n.op_type == "Mul"]
-    if not muls or not any(n.op_type == "Conv" for n in proto.graph.node):  # (no convolution: no blocked layout)
-        return model, 0
+    if not any(n.op_type == "Mul" for n in proto.graph.node) or not any(n.op_type == "Conv" for n in proto.graph.node):
+        return model, 0  # (no convolution: no blocked layout)
     shapes, constant = _shapes(proto), {t.name for t in proto.graph.initializer}
     constant |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
-    taken = {t.name for t in proto.graph.initializer} | {v.name for v in proto.graph.input}
+    taken = constant | {v.name for v in proto.graph.input}
     taken |= {name for n in proto.graph.node for name in (*n.input, *n.output, n.name)}
 
     def fresh(name: str) -> str:  # (a name no value, initializer or node of the graph has)
@@ -78,22 +77,26 @@ def spread_channel_gates(model: bytes) -> tuple[bytes, int]:
             name += "_"
         taken.add(name)
         return name
-    done = 0
-    for mul in muls:
-        for full, gate in ((0, 1), (1, 0)):
-            x, s = mul.input[full], mul.input[gate]
+    nodes, done = [], 0
+    for node in proto.graph.node:
+        for full, gate in ((0, 1), (1, 0)) if node.op_type == "Mul" else ():
+            x, s = node.input[full], node.input[gate]
             if s in constant or not _gated(shapes.get(x), shapes.get(s)):
                 continue
             height, width = shapes[x][2:]
             scales = numpy_helper.from_array(np.array([1, 1, height, width], np.float32),
-                                             fresh(f"{mul.output[0]}__scales"))
-            spread = helper.make_node("Resize", [s, "", scales.name], [fresh(f"{mul.output[0]}__gate")],
-                                      name=fresh(f"{mul.name or mul.output[0]}__spread"), mode="nearest",
+                                             fresh(f"{node.output[0]}__scales"))
+            spread = helper.make_node("Resize", [s, "", scales.name], [fresh(f"{node.output[0]}__gate")],
+                                      name=fresh(f"{node.name or node.output[0]}__spread"), mode="nearest",
                                       coordinate_transformation_mode="asymmetric", nearest_mode="floor")
             proto.graph.initializer.append(scales)
-            proto.graph.node.insert(list(proto.graph.node).index(mul), spread)
-            mul.input[gate] = spread.output[0]
+            nodes.append(spread)  # (just before its Mul: the nodes stay in topological order)
+            node.input[gate] = spread.output[0]
             done += 1
             break
+        nodes.append(node)
+    if done:
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
     return (proto.SerializeToString(), done) if done else (model, 0)
 
