@@ -12,11 +12,13 @@ import operator
 import torch
 import torch.fx as fx
 
-from graphopt.compiler.core.capture import locked_tracing
+from graphopt.compiler.core.capture import ThreadSafeTracer
 from graphopt.compiler.core.errors import GraphoptError
 
 
-class _InlineTracer(fx.Tracer):
+class _InlineTracer(ThreadSafeTracer):
+    """Traces through every module (one trace at a time; other threads' module calls run as usual meanwhile)."""
+
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         return False
 
@@ -99,8 +101,7 @@ def inline_modules(gm: fx.GraphModule, attention: bool = False) -> fx.GraphModul
                 gm.graph.erase_node(node)
                 continue
         try:
-            with locked_tracing():
-                sub = _InlineTracer().trace(module)
+            sub = _InlineTracer().trace(module)
         except Exception as e:
             raise GraphoptError(f"cannot save: module {node.target} ({type(module).__name__}) does not trace to "
                                 f"functional calls: {e}", node=node.format_node()) from e

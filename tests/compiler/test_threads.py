@@ -83,6 +83,45 @@ def test_eager_forwards_in_other_threads_are_untouched_while_tracing():
     assert calls[0] > 0 and len(hooks) == calls[0]
 
 
+def test_eager_forwards_in_other_threads_are_untouched_while_a_module_is_inlined():
+    """Saving and the library sessions' export inline leaf modules by tracing them (compiler/deploy/inline.py):
+    a module called in another thread meanwhile runs as usual (it raised fx's "module is not installed as a
+    submodule" when a free-batch session was built while other threads called the model)."""
+    import torch.fx as fx
+
+    from graphopt.compiler.deploy.inline import inline_modules
+
+    other, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), torch.randn(2, 4)
+    with torch.no_grad():
+        want = other(x)
+    errors, got = [], []
+
+    def serve():
+        try:
+            with torch.no_grad():
+                got.append(other(x))
+        except BaseException as e:  # noqa: BLE001  (reported by the test)
+            errors.append(e)
+
+    class Leaf(nn.Module):
+        def forward(self, v):  # (runs while it is traced for inlining: another thread calls a module meanwhile)
+            thread = threading.Thread(target=serve)
+            thread.start()
+            thread.join(60)
+            return v * 2
+
+    class Outer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, Leaf)
+
+    root = nn.Sequential(Leaf())
+    gm = inline_modules(fx.GraphModule(root, Outer().trace(root)))
+    assert not errors, errors[0]
+    torch.testing.assert_close(got[0], want)
+    assert not [n for n in gm.graph.nodes if n.op == "call_module"]
+    torch.testing.assert_close(gm(x), 2 * x)
+
+
 def test_a_module_name_python_cannot_spell_is_a_capture_error():
     class M(nn.Module):
         def __init__(self):
