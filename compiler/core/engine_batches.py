@@ -79,8 +79,9 @@ def _free_batch_session(opt: torch.nn.Module, inputs: tuple, plan: Any) -> tuple
 
     values, limits, by_sum = _checked(opt, plan)
     shapes = [tuple(t.shape) for t in inputs]
-    probe, batch = seeded_probe(inputs, plan.limit), batch_of(shapes)
+    batch = batch_of(shapes)
     try:
+        probe = seeded_probe(opt, inputs, plan.limit)
         with torch.no_grad():
             spec = tree_flatten(opt.graph_module(*fresh(inputs)))[1]
         model = onnx_model(opt, fresh(inputs), values, by_sum, dynamic_batch=True)

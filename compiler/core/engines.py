@@ -80,6 +80,10 @@ SIZE_CALLS = 3  # a candidate's size (which decides its one-thread session and t
 CLOSE_CALL, RERACES = 1.15, 2
 SETTLE_MS = 50.0  # each candidate's block starts with this long of untimed calls (compiler/workflow/timing.py)
 PROBE_SEED = 0  # load()'s check of a rebuilt session runs on this seeded input
+# ... scaled by the first of these at which graphopt's int8 graph stays within what a library plan's own
+# quantizations (opt.int8_sums) were calibrated on (``probe``): the pruned digits ConvNet's probe measured 24 dB
+# unscaled (its last conv's float output past its calibrated range), 57 dB on its validation digits
+PROBE_SCALES = (1.0, 0.5, 0.25, 0.125)
 # An input whose limit is at least this many times its number of elements is checked by sum |x| <= limit (one
 # read, one ONNX node: ReduceL1) instead of max |x| <= limit (three reads, seven nodes): sum |x| >= max |x|, so
 # a call it passes is within the limit, and it turns away only inputs whose mean |x| is past this (graphopt's
@@ -535,9 +539,9 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
     plan, spec, reason = _plan(opt, inputs, (lambda: saved_guard(opt.portable, limits)) if guarded else None)
     if reason is not None:
         return None, None, reason
-    probe = seeded_probe(inputs, plan.limit)
     values, bounds, by_sum = _checked(opt, plan)  # (``limits`` is the saved form of the same)
     try:
+        probe = seeded_probe(opt, inputs, plan.limit)
         model = onnx_model(opt, fresh(inputs), values, by_sum)
         spread_model = _spread(model) if spread and name == "onnxruntime" else None
         spread = spread_model is not None  # (no gates to spread in the graph loaded: the session over it as it is)
@@ -561,11 +565,31 @@ def batch_of(shapes: Sequence[tuple]) -> int | None:
     return batch or None
 
 
-def seeded_probe(inputs: tuple, limit: float | None) -> tuple:
-    """Inputs like ``inputs`` for a check of a rebuilt session: seeded (PROBE_SEED) normal values within the
-    engine's input ``limit``."""
+def seeded_probe(opt: torch.nn.Module, inputs: tuple, limit: float | None) -> tuple:
+    """Inputs like ``inputs`` for a check of a rebuilt session of ``opt``: seeded (PROBE_SEED) normal values within
+    the engine's input ``limit``.
+
+    An int8 plan that runs in a library quantizes a few values graphopt's int8 graph keeps float (``opt.int8_sums``,
+    compiler/int8/plans.py), on the range calibration saw: past it the library saturates by design and graphopt's
+    graph does not, and a random input can go past it where the user's data did not. So for such a plan the probe
+    is scaled down by the first of PROBE_SCALES at which graphopt's graph with those quantizations applied (the
+    graph the library is given, run in torch) agrees with graphopt's graph (int8_disagreement); where none does
+    (sums that clip what calibration would not have), the smallest, and the check says what is wrong."""
+    from graphopt.compiler.core.capture import fresh
+    from graphopt.compiler.deploy.onnx import exportable
+
     g, bound = torch.Generator().manual_seed(PROBE_SEED), limit or 1.0
-    return tuple(torch.randn(t.shape, generator=g).clamp(-bound, bound) for t in inputs)
+    probe = tuple(torch.randn(t.shape, generator=g).clamp(-bound, bound) for t in inputs)
+    if not getattr(opt, "int8_sums", None):
+        return probe
+    as_given = exportable(opt, for_engine=True)
+    with torch.no_grad():
+        for scale in PROBE_SCALES:
+            scaled = tuple(t * scale for t in probe)
+            want, got = tree_flatten(opt.graph_module(*fresh(scaled)))[0], tree_flatten(as_given(*fresh(scaled)))[0]
+            if int8_disagreement(want, got) is None:
+                break
+    return scaled
 
 
 def disagreement(opt: torch.nn.Module, runner: Callable, probe: tuple) -> str | None:

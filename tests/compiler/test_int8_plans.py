@@ -296,6 +296,58 @@ def test_saved_int8_sums_that_wreck_the_answers_load_graphopts_graph(monkeypatch
         assert torch.equal(back(x), opt.graph_module(x))
 
 
+class _Edges(torch.nn.Module):
+    """An fp32 conv that finds edges (its filters sum to zero), an int8 one after it with a float output (the fp32
+    head reads it: too small for int8), as in the digits ConvNet once pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.head = torch.nn.Linear(32 * 8 * 8, 10)
+        with torch.no_grad():
+            self.a.weight -= self.a.weight.mean(dim=(1, 2, 3), keepdim=True)
+
+    def forward(self, x):
+        y = torch.nn.functional.max_pool2d(torch.relu(self.b(torch.relu(self.a(x)))), 4)
+        return self.head(torch.flatten(y, 1))
+
+
+def _smooth() -> torch.Tensor:
+    return torch.nn.functional.interpolate(torch.randn(1, 1, 4, 4), size=(32, 32), mode="bilinear").clamp(-1, 1)
+
+
+def test_a_library_plan_calibrated_on_smooth_images_loads_in_its_library(monkeypatch, tmp_path):
+    """The float-output conv's quantization (after its relu) is calibrated on smooth images, where the edges it
+    reads are small; load's seeded probe is noise, where they are not: on the probe as it is the library saturates
+    there and graphopt's graph does not (under INT8_AGREE_DB), so the probe is scaled down to where graphopt's graph
+    stays within that range, and the saved plan loads in its library, the same answers as before the save (it
+    loaded graphopt's graph, with a warning, before)."""
+    torch.manual_seed(0)
+    model, x = _Edges().eval(), _smooth()
+    calibration = [(_smooth(),) for _ in range(4)]
+    _times(monkeypatch, graphopt=2.0, onnxruntime=1.0, int8=1.0, fp32=3.0)
+    opt = optimize(model, (x,), quantize="int8", calibration=calibration, engines="onnxruntime", progress=False)
+    assert opt.engine == "onnxruntime" and len(opt.int8_sums) == 1
+    unscaled = engines.seeded_probe(torch.nn.Identity(), (x,), None)  # (no int8_sums: the probe as it is)
+    with torch.no_grad():
+        assert sqnr(opt.graph_module(*unscaled), opt(*unscaled)) < engines.INT8_AGREE_DB  # (why it is scaled)
+        probe = engines.seeded_probe(opt, (x,), None)
+        scale = float(probe[0].abs().max() / unscaled[0].abs().max())
+        assert scale in engines.PROBE_SCALES[1:]
+        torch.testing.assert_close(probe[0], unscaled[0] * scale)
+        assert sqnr(opt.graph_module(*probe), opt(*probe)) >= engines.INT8_AGREE_DB
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = load(opt.save(tmp_path / "m"))
+    assert back.engine == "onnxruntime"
+    three = torch.cat([_smooth() for _ in range(3)])  # another batch size: the free-batch session, checked the same
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(back(x), opt(x))
+        assert back._engine(three) is not None and back.engine_plan.other_batches
+        assert sqnr(back.graph_module(three), back(three)) >= engines.INT8_AGREE_DB
+
+
 @pytest.mark.skipif(__import__("graphopt.kernels.cpu", fromlist=["x"]).int8_scheme() != "s8",
                     reason="needs a CPU with VNNI / AMX to make an s8 module")
 def test_a_library_int8_plan_with_8_bit_weights_loads_graphopts_graph_on_a_cpu_without_vnni(monkeypatch, tmp_path):
