@@ -81,8 +81,9 @@ CLOSE_CALL, RERACES = 1.15, 2
 SETTLE_MS = 50.0  # each candidate's block starts with this long of untimed calls (compiler/workflow/timing.py)
 PROBE_SEED = 0  # load()'s check of a rebuilt session runs on this seeded input
 # ... scaled by the first of these at which graphopt's int8 graph stays within what a library plan's own
-# quantizations (opt.int8_sums) were calibrated on (``probe``): the pruned digits ConvNet's probe measured 24 dB
-# unscaled (its last conv's float output past its calibrated range), 57 dB on its validation digits
+# quantizations (opt.int8_sums) were calibrated on (``seeded_probe``): a pruned digits ConvNet's library plan
+# measured 24 dB against graphopt's graph on the probe unscaled (its last conv's float output past its calibrated
+# range), 58 dB at 1/2, 57 dB on a validation digit
 PROBE_SCALES = (1.0, 0.5, 0.25, 0.125)
 # An input whose limit is at least this many times its number of elements is checked by sum |x| <= limit (one
 # read, one ONNX node: ReduceL1) instead of max |x| <= limit (three reads, seven nodes): sum |x| >= max |x|, so
