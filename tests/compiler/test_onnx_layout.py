@@ -243,3 +243,32 @@ def test_a_graph_onnxs_shape_inference_cannot_read_is_left_as_it_is(monkeypatch)
     monkeypatch.setattr(shape_inference, "infer_shapes", refuse)
     model = _gate_graph()
     assert spread_channel_gates(model) == (model, 0)
+
+
+@pytest.mark.parametrize("constant_gate", ["initializer", "node"])
+def test_a_graph_whose_every_mul_reads_a_constant_is_left_as_it_is_without_shape_inference(constant_gate,
+                                                                                            monkeypatch):
+    from onnx import shape_inference
+
+    calls = []
+    real = shape_inference.infer_shapes
+    monkeypatch.setattr(shape_inference, "infer_shapes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _gate_graph(gate=(2, 32, 1, 1), constant_gate=constant_gate)  # (a range check's sum * 0 is such a Mul)
+    assert spread_channel_gates(model) == (model, 0)
+    assert calls == []
+    assert spread_channel_gates(_gate_graph())[1] == 1 and calls == [1]  # (a computed gate: inferred, spread)
+
+
+def test_graphopts_range_check_on_a_resnet_block_exports_its_mul_by_a_constant():
+    """The check's Mul (max |x| + 0 * sum x, compiler/deploy/onnx.py) reads a constant in the exported graph,
+    so a graph without gates skips shape inference."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval(), \
+        torch.randn(1, 3, 8, 8)
+    opt = optimize(model, (x,), engines="graphopt", progress=False)
+    names = [n.name for n in opt.portable.graph.nodes if n.op == "placeholder"]
+    proto = onnx.load_from_string(engines.onnx_model(opt, (x,), names))
+    constant = {t.name for t in proto.graph.initializer}
+    constant |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    muls = [n for n in proto.graph.node if n.op_type == "Mul"]
+    assert muls and all(constant.intersection(n.input) for n in muls)
