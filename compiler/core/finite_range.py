@@ -11,7 +11,12 @@ can only come from a NaN or an inf in the input or from an overflow to inf. So:
                        relu6: <= 6;
                        hardtanh(lo, hi): <= max(|lo|, |hi|); sigmoid, tanh: <= 1  (kernels/activations.py)
       add / mul        bound(a) + bound(b) / bound(a) * bound(b)
-      pooling, views, flatten, cat, mean, dropout: <= the largest bound in
+      batch norm       (eval) <= (bound(x) + max |mean|) a + max |bias|, a = max(1, max over channels of
+                       max(1, |w|) / sqrt(var + eps)): the output and every intermediate of either way a
+                       library may compute it ((x - mean) / sqrt(var + eps) * w + bias, or x * a' + b')
+      pooling, views, flatten, cat, chunk, split, mean, dropout: <= the largest bound in
+      sizes and the integers computed from them (``x.size(1) // 2``): no magnitude; an add, a mul or a
+                       clamp that takes one as a value is not bounded (its value may change with the batch)
 
 ``input_limit(gm)`` finds the largest B (by bisection, in powers of two) for which every bound
 stays under SAFE (a factor 2^20 below float32's largest value: rounding in a long sum cannot close
@@ -54,18 +59,27 @@ _SAME = {  # ops whose output is bounded by their largest tensor input
     torch.mean, F.dropout, torch.relu, F.relu, F.relu6, F.hardtanh, F.silu, F.gelu, F.hardswish,
     torch.clamp, torch.transpose, torch.permute, torch.reshape, torch.squeeze, torch.unsqueeze, torch.max_pool2d,
     operator.getitem, torch.nn.functional.max_pool1d, torch.nn.functional.avg_pool1d, getattr,
+    torch.chunk, torch.split,
 }
 _METHODS_SAME = {"view", "reshape", "flatten", "mean", "permute", "transpose", "contiguous", "relu", "relu_",
-                 "clamp", "squeeze", "unsqueeze", "size", "dim"}
+                 "clamp", "squeeze", "unsqueeze", "size", "dim", "chunk", "split"}
 _MODULES_SAME = {nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout,
                  nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.GELU, nn.Hardswish,
                  nn.MaxPool1d, nn.AvgPool1d}
 _MODULES_UNIT = {nn.Sigmoid, nn.Tanh, nn.Hardsigmoid}
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_NUMBERS = (int, float, bool, torch.Size)  # what a size, a dim or shape arithmetic on them gives
+_VALUE_ARGS = {torch.clamp, F.hardtanh, "clamp"}  # _SAME ops whose number arguments are values, not shapes
 _UNIT = {torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardsigmoid}  # outputs in [-1, 1]
 
 
 def _tensor_bounds(values: list[Any], env: dict) -> list[float]:
     return [env[v] for v in values if isinstance(v, fx.Node) and v in env]
+
+
+def _largest(node: fx.Node, env: dict) -> float:
+    """The largest bound among every value ``node`` reads, those inside a list argument too (cat's tensors)."""
+    return max((env[v] for v in node.all_input_nodes if v in env), default=0.0)
 
 
 def _weight(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
@@ -86,9 +100,32 @@ def _affine(gm: fx.GraphModule, w: Any, b: Any) -> tuple[float, float] | None:
     return gain, float(bias.detach().double().abs().max()) if bias is not None and bias.numel() else 0.0
 
 
+def _numeric(node: Any) -> bool:
+    """Is ``node`` a number or a size (as shape propagation recorded it), not a tensor?"""
+    return isinstance(node, fx.Node) and node.meta.get("type") in _NUMBERS
+
+
+def _batch_norm(gm: fx.GraphModule, mean: Any, var: Any, weight: Any, bias: Any, eps: float
+                ) -> Callable[[dict, Any], float] | None:
+    """An eval batch norm's bound as a function of (env, x), or None where its statistics are not constants."""
+    stats = [_weight(gm, v) if isinstance(v, fx.Node) else v for v in (mean, var, weight, bias)]
+    if not all(isinstance(v, torch.Tensor) for v in stats[:2]) \
+            or any(v is not None and not isinstance(t, torch.Tensor) for v, t in zip((weight, bias), stats[2:])):
+        return None
+    mean_t, var_t, w, b = (None if v is None else v.detach().double() for v in stats)
+    if not bool(torch.isfinite(mean_t).all()) or not bool((var_t + eps > 0).all()):
+        return None
+    w = torch.ones_like(var_t) if w is None else w.abs().clamp(min=1.0)
+    a = max(1.0, float((w / (var_t + eps).sqrt()).max()))
+    shift = float(mean_t.abs().max()) * a + (float(b.abs().max()) if b is not None and b.numel() else 0.0)
+    return lambda env, x: a * env[x] + shift
+
+
 def _rule(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float | None] | None:
     """How to bound ``node``'s value from the bounds in ``env``; None where this analysis cannot."""
     target, args, sig = node.target, node.args, signature_of(node)
+    if _numeric(node):  # (a size or shape arithmetic: it bounds no tensor, and the rules below never read it)
+        return lambda env: 0.0
     if isinstance(sig, (ConvAct, LinearAct)):
         residual = sig.residual if isinstance(sig, ConvAct) else None
         affine = _affine(gm, sig.weight, sig.bias)
@@ -103,22 +140,45 @@ def _rule(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float | None] |
             return min(cap, before) if before < SAFE else math.inf  # (a capped activation must not hide inf)
         return fused
     if node.op == "call_module":
-        kind = type(gm.get_submodule(target))
+        module = gm.get_submodule(target)
+        kind = type(module)
+        if isinstance(module, _BATCH_NORMS) and not module.training and module.running_mean is not None \
+                and len(args) == 1 and isinstance(args[0], fx.Node):
+            bound = _batch_norm(gm, module.running_mean, module.running_var, module.weight, module.bias, module.eps)
+            return None if bound is None else (lambda env: bound(env, args[0]))
         if kind in _MODULES_UNIT:
             return lambda env: 1.0
         if kind in _MODULES_SAME:
-            return lambda env: max(_tensor_bounds(list(args), env), default=0.0)
+            return lambda env: _largest(node, env)
         return None
     if node.op == "call_function" and target in _UNIT:
         return lambda env: 1.0
+    if node.op == "call_function" and target is F.batch_norm:
+        x, mean, var, weight, bias, training, _, eps = _batch_norm_args(node)
+        bound = _batch_norm(gm, mean, var, weight, bias, eps) if training is False and isinstance(x, fx.Node) \
+            else None
+        return None if bound is None else (lambda env: bound(env, x))
+    numbers = any(_numeric(a) for a in (*args, *node.kwargs.values()))
     if node.op == "call_function" and target in _SAME or node.op == "call_method" and target in _METHODS_SAME:
-        return lambda env: max(_tensor_bounds(list(args) + list(node.kwargs.values()), env), default=0.0)
+        if numbers and target in _VALUE_ARGS:
+            return None
+        return lambda env: _largest(node, env)
+    if numbers or node.kwargs:  # (a number computed in the graph, as a value: it may differ at another batch
+        return None             # size; torch.add's alpha scales an operand)
     if node.op == "call_function" and target in (operator.add, torch.add, operator.iadd):
         return lambda env: sum(_tensor_bounds(args, env)) + sum(abs(a) for a in args if isinstance(a, (int, float)))
     if node.op == "call_function" and target in (operator.mul, torch.mul, operator.imul):
         return lambda env: math.prod(_tensor_bounds(args, env)) * math.prod(
             abs(a) for a in args if isinstance(a, (int, float)))
     return None
+
+
+def _batch_norm_args(node: fx.Node) -> tuple:
+    """F.batch_norm's (input, running_mean, running_var, weight, bias, training, momentum, eps), defaults filled."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    defaults = (None, None, None, None, None, False, 0.1, 1e-5)
+    return tuple(node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
+                 for i, (name, default) in enumerate(zip(names, defaults)))
 
 
 def _rules(gm: fx.GraphModule) -> dict[fx.Node, Callable[[dict], float]] | None:

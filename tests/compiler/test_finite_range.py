@@ -1,0 +1,164 @@
+"""finite_range's rules for a batch norm that stays in the graph (DenseNet's, after a cat), for sizes and the
+shape arithmetic on them (ShuffleNet's channel shuffle), and for chunk and split: each proves a bound where
+the analysis gave up before (so a kernel library may run such a graph), every bound holds on inputs at the
+limit, and the cases they must not bound stay unbounded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from graphopt import optimize
+from graphopt.compiler.core import finite_range
+from graphopt.compiler.core.finite_range import input_limit, magnitudes
+from tests.helpers import randomize_bn
+
+
+class DenseLayer(nn.Module):
+    """DenseNet's layer: the input and a conv of it concatenated, then BN -> ReLU -> conv (no conv before the
+    BN to fold it into)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.bn, self.conv1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(11), nn.Conv2d(11, 4, 1)
+
+    def forward(self, x):
+        return self.conv1(F.relu(self.bn(torch.cat([x, self.conv0(x)], 1))))
+
+
+class FunctionalBatchNorm(nn.Module):
+    """The same, written with F.batch_norm on the module's own buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(11, 4, 1)
+        g = torch.Generator().manual_seed(1)
+        self.register_buffer("mean", torch.randn(11, generator=g))
+        self.register_buffer("var", torch.rand(11, generator=g) + 0.01)
+        self.weight, self.bias = nn.Parameter(torch.randn(11, generator=g) * 3), nn.Parameter(torch.randn(11))
+
+    def forward(self, x):
+        z = torch.cat([x, self.conv0(x)], 1)
+        return self.conv1(F.relu(F.batch_norm(z, self.mean, self.var, self.weight, self.bias, False, 0.1, 1e-3)))
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet V2's unit: a channel shuffle through sizes and ``c // 2``, then chunk (or split) and cat."""
+
+    def __init__(self, split: bool = False):
+        super().__init__()
+        self.split = split
+        self.conv, self.conv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        b, c, h, w = x.size()
+        x = x.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, -1, h, w)
+        left, right = x.split(c // 2, dim=1) if self.split else x.chunk(2, dim=1)
+        return torch.cat([left, F.relu(self.conv2(right))], 1)
+
+
+BOUNDED = {"batch norm module after a cat": DenseLayer, "F.batch_norm": FunctionalBatchNorm,
+           "channel shuffle, chunk": Shuffle, "channel shuffle, split": lambda: Shuffle(split=True)}
+
+
+def _model(make) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(make()).eval()
+
+
+def _graph(model: nn.Module, x: torch.Tensor):
+    """The graph input_limit reads in optimize(): the portable graph, its convs fused ops."""
+    return optimize(model, (x,), engines="graphopt", progress=False).portable
+
+
+@pytest.mark.parametrize("case", BOUNDED)
+def test_the_rule_proves_a_bound_and_every_value_stays_within_it_at_the_limit(case):
+    model, x = _model(BOUNDED[case]), torch.randn(2, 3, 6, 6)
+    gm = _graph(model, x)
+    limit = input_limit(gm)
+    assert limit is not None
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    bounds, overflow = finite_range._propagate(gm, finite_range._rules(gm), dict.fromkeys(placeholders, limit))
+    assert overflow is None
+    g = torch.Generator().manual_seed(0)
+    for trial in range(4):  # inputs whose largest magnitude is the limit: random, and all at +-limit
+        x = torch.randn(3, 3, 6, 6, generator=g)
+        x = x / x.abs().max() * limit if trial < 2 else torch.sign(x) * limit
+        seen = magnitudes(gm, (x,))
+        for node, bound in bounds.items():
+            if node.name in seen and node.op != "placeholder":
+                assert seen[node.name] <= bound * (1 + 1e-5), (case, node.name, seen[node.name], bound)
+        assert bool(torch.isfinite(gm(x)).all())
+
+
+def test_a_kernel_library_may_run_a_dense_layer_and_nan_stays_as_eager():
+    model, x = _model(DenseLayer), torch.randn(2, 3, 6, 6)
+    opt = optimize(model, (x,), engines="onnxruntime", progress=False)
+    assert opt.engine_plan.limit is not None  # (before the rule: no proven NaN-free range, graphopt's graph only)
+    bad = x.clone()
+    bad.view(-1)[7] = float("nan")
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-4)
+        assert torch.equal(opt(bad).isnan(), model(bad).isnan())
+
+
+class SizeTimes(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.conv = how, nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.how == "mul":
+            return y * y.size(1)
+        if self.how == "add":
+            return y + y.size(0)
+        if self.how == "clamp":
+            return torch.clamp(y, min=-y.size(1) // 2)
+        return y.view(y.size(0), -1)  # (a size as a shape: bounded)
+
+
+@pytest.mark.parametrize("how", ["mul", "add", "clamp"])
+def test_a_size_used_as_a_value_is_not_bounded(how):
+    """A number computed from sizes may be anything at another batch size (and the rules give sizes no
+    magnitude), so an add, a mul or a clamp that takes one as a value leaves the graph unbounded."""
+    x = torch.randn(2, 3, 4, 4)
+    assert input_limit(_graph(SizeTimes("view").eval(), x)) is not None
+    assert input_limit(_graph(SizeTimes(how).eval(), x)) is None
+
+
+def test_a_batch_norm_on_batch_statistics_or_with_a_nan_in_its_variance_is_not_bounded():
+    model, x = _model(DenseLayer), torch.randn(2, 3, 6, 6)
+    batch_stats = _model(DenseLayer)
+    batch_stats.bn = nn.BatchNorm2d(11, track_running_stats=False).eval()
+    assert input_limit(_graph(batch_stats, x)) is None
+    gm = _graph(model, x)
+    (bn,) = [m for m in gm.modules() if isinstance(m, nn.BatchNorm2d)]
+    bn.running_var[3] = float("nan")
+    assert input_limit(gm) is None
+
+
+def test_a_cats_bound_is_the_largest_of_the_tensors_in_its_list():
+    """cat reads its tensors inside a list argument; the rule once read only direct arguments and bounded every
+    cat by 0, so a conv after one was proven finite at any input (found by the rules' own at-the-limit test)."""
+
+    class CatConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 2, 1)
+            with torch.no_grad():
+                self.conv.weight.fill_(1e30)
+
+        def forward(self, x):
+            return self.conv(torch.cat([x, x], 1))
+
+    model, x = CatConv().eval(), torch.randn(1, 2, 3, 3)
+    limit = input_limit(_graph(model, x))
+    assert limit is not None and limit * 4e30 < finite_range.SAFE
+    huge = torch.full((1, 2, 3, 3), 1e10)
+    with torch.no_grad():
+        assert bool(model(huge).isinf().any())  # (the premise: this input overflows)
+    assert 1e10 > limit
