@@ -1,6 +1,7 @@
 """Remove nodes that return their input unchanged.
 
     dropout (eval)   identity   x.contiguous() of a contiguous x
+    torchvision's stochastic_depth(x, p, mode, training=False) (eval)
     x.to(dtype/device x already has)   x.view(shape)/x.reshape(shape) to x's own shape, for every batch size
 
 Each rule maps a node to the value it forwards, or None for no match.
@@ -37,6 +38,21 @@ def _module_noop(gm: fx.GraphModule, node: fx.Node) -> Any:
 
 def _dropout_noop(gm: fx.GraphModule, node: fx.Node) -> Any:
     return _first(node) if arg(node, 2, "training", node.kwargs.get("train", True)) is False else None
+
+
+def _is_stochastic_depth(target: Any) -> bool:
+    """torchvision.ops.stochastic_depth (EfficientNet, ConvNeXt, Swin, MaxViT): a function torchvision wraps for
+    torch.fx, so symbolic tracing keeps the call, opaque, where the module form traces through to it. Known by
+    name, so that graphopt needs no torchvision."""
+    return getattr(target, "__module__", None) == "torchvision.ops.stochastic_depth" \
+        and getattr(target, "__name__", None) == "stochastic_depth"
+
+
+def _stochastic_depth_noop(gm: fx.GraphModule, node: fx.Node) -> Any:
+    """stochastic_depth(input, p, mode, training=True) returns its input when not training or when p is 0."""
+    if not _is_stochastic_depth(node.target):
+        return None
+    return _first(node) if arg(node, 3, "training", True) is False or arg(node, 1, "p", None) == 0.0 else None
 
 
 def _contiguous_noop(gm: fx.GraphModule, node: fx.Node) -> Any:
@@ -84,6 +100,7 @@ def _reshape_noop(gm: fx.GraphModule, node: fx.Node) -> Any:
 RULES: list[tuple[str, Any, Callable[[fx.GraphModule, fx.Node], Any]]] = [
     ("call_module", None, _module_noop),
     *[("call_function", f, _dropout_noop) for f in _DROPOUT_FUNCTIONS],
+    ("call_function", None, _stochastic_depth_noop),
     ("call_method", "contiguous", _contiguous_noop),
     ("call_method", "to", _to_noop),
     ("call_method", "float", _float_noop),

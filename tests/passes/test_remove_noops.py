@@ -22,6 +22,21 @@ def _reshape_by_size(y):
     return y.reshape(y.size(0), 3, 5)
 
 
+def stochastic_depth(input, p, mode, training=True):
+    """torchvision.ops.stochastic_depth as torchvision writes it (without its argument checks), under its name:
+    torchvision wraps it for torch.fx, so a symbolic trace keeps the call. (torchvision is not a test
+    dependency: its index build is for CUDA; the rule knows the function by its module and name.)"""
+    if not training or p == 0.0:
+        return input
+    shape = [input.shape[0]] + [1] * (input.ndim - 1) if mode == "row" else [1] * input.ndim
+    noise = torch.empty(shape, dtype=input.dtype, device=input.device).bernoulli_(1.0 - p)
+    return input * noise.div_(1.0 - p)
+
+
+stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
+fx.wrap("stochastic_depth")
+
+
 NOOPS = {
     "nn.Dropout": lambda: Fn(lambda s, x: s.children_[0](x) * 2, nn.Dropout(0.3)),
     "nn.Dropout1d(inplace)": lambda: Fn(lambda s, x: s.children_[0](x * 2), nn.Dropout1d(inplace=True)),
@@ -35,6 +50,9 @@ NOOPS = {
     "float on float": lambda: Fn(lambda s, x: (x * 2).float()),
     "view(-1, ...)": lambda: Fn(lambda s, x: (x * 2).view(-1, 3, 5)),
     "reshape(y.size(0), ...)": lambda: Fn(lambda s, x: _reshape_by_size(x * 2)),
+    "torchvision's stochastic_depth(training=False)":
+        lambda: Fn(lambda s, x: stochastic_depth(x * 2, 0.2, "row", False) + x),
+    "torchvision's stochastic_depth(p=0)": lambda: Fn(lambda s, x: stochastic_depth(x * 2, 0.0, "batch") + x),
 }
 
 
@@ -56,6 +74,42 @@ def test_functional_dropout_in_training_stays(fn):
     gm = fx.symbolic_trace(Fn(fn))  # capture refuses random models
     propagate(gm, (torch.randn(4, 3, 5),))
     assert remove_noops(gm, None) == 0
+
+
+def test_stochastic_depth_in_training_stays_and_another_function_of_that_name_is_not_taken():
+    gm = fx.symbolic_trace(Fn(lambda s, x: stochastic_depth(x, 0.2, "row", True)))
+    assert any(n.op == "call_function" and n.target is stochastic_depth for n in gm.graph.nodes)
+    propagate(gm, (torch.randn(4, 3, 5),))
+    assert remove_noops(gm, None) == 0
+
+    def other(input, p, mode, training=True):  # (the same name in another module: not torchvision's)
+        return input * 2
+    other.__name__ = "stochastic_depth"
+    gm = fx.symbolic_trace(Fn(lambda s, x: x + 1))
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    with gm.graph.inserting_after(node):
+        call = gm.graph.call_function(other, (node, 0.0, "row", False))
+    node.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
+    gm.recompile()
+    propagate(gm, (torch.randn(4, 3, 5),))
+    assert remove_noops(gm, None) == 0
+
+
+def test_a_model_with_stochastic_depth_saves_and_loads(tmp_path):
+    """Before the rule, the opaque call stayed in the graph: save() refused it (not an op a saved graph may
+    call) and no kernel library could be proven NaN-free on it (torchvision's EfficientNet, ConvNeXt)."""
+    from graphopt import load, optimize
+
+    torch.manual_seed(0)
+    model = Fn(lambda s, x: x + stochastic_depth(s.children_[0](x), 0.1, "row", s.training),
+               nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())).eval()
+    x = torch.randn(2, 4, 6, 6)
+    opt = optimize(model, (x,), engines="graphopt", progress=False)
+    assert not any(n.op == "call_function" and n.target is stochastic_depth for n in opt.portable.graph.nodes)
+    opt.save(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "m")(x), opt(x))
+        torch.testing.assert_close(opt(x), model(x))
 
 
 KEPT = {
