@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import linecache
+import operator
 import sys
 import threading
 from typing import Any
@@ -149,7 +151,7 @@ def capture(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
                                module=type(model).__name__, source=user_frame(e.__traceback__),
                                hint="check the example inputs' shapes and dtypes against what the model expects"
                                ) from e
-    gm = _symbolic(model, copied)
+    gm = _symbolic(model, copied, len(inputs))
     if isinstance(gm, CaptureError):
         refusal = gm
         try:
@@ -177,11 +179,52 @@ def capture(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     return gm
 
 
-def _symbolic(model: nn.Module, copied: nn.Module) -> fx.GraphModule | CaptureError:
+_PLAIN_DEFAULTS = (type(None), bool, int, float, str)
+
+
+def _defaults_past(model: nn.Module, given: int) -> dict[str, Any]:
+    """The forward's parameters past the ``given`` example inputs whose defaults are plain values (``attn_mask=None``,
+    timm's and Hugging Face's optional arguments): name -> default. The trace takes those values (so the
+    forward's ``if attn_mask is not None`` is decided as the example call decides it), and the graph keeps
+    the example's inputs only: its call, the saved graph and the manifest agree."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        return {}
+    return {p.name: p.default for p in positional[given:]
+            if p.default is not p.empty and type(p.default) in _PLAIN_DEFAULTS}
+
+
+def _drop_baked(graph: fx.Graph, given: int) -> None:
+    """Erase the placeholders fx keeps past the ``given`` inputs for parameters traced at a concrete value, with the
+    checks it adds on them (``_assert_is_none``, ``torch._assert(x == value)``): nothing else reads them, since the
+    trace saw the value. (Anything else reading one: left as traced.)"""
+    baked = [n for n in graph.nodes if n.op == "placeholder"][given:]
+    doomed, stack = set(baked), [u for n in baked for u in n.users]
+    while stack:
+        node = stack.pop()
+        if node not in doomed:
+            doomed.add(node)
+            stack.extend(node.users)
+    checks = (operator.eq, torch._assert, fx._symbolic_trace._assert_is_none)
+    if any(n.op != "placeholder" and not (n.op == "call_function" and n.target in checks) for n in doomed):
+        return
+    for node in reversed(list(graph.nodes)):
+        if node in doomed:
+            graph.erase_node(node)
+
+
+def _symbolic(model: nn.Module, copied: nn.Module, given: int) -> fx.GraphModule | CaptureError:
     """The model through torch.fx.symbolic_trace, or the CaptureError that says why it cannot be."""
     tracer = _Tracer()
+    concrete = _defaults_past(copied, given)
     try:
-        graph = tracer.trace(copied)
+        graph = tracer.trace(copied, concrete_args=concrete or None)
+        if concrete:
+            _drop_baked(graph, given)
     except Exception as e:
         error = CaptureError(f"cannot trace {type(model).__name__}: {type(e).__name__}: {e}",
                              module=tracer.failed_in or type(model).__name__, source=user_frame(e.__traceback__),

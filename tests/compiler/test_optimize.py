@@ -78,3 +78,61 @@ def test_dump_env_variable(tmp_path, monkeypatch):
         compile(py.read_text(), str(py), "exec")          # each dump is valid Python
     fold = next(tmp_path.glob("*_fold_conv_bn.py")).read_text()
     assert "rewrites: 2" in fold and "nodes:" in fold and "max error" in fold
+
+
+class OptionalMask(nn.Module):
+    """timm's attention: an optional mask passed straight to an op that takes None."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, attn_mask=None):
+        y = self.fc(x)
+        return nn.functional.scaled_dot_product_attention(y, y, y, attn_mask=attn_mask)
+
+
+class OptionalArguments(nn.Module):
+    """Hugging Face's forwards: optional arguments with plain defaults that decide branches."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, attn_mask=None, scale=2.0, residual=True, mode="sum"):
+        y = self.fc(x)
+        if attn_mask is not None:
+            y = y + attn_mask
+        y = y * scale
+        return y + x if residual and mode == "sum" else y
+
+
+@pytest.mark.parametrize("make", [OptionalMask, OptionalArguments])
+def test_optional_arguments_take_their_defaults_and_the_module_saves_and_loads(make, tmp_path):
+    """The graph keeps the example's inputs only, traced with the defaults' values. Before, an optional argument
+    passed straight through became an input of its own with its default, which save() wrote and load()
+    refused as a malformed input (timm's DeiT, found by a model-zoo run); one that decides a branch made
+    symbolic tracing fail (torch.export then captured the model)."""
+    from graphopt import load
+
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.randn(2, 3, 8)
+    opt = optimize(model, (x,), engines="graphopt", progress=False)
+    assert opt.report[0].name == "capture (symbolic_trace)"
+    assert [n.name for n in opt.portable.graph.nodes if n.op == "placeholder"] == ["x"]
+    assert not any(n.op == "call_function" and "assert" in getattr(n.target, "__name__", "")
+                   for n in opt.portable.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
+        opt.save(tmp_path / "m")
+        assert torch.equal(load(tmp_path / "m")(x), opt(x))
+
+
+def test_an_example_input_given_for_an_optional_argument_stays_an_input():
+    torch.manual_seed(0)
+    model, x, mask = OptionalMask().eval(), torch.randn(2, 3, 8), torch.randn(3, 3)
+    opt = optimize(model, (x, mask), engines="graphopt", progress=False)
+    assert [n.name for n in opt.portable.graph.nodes if n.op == "placeholder"] == ["x", "attn_mask"]
+    with torch.no_grad():
+        other = torch.randn(3, 3)
+        torch.testing.assert_close(opt(x, other), model(x, other))
