@@ -73,6 +73,7 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
         calibration = check_batches(calibration, inputs)  # before any work: bad data fails fast
     start = time.perf_counter()
     gm = capture(model, inputs)
+    fixed_batch = gm.meta.get("fixed_batch", [])
     captured = PassRecord(f"capture ({gm.meta['capture_route']})", seconds=time.perf_counter() - start,
                           nodes_after=count_nodes(gm))
     ctx = PassContext(inputs, backend=backend)
@@ -88,7 +89,7 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
         portable, records, int8_report = quantize_int8(fp32, ctx, manager, calibration, calibration_method,
                                                        accuracy_budget, progress=progress, fp32_layers=fp32_layers)
         build = lambda graph, rows, sums: _module(graph, ctx, manager, report + rows, inputs,  # noqa: E731
-                                                  nan_checks, engine_names, sums)
+                                                  nan_checks, engine_names, sums, fixed_batch)
         if backend != "cpu" or not engine_names or nan_checks == "strict":
             opt = build(portable, records, {})
         else:
@@ -103,18 +104,19 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
             (manager.dumper.root / "int8.md").write_text(int8_report.table() + "\n")
         opt.int8_report = int8_report
         return opt
-    opt = _module(portable, ctx, manager, report, inputs, nan_checks, engine_names)
+    opt = _module(portable, ctx, manager, report, inputs, nan_checks, engine_names, fixed_batch=fixed_batch)
     opt.int8_report = None
     return opt
 
 
 def _module(portable, ctx: PassContext, manager: PassManager, report: list, inputs: tuple, nan_checks: str,
-            engine_names: Sequence[str], int8_sums: dict | None = None) -> OptimizedModule:
+            engine_names: Sequence[str], int8_sums: dict | None = None, fixed_batch: Sequence[int] = ()
+            ) -> OptimizedModule:
     """The optimized module of the portable graph: lowered for ctx.backend, its guarded fast graph, and the
     fastest kernel library where one is measured faster (``int8_sums``: compiler/int8/plans.py conv_sums)."""
     backend = ctx.backend
     lowered, lowering_report = lower(portable, ctx, LOWERING[backend], check=manager.check, manager=manager)
-    opt = OptimizedModule(finalize(lowered), report + lowering_report, input_specs(inputs), backend,
+    opt = OptimizedModule(finalize(lowered), report + lowering_report, input_specs(inputs, fixed_batch), backend,
                           portable=finalize(portable))
     opt.nan_checks = nan_checks
     opt.int8_sums = dict(int8_sums or {})

@@ -162,6 +162,8 @@ def capture(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
                 f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
                 module=refusal.module, source=refusal.source, hint=refusal.hint) from e
         gm.meta["capture_route"] = "torch.export"
+        if gm.meta.get("fixed_batch") and _runs_at_another_batch(gm, copied, inputs):
+            gm.meta["fixed_batch"] = []
     else:
         gm.meta["capture_route"] = "symbolic_trace"
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -238,6 +240,30 @@ def _symbolic(model: nn.Module, copied: nn.Module, given: int) -> fx.GraphModule
                            module=type(model).__name__,
                            hint="a submodule or attribute name holds a character Python names cannot (a quote, a "
                                 "space...): give it a plain identifier as its name") from e
+
+
+def _runs_at_another_batch(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> bool:
+    """Does the graph give the model's results at the example's batch size + 1, though torch.export kept the batch
+    static (as it does a batch of 1)? Then its ops do not depend on it (a conv net's): any batch size may run.
+    Where they do (a reshape to the example's batch), a batch torch.export kept is the only one the module takes."""
+    batches = {t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0}
+    if len(batches) != 1:
+        return False
+    rows = torch.arange(batches.pop() + 1)
+    g = torch.Generator().manual_seed(0)
+
+    def more(t: Any) -> Any:  # (floats: random rows; integers, such as token ids: the example's rows cycled)
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        if t.is_floating_point():
+            return torch.randn((len(rows), *t.shape[1:]), generator=g).to(t.dtype)
+        return t[rows % t.shape[0]]
+    other = tuple(more(t) for t in inputs)
+    try:
+        with torch.no_grad():
+            return _same_results(gm(*fresh(other)), model(*fresh(other)))
+    except Exception:
+        return False
 
 
 def _same_results(a: Any, b: Any) -> bool:

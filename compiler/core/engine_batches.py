@@ -48,10 +48,13 @@ def serve_other_batches(example: Callable, opt: torch.nn.Module, inputs: tuple, 
 
     shapes = [tuple(t.shape) for t in inputs]
     declined, batched = getattr(example, "declined", None), batch_of(shapes) is not None
-    if not plan.other_batches or declined is None or not batched:
+    fixed = any(s is not None and s.get("batch") == "fixed" for s in getattr(opt, "input_specs", ()))
+    if not plan.other_batches or declined is None or not batched or fixed:
         plan.other_batches = False
         if not batched:
             plan.fixed_batch = "the inputs have no common batch size"
+        elif fixed:
+            plan.fixed_batch = "the graph takes the example's batch size only (torch.export kept it fixed)"
         return
     inputs, lock, takes = fresh(inputs), threading.Lock(), _arrays(shapes, any_batch=True)
 

@@ -117,6 +117,12 @@ def export_capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
                  for t in inputs)
     program = torch.export.export(model, inputs, dynamic_shapes=dims, strict=False)
     exported = program.module()
+    # (a batch torch.export kept static, as it does a batch of 1 or where the model fixes it: the module then
+    # refuses another batch size by name, compiler/core/module.py, instead of failing inside its code)
+    users = set(program.graph_signature.user_inputs)
+    values = [n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder" and n.name in users]
+    fixed = [i for i, (t, v) in enumerate(zip(inputs, values)) if isinstance(t, torch.Tensor) and t.dim() > 0
+             and isinstance(getattr(v, "shape", (None,))[0], int)]
     graph, env = fx.Graph(), {}
     single = program.call_spec.out_spec is not None and program.call_spec.out_spec.is_leaf()
     for node in exported.graph.nodes:
@@ -129,6 +135,7 @@ def export_capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
         if module:
             env[node].meta["module"] = module
     gm = fx.GraphModule(exported, graph, type(model).__name__)
+    gm.meta["fixed_batch"] = fixed
     raise_aten(gm)
     graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()

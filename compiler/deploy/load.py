@@ -78,7 +78,8 @@ def _read_json(path: Path) -> Any:
 def _input_spec(i: int, spec: Any) -> dict | None:
     if spec is None:
         return None
-    if not isinstance(spec, dict) or set(spec) != {"shape", "dtype", "device"}:
+    if not isinstance(spec, dict) or set(spec) - {"batch"} != {"shape", "dtype", "device"} \
+            or spec.get("batch", "fixed") != "fixed" or ("batch" in spec and not spec["shape"]):
         raise LoadError(f"manifest.json: input {i} has a malformed spec", hint=_HINT)
     shape, dtype, device = spec["shape"], spec["dtype"], spec["device"]
     if (not isinstance(shape, list) or len(shape) > MAX_RANK

@@ -120,3 +120,71 @@ def test_a_model_neither_route_captures_names_both_reasons():
     with pytest.raises(CaptureError) as info:
         optimize(DataDependent().eval(), (torch.randn(2, 3),))
     assert "cannot trace" in str(info.value) and "torch.export cannot capture it either" in str(info.value)
+
+
+class ShapeBranch(nn.Module):
+    """Python on a size (symbolic tracing cannot follow it: the torch.export route), then a reshape by sizes:
+    like timm's MobileViT unfold."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        b, c, h, w = x.shape
+        if h % 2:
+            raise ValueError("odd")
+        return x.reshape(b, c, h // 2, 2, w // 2, 2).sum((3, 5))
+
+
+def test_a_batch_torch_export_keeps_fixed_is_refused_by_name_at_another_size_and_after_a_reload(tmp_path):
+    """torch.export keeps a batch of 1 static (and a model may fix its batch): the graph then reshapes to the
+    example's batch, and another batch size failed inside the generated code with a RuntimeError (Hugging
+    Face's ViT and CLIP, Whisper's encoder, timm's MobileViT at batch 1, found by a model-zoo run)."""
+    from graphopt import InputError
+
+    torch.manual_seed(0)
+    model = ShapeBranch().eval()
+    one = optimize(model, (torch.randn(1, 3, 8, 8),), progress=False)
+    assert one.report[0].name == "capture (torch.export)"
+    assert one.input_specs[0]["batch"] == "fixed"
+    one.save(tmp_path / "one")
+    for module in (one, load(tmp_path / "one")):
+        x = torch.randn(1, 3, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(module(x), model(x))
+            with pytest.raises(InputError, match="batch size 1 only"):
+                module(torch.randn(2, 3, 8, 8))
+    if one.engine_plan is not None and one.engine_plan.engine != "graphopt":
+        assert not one.engine_plan.other_batches and "fixed" in one.engine_plan.fixed_batch
+    two = optimize(model, (torch.randn(2, 3, 8, 8),), engines="graphopt", progress=False)
+    assert "batch" not in two.input_specs[0]
+    with torch.no_grad():
+        for batch in (1, 3):
+            x = torch.randn(batch, 3, 8, 8)
+            torch.testing.assert_close(two(x), model(x))
+
+
+class ShapeBranchPooled(ShapeBranch):
+    """The same branch on a size, then nothing that depends on the batch."""
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.shape[2] % 2:
+            raise ValueError("odd")
+        return x.mean((2, 3))
+
+
+def test_a_static_batch_whose_graph_runs_at_any_batch_size_is_not_fixed():
+    """torch.export keeps a batch of 1 static whatever the model does with it; where the graph gives the model's
+    answers at another batch size (checked at capture), every batch size runs, as before."""
+    torch.manual_seed(0)
+    model = ShapeBranchPooled().eval()
+    opt = optimize(model, (torch.randn(1, 3, 8, 8),), engines="graphopt", progress=False)
+    assert opt.report[0].name == "capture (torch.export)"
+    assert "batch" not in opt.input_specs[0]
+    with torch.no_grad():
+        for batch in (1, 2, 5):
+            x = torch.randn(batch, 3, 8, 8)
+            torch.testing.assert_close(opt(x), model(x))

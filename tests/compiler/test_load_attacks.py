@@ -285,6 +285,15 @@ def test_manifest_input_shapes_are_bounded(folder, shape):
     _refused(folder, "shape")
 
 
+@pytest.mark.parametrize("spec", [{"batch": "free"}, {"batch": 1}, {"batch": "fixed", "shape": []},
+                                  {"batches": "fixed"}])
+def test_manifest_input_specs_take_only_the_batch_mark_graphopt_writes(folder, spec):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["inputs"][0].update(spec)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _refused(folder, "malformed spec")
+
+
 def test_a_long_string_is_refused(folder):
     node = {"name": "evil", "op": "call_function", "target": "operator.add", "args": {"tuple": ["x" * 100_000, "y"]},
             "kwargs": {"dict": {}}}
