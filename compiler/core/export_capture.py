@@ -4,7 +4,8 @@ torch.export runs the model with real Python control flow on fake tensors and re
 with the parameters as get_attr reads (``ep.module()``). The batch dimension of every input is
 exported dynamic where the model allows it (``Dim.AUTO``). The aten graph is then *raised* to the
 spellings symbolic tracing gives (``aten.conv2d`` -> ``torch.conv2d``, ``aten.linear`` ->
-``F.linear``, ``aten.add.Tensor`` -> ``operator.add``, ``aten.view`` -> ``x.view(...)``, ...), so every
+``F.linear``, ``aten.add.Tensor`` -> ``operator.add``, ``aten.view`` -> ``x.view(...)``, ``aten.index`` ->
+``x[:, idx]``, ...), so every
 pass, the saver and the ONNX exporter see one dialect. An aten op with no such spelling stays as it is.
 
 Outputs come back as a tensor or a flat tuple of tensors (torch.export's output pytree, e.g. a
@@ -45,6 +46,12 @@ def _raised(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
     name = target._opname
     if target in (aten.slice.Tensor, aten.select.int) and not node.kwargs:
         return _indexing(node)
+    indices = node.args[1] if target is aten.index.Tensor and len(node.args) == 2 else None
+    if isinstance(indices, (list, tuple)) and not node.kwargs and all(i is None or isinstance(i, fx.Node)
+                                                                        for i in indices):
+        # x[:, idx] (transformers' mask building): the getitem symbolic tracing gives, which Python lowers to this call
+        return "call_function", operator.getitem, (node.args[0], tuple(
+            slice(None) if i is None else i for i in indices)), {}
     if target in _SPECIAL and not (target in _PLAIN_OPS and node.kwargs):
         fn, order = _SPECIAL[target]
         # (the order lists the arguments the torch-level call takes: aten's trailing cudnn_enabled flag is dropped)
