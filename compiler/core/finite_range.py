@@ -67,7 +67,7 @@ _MODULES_SAME = {nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMa
                  nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.GELU, nn.Hardswish,
                  nn.MaxPool1d, nn.AvgPool1d}
 _MODULES_UNIT = {nn.Sigmoid, nn.Tanh, nn.Hardsigmoid}
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # (these types only: a subclass may add an act)
 _NUMBERS = (int, float, bool, torch.Size)  # what a size, a dim or shape arithmetic on them gives
 _VALUE_ARGS = {torch.clamp, F.hardtanh, "clamp"}  # _SAME ops whose number arguments are values, not shapes
 _UNIT = {torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardsigmoid}  # outputs in [-1, 1]
@@ -142,7 +142,7 @@ def _rule(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float | None] |
     if node.op == "call_module":
         module = gm.get_submodule(target)
         kind = type(module)
-        if isinstance(module, _BATCH_NORMS) and not module.training and module.running_mean is not None \
+        if kind in _BATCH_NORMS and not module.training and module.running_mean is not None \
                 and len(args) == 1 and isinstance(args[0], fx.Node):
             bound = _batch_norm(gm, module.running_mean, module.running_var, module.weight, module.bias, module.eps)
             return None if bound is None else (lambda env: bound(env, args[0]))
