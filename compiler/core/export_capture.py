@@ -32,9 +32,16 @@ _SPECIAL: dict[Any, tuple[Callable, tuple[int, ...] | None]] = {
     aten.sub.Tensor: (operator.sub, None),
     aten.mul.Tensor: (operator.mul, None),
     aten.div.Tensor: (operator.truediv, None),
+    # (transformers' mask building: masks combined with & and |; timm's MobileViT: a split into given sizes)
+    aten.__and__.Tensor: (operator.and_, None),
+    aten.__or__.Tensor: (operator.or_, None),
+    aten.__xor__.Tensor: (operator.xor, None),
+    aten.split_with_sizes.default: (torch.split, None),
 }
-_METHODS = {"view", "expand", "contiguous", "to", "size", "sym_size", "type_as", "repeat", "expand_as"}
-_PLAIN_OPS = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}  # operator.* only without kwargs
+_METHODS = {"view", "expand", "contiguous", "to", "size", "sym_size", "type_as", "repeat", "expand_as", "new_ones",
+            "new_zeros", "add_", "sub_", "mul_", "div_"}
+_PLAIN_OPS = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,  # operator.* only without kwargs
+              aten.__and__.Tensor, aten.__or__.Tensor, aten.__xor__.Tensor}
 _METADATA_ASSERTS = {aten._assert_tensor_metadata.default}
 
 
@@ -59,7 +66,8 @@ def _raised(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
         return "call_function", fn, args, dict(node.kwargs)
     if name in _METHODS:
         kwargs = dict(node.kwargs)
-        if name == "to":  # aten.to.dtype_layout: Tensor.to takes no layout (strided is all it makes) nor pin_memory
+        if name in ("to", "new_ones", "new_zeros"):  # (aten.to.dtype_layout, aten.new_ones: the method's call
+            # needs no layout, strided being all it makes, nor pin_memory)
             if kwargs.pop("layout", None) not in (None, torch.strided) or kwargs.pop("pin_memory", None):
                 return None
         return "call_method", "size" if name == "sym_size" else name, node.args, kwargs

@@ -56,7 +56,8 @@ tanhshrink threshold unfold upsample upsample_bilinear upsample_nearest
 _METHODS = """
 abs add add_ addmm all amax amin any argmax argmin bmm ceil chunk clamp clamp_ contiguous cos cumsum detach dim div
 div_ double eq exp expand expand_as flatten flip float floor gather ge gelu gt half index_select int is_contiguous
-le log log_softmax long lt masked_fill masked_fill_ matmul max mean min mm mul mul_ narrow ne neg norm numel permute
+le log log_softmax long lt masked_fill masked_fill_ matmul max mean min mm mul mul_ narrow ne neg new_ones new_zeros
+norm numel permute
 pow ravel relu relu_ repeat repeat_interleave reshape reshape_as roll round rsqrt select sigmoid sigmoid_ sign sin size
 softmax split sqrt square squeeze std sub sub_ sum t tanh tanh_ tile to transpose tril triu type_as unbind unflatten
 unsqueeze var view view_as where zero_
