@@ -15,8 +15,9 @@ can only come from a NaN or an inf in the input or from an overflow to inf. So:
                        max(1, |w|) / sqrt(var + eps)): the output and every intermediate of either way a
                        library may compute it ((x - mean) / sqrt(var + eps) * w + bias, or x * a' + b')
       pooling, views, flatten, cat, chunk, split, mean, dropout: <= the largest bound in
-      sizes and the integers computed from them (``x.size(1) // 2``): no magnitude; an add, a mul or a
-                       clamp that takes one as a value is not bounded (its value may change with the batch)
+      sizes and the integers computed from them (``x.size(1) // 2``), torch._assert's None: no magnitude;
+                       an add, a mul or a clamp that takes a number as a value is not bounded (it may change
+                       with the batch)
 
 ``input_limit(gm)`` finds the largest B (by bisection, in powers of two) for which every bound
 stays under SAFE (a factor 2^20 below float32's largest value: rounding in a long sum cannot close
@@ -68,7 +69,8 @@ _MODULES_SAME = {nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMa
                  nn.MaxPool1d, nn.AvgPool1d}
 _MODULES_UNIT = {nn.Sigmoid, nn.Tanh, nn.Hardsigmoid}
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # (these types only: a subclass may add an act)
-_NUMBERS = (int, float, bool, torch.Size)  # what a size, a dim or shape arithmetic on them gives
+# what a size, a dim or shape arithmetic on them gives, and what torch._assert returns (timm's input-size checks)
+_NUMBERS = (int, float, bool, torch.Size, type(None))
 _VALUE_ARGS = {torch.clamp, F.hardtanh, "clamp"}  # _SAME ops whose number arguments are values, not shapes
 _UNIT = {torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardsigmoid}  # outputs in [-1, 1]
 

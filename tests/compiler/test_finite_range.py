@@ -162,3 +162,23 @@ def test_a_cats_bound_is_the_largest_of_the_tensors_in_its_list():
     with torch.no_grad():
         assert bool(model(huge).isinf().any())  # (the premise: this input overflows)
     assert 1e10 > limit
+
+
+class Asserted(nn.Module):
+    """timm's input-size check: torch._assert on a size, then the network."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        torch._assert(x.shape[2] == 6, "input height must be 6")
+        return F.relu(self.conv(x))
+
+
+def test_an_input_size_assert_carries_no_magnitude():
+    """torch._assert returns None; with no rule for it the analysis gave up, and timm's EfficientNet-Lite, RegNetX
+    and GhostNet never ran in a kernel library (found by a model-zoo run)."""
+    gm = _graph(Asserted().eval(), torch.randn(2, 3, 6, 6))
+    assert any(n.op == "call_function" and n.target is torch._assert for n in gm.graph.nodes)
+    assert input_limit(gm) is not None
