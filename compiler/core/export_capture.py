@@ -81,11 +81,11 @@ def _raised(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
     return None
 
 
-# activations whose torch-level spelling is F's (torch._C._nn.silu_ is no op a saved graph may call, nor one the
-# fusion passes know): aten name -> how many positional arguments F's call takes before ``inplace``
+# ops whose torch-level spelling is F's (torch._C._nn.silu_ is no op a saved graph may call, nor one the fusion
+# passes know): aten name -> how many positional arguments F's call takes (before ``inplace``)
 _NN_ACTIVATIONS = {"silu": 1, "hardswish": 1, "hardsigmoid": 1, "mish": 1, "relu6": 1, "leaky_relu": 2,
-                   "hardtanh": 3, "elu": 2, "gelu": 1, "softplus": 3}
-_NO_INPLACE = {"gelu", "softplus"}  # (F's call has no in-place form)
+                   "hardtanh": 3, "elu": 2, "gelu": 1, "softplus": 3, "adaptive_avg_pool2d": 2}
+_NO_INPLACE = {"gelu", "softplus", "adaptive_avg_pool2d"}  # (F's call has no in-place form)
 
 
 def _nn_activation(node: fx.Node, name: str) -> tuple[str, Any, tuple, dict] | None:

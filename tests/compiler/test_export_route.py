@@ -231,7 +231,8 @@ class ActAfterBranch(nn.Module):
 
 @pytest.mark.parametrize("act, fused", [(nn.SiLU(), True), (nn.SiLU(inplace=True), True),
                                         (nn.Hardswish(inplace=True), True), (nn.ELU(inplace=True), False),
-                                        (nn.LeakyReLU(0.2, inplace=True), True), (nn.Hardtanh(-2.0, 3.0), True)])
+                                        (nn.LeakyReLU(0.2, inplace=True), True), (nn.Hardtanh(-2.0, 3.0), True),
+                                        (nn.AdaptiveAvgPool2d(2), False)])
 def test_activations_on_the_export_route_are_fs_calls_that_fuse_and_save(act, fused, tmp_path):
     """torch.export records aten.silu_ and the like, which had no torch-level spelling but torch._C._nn's: no op a
     saved graph may call (timm's MobileViT could not be saved, found by a model-zoo run), nor one the fusion
