@@ -162,8 +162,12 @@ def _rule(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float | None] |
         return None if bound is None else (lambda env: bound(env, x))
     numbers = any(_numeric(a) for a in (*args, *node.kwargs.values()))
     if node.op == "call_function" and target in _SAME or node.op == "call_method" and target in _METHODS_SAME:
-        if numbers and target in _VALUE_ARGS:
-            return None
+        if target in _VALUE_ARGS:  # (clamp's and hardtanh's limits are values the output can take)
+            if numbers:
+                return None
+            limits = [abs(float(a)) for a in (*args[1:], *node.kwargs.values())
+                      if isinstance(a, (int, float)) and not isinstance(a, bool)]
+            return lambda env: max(_largest(node, env), *limits, 0.0)
         return lambda env: _largest(node, env)
     if numbers or node.kwargs:  # (a number computed in the graph, as a value: it may differ at another batch
         return None             # size; torch.add's alpha scales an operand)

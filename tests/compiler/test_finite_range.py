@@ -182,3 +182,25 @@ def test_an_input_size_assert_carries_no_magnitude():
     gm = _graph(Asserted().eval(), torch.randn(2, 3, 6, 6))
     assert any(n.op == "call_function" and n.target is torch._assert for n in gm.graph.nodes)
     assert input_limit(gm) is not None
+
+
+class ClampedUp(nn.Module):
+    """A clamp whose lower limit is above anything the input makes, then a conv that overflows on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        with torch.no_grad():
+            self.conv.weight.fill_(1e9)
+
+    def forward(self, x):
+        return self.conv(torch.clamp(x, min=1e30))
+
+
+def test_a_clamps_limits_bound_its_output():
+    """torch.clamp(x, min=c) makes c where x is smaller: its bound is the larger of x's and |c|. It was x's alone,
+    so this graph, inf on every input, was proven finite for inputs up to about 1e23."""
+    model, x = ClampedUp().eval(), torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        assert bool(model(x).isinf().all())  # (the premise)
+    assert input_limit(_graph(model, x)) is None
