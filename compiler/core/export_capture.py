@@ -71,9 +71,9 @@ def _raised(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
             if kwargs.pop("layout", None) not in (None, torch.strided) or kwargs.pop("pin_memory", None):
                 return None
         return "call_method", "size" if name == "sym_size" else name, node.args, kwargs
-    nn_call = _nn_activation(node, name)
-    if nn_call is not None:
-        return nn_call
+    f_call = _f_call(node, name)
+    if f_call is not None:
+        return f_call
     for namespace in (torch, torch._C._nn):
         fn = getattr(namespace, name, None)
         if fn is not None and callable(fn) and not name.startswith("_"):
@@ -83,23 +83,23 @@ def _raised(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
 
 # ops whose torch-level spelling is F's (torch._C._nn.silu_ is no op a saved graph may call, nor one the fusion
 # passes know): aten name -> how many positional arguments F's call takes (before ``inplace``)
-_NN_ACTIVATIONS = {"silu": 1, "hardswish": 1, "hardsigmoid": 1, "mish": 1, "relu6": 1, "leaky_relu": 2,
+_F_CALLS = {"silu": 1, "hardswish": 1, "hardsigmoid": 1, "mish": 1, "relu6": 1, "leaky_relu": 2,
                    "hardtanh": 3, "elu": 2, "gelu": 1, "softplus": 3, "adaptive_avg_pool2d": 2}
 _NO_INPLACE = {"gelu", "softplus", "adaptive_avg_pool2d"}  # (F's call has no in-place form)
 
 
-def _nn_activation(node: fx.Node, name: str) -> tuple[str, Any, tuple, dict] | None:
+def _f_call(node: fx.Node, name: str) -> tuple[str, Any, tuple, dict] | None:
     """aten.silu(x) -> F.silu(x), aten.silu_(x) -> F.silu(x, inplace=True), and the like; None where F's call
     would not say the same (elu's scale and input_scale other than 1, more arguments than F takes)."""
     base = name[:-1] if name.endswith("_") else name
-    if base not in _NN_ACTIVATIONS or hasattr(torch, name) or (name != base and base in _NO_INPLACE):
+    if base not in _F_CALLS or hasattr(torch, name) or (name != base and base in _NO_INPLACE):
         return None
     args, kwargs = tuple(node.args), dict(node.kwargs)
     if base == "elu":
         if any(a != 1 for a in args[2:]) or set(kwargs) - {"alpha"}:
             return None
         args = args[:2]
-    if len(args) > _NN_ACTIVATIONS[base]:
+    if len(args) > _F_CALLS[base]:
         return None
     if name != base:
         kwargs["inplace"] = True

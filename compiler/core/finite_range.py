@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from graphopt.kernels.activations import ACTS
 from graphopt.kernels.reference import parse_act
 from graphopt.kernels.signatures import ConvAct, LinearAct, signature_of
+from graphopt.passes.lib.patterns import match_batch_norm
 
 log = logging.getLogger("graphopt")
 SAFE = torch.finfo(torch.float32).max / 2 ** 20
@@ -107,20 +108,20 @@ def _numeric(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.meta.get("type") in _NUMBERS
 
 
-def _batch_norm(gm: fx.GraphModule, mean: Any, var: Any, weight: Any, bias: Any, eps: float
-                ) -> Callable[[dict, Any], float] | None:
-    """An eval batch norm's bound as a function of (env, x), or None where its statistics are not constants."""
-    stats = [_weight(gm, v) if isinstance(v, fx.Node) else v for v in (mean, var, weight, bias)]
-    if not all(isinstance(v, torch.Tensor) for v in stats[:2]) \
-            or any(v is not None and not isinstance(t, torch.Tensor) for v, t in zip((weight, bias), stats[2:])):
+def _batch_norm(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float] | None:
+    """An eval batch norm's bound (passes/lib/patterns.py reads it, as fold_conv_bn does), or None where it is not
+    one with constant statistics."""
+    bn = match_batch_norm(gm, node)
+    if bn is None or bn.problem is not None:
         return None
-    mean_t, var_t, w, b = (None if v is None else v.detach().double() for v in stats)
-    if not bool(torch.isfinite(mean_t).all()) or not bool((var_t + eps > 0).all()):
+    mean, var = bn.mean.detach().double(), bn.var.detach().double()
+    if not bool(torch.isfinite(mean).all()) or not bool((var + bn.eps > 0).all()):
         return None
-    w = torch.ones_like(var_t) if w is None else w.abs().clamp(min=1.0)
-    a = max(1.0, float((w / (var_t + eps).sqrt()).max()))
-    shift = float(mean_t.abs().max()) * a + (float(b.abs().max()) if b is not None and b.numel() else 0.0)
-    return lambda env, x: a * env[x] + shift
+    w = torch.ones_like(var) if bn.weight is None else bn.weight.detach().double().abs().clamp(min=1.0)
+    a = max(1.0, float((w / (var + bn.eps).sqrt()).max()))
+    b = bn.bias.detach().double() if bn.bias is not None else None
+    shift = float(mean.abs().max()) * a + (float(b.abs().max()) if b is not None and b.numel() else 0.0)
+    return lambda env: a * env[bn.input] + shift
 
 
 def _rule(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float | None] | None:
@@ -141,13 +142,11 @@ def _rule(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float | None] |
             before = slope * (gain * env[sig.x] + shift + (env[residual] if isinstance(residual, fx.Node) else 0.0))
             return min(cap, before) if before < SAFE else math.inf  # (a capped activation must not hide inf)
         return fused
+    if (node.op == "call_module" and type(gm.get_submodule(target)) in _BATCH_NORMS
+            or node.op == "call_function" and target is F.batch_norm):
+        return _batch_norm(gm, node)
     if node.op == "call_module":
-        module = gm.get_submodule(target)
-        kind = type(module)
-        if kind in _BATCH_NORMS and not module.training and module.running_mean is not None \
-                and len(args) == 1 and isinstance(args[0], fx.Node):
-            bound = _batch_norm(gm, module.running_mean, module.running_var, module.weight, module.bias, module.eps)
-            return None if bound is None else (lambda env: bound(env, args[0]))
+        kind = type(gm.get_submodule(target))
         if kind in _MODULES_UNIT:
             return lambda env: 1.0
         if kind in _MODULES_SAME:
@@ -155,11 +154,6 @@ def _rule(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float | None] |
         return None
     if node.op == "call_function" and target in _UNIT:
         return lambda env: 1.0
-    if node.op == "call_function" and target is F.batch_norm:
-        x, mean, var, weight, bias, training, _, eps = _batch_norm_args(node)
-        bound = _batch_norm(gm, mean, var, weight, bias, eps) if training is False and isinstance(x, fx.Node) \
-            else None
-        return None if bound is None else (lambda env: bound(env, x))
     numbers = any(_numeric(a) for a in (*args, *node.kwargs.values()))
     if node.op == "call_function" and target in _SAME or node.op == "call_method" and target in _METHODS_SAME:
         if target in _VALUE_ARGS:  # (clamp's and hardtanh's limits are values the output can take)
@@ -177,14 +171,6 @@ def _rule(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float | None] |
         return lambda env: math.prod(_tensor_bounds(args, env)) * math.prod(
             abs(a) for a in args if isinstance(a, (int, float)))
     return None
-
-
-def _batch_norm_args(node: fx.Node) -> tuple:
-    """F.batch_norm's (input, running_mean, running_var, weight, bias, training, momentum, eps), defaults filled."""
-    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-    defaults = (None, None, None, None, None, False, 0.1, 1e-5)
-    return tuple(node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
-                 for i, (name, default) in enumerate(zip(names, defaults)))
 
 
 def _rules(gm: fx.GraphModule) -> dict[fx.Node, Callable[[dict], float]] | None:
