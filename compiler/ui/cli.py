@@ -102,6 +102,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     import subprocess
 
     extra = ["--artifacts", str(args.artifacts)] if args.artifacts else []
+    extra += ["--debug"] if getattr(args, "debug", False) else []
     return subprocess.run([sys.executable, str(script), "--cases", str(args.cases), "--seed", str(args.seed), *extra]
                           ).returncode
 

@@ -177,3 +177,15 @@ def test_bench_and_fuzz_outside_a_source_checkout_say_so(tmp_path, capsys, monke
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("graphopt: error: ") and "needs a source checkout" in line and needs in line
     assert "clone the graphopt repository" in line
+
+
+def test_fuzz_passes_debug_to_its_runner(monkeypatch):
+    """`graphopt fuzz --debug` reaches tests/fuzz/runner.py (which then prints failures with tracebacks)."""
+    import subprocess
+
+    seen = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    assert main(["fuzz", "--cases", "3", "--seed", "7"]) == 0
+    assert main(["fuzz", "--cases", "3", "--debug"]) == 0
+    assert "--debug" not in seen[0] and seen[0][-4:] == ["--cases", "3", "--seed", "7"]
+    assert seen[1][-1] == "--debug"

@@ -4,6 +4,7 @@ saved as JSON (spec + seed) under tests/fuzz/regressions/, which every CI run re
 
     python tests/fuzz/runner.py --cases 500 --seed 1000      (or: graphopt fuzz --cases 500 --seed 1000)
     python tests/fuzz/runner.py --artifacts 2000 --seed 0     hostile saved folders (tests/fuzz/artifacts.py)
+    python tests/fuzz/runner.py --seed 1234 --cases 1 --debug every failure in full, with its traceback
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import sys
 import tempfile
+import traceback
 import warnings
 from pathlib import Path
 
@@ -27,6 +29,13 @@ from tests.fuzz.generator import generate  # noqa: E402
 from tests.fuzz.spec_model import SpecModel  # noqa: E402
 
 REGRESSIONS = Path(__file__).resolve().parent / "regressions"
+DEBUG = False  # --debug: each failure carries its traceback, and every failure is printed in full
+
+
+def _failure(where: str, e: BaseException) -> str:
+    """One failure as "where: Error: message", its traceback appended under --debug."""
+    line = f"{where}: {type(e).__name__}: {e}"
+    return f"{line}\n{traceback.format_exc()}" if DEBUG else line
 
 
 def build(spec: dict, seed: int) -> tuple[SpecModel, torch.Tensor]:
@@ -76,12 +85,12 @@ def check_case(spec: dict, seed: int, each_pass: bool = True) -> list[str]:
                 assert torch.equal(torch.cat([t.flatten() for t in _flat(loaded(x.clone()))]),
                                    torch.cat([t.flatten() for t in _flat(opt(x.clone()))])), "reload changed bits"
         except Exception as e:
-            failures.append(f"pipeline: {type(e).__name__}: {e}")
+            failures.append(_failure("pipeline", e))
         for name in [fn.__name__ for fn in DEFAULT_PIPELINE] if each_pass else []:
             try:
                 _compare(optimize(model, (x,), passes=[name])(x.clone()), want, f"pass {name} alone")
             except Exception as e:
-                failures.append(f"{name}: {type(e).__name__}: {e}")
+                failures.append(_failure(name, e))
     after = _state(model)
     if any(not (torch.equal(a[1], b[1]) if isinstance(a, tuple) else a == b) for a, b in zip(before, after)):
         failures.append("the user's model was modified")
@@ -112,7 +121,7 @@ def check_int8_case(spec: dict, seed: int) -> list[str]:
                 if not all(torch.equal(a, b) for a, b in zip(_flat(load(q.save(tmp))(x.clone())), got)):
                     return ["int8: reload changed bits"]
     except Exception as e:
-        return [f"int8: {type(e).__name__}: {e}"]
+        return [_failure("int8", e)]
     finally:
         graphopt.compiler.int8.quantize.MIN_INT8_MACS = saved
     return []
@@ -187,7 +196,7 @@ def fuzz_artifacts(cases: int, seed: int) -> int:
                 outcomes[run_one(pristine, work, case, inputs(2))] += 1
             except AssertionError as e:
                 bad += 1
-                print(f"FAILED {e}", flush=True)
+                print(f"FAILED {e}" + (f"\n{traceback.format_exc()}" if DEBUG else ""), flush=True)
     print(f"fuzz --artifacts: {cases - bad} passed, {bad} failed ({outcomes['refused']} refused, "
           f"{outcomes['loaded']} loaded and ran)")
     return 1 if bad else 0
@@ -199,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-record", action="store_true", help="do not write reproducers")
     p.add_argument("--artifacts", type=int, default=0, help="instead: load N randomly altered saved folders")
+    p.add_argument("--debug", action="store_true", help="print every failure in full, with its traceback")
     args = p.parse_args(argv)
+    global DEBUG
+    DEBUG = args.debug
     if args.artifacts:
         return fuzz_artifacts(args.artifacts, args.seed)
     bad = 0
@@ -209,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         if failures:
             bad += 1
             where = "" if args.no_record else f" -> {record(spec, seed, failures)}"
-            print(f"seed {seed}: FAILED {failures[0][:300]}{where}", flush=True)
+            shown = "\n".join(failures) if DEBUG else failures[0][:300]
+            print(f"seed {seed}: FAILED {shown}{where}", flush=True)
     print(f"fuzz: {args.cases - bad} passed, {bad} failed (seeds {args.seed}..{args.seed + args.cases - 1})")
     return 1 if bad else 0
 

@@ -46,3 +46,18 @@ def test_generator_is_deterministic_and_varied():
     shared = sum(1 for seed in range(200) for op in generate(seed)["ops"] if op.get("module") and sum(
         o.get("module") == op["module"] for o in generate(seed)["ops"]) > 1)
     assert shared > 0                                                   # modules called at two sites
+
+
+def test_debug_failures_carry_their_traceback(monkeypatch):
+    """Under --debug a failure keeps its traceback; without, it is one line."""
+    import tests.fuzz.runner as runner
+
+    def broken(*args, **kwargs):
+        raise ValueError("planted")
+
+    monkeypatch.setattr(runner, "optimize", broken)
+    plain = runner.check_case(generate(3), 3, each_pass=False)
+    monkeypatch.setattr(runner, "DEBUG", True)
+    debug = runner.check_case(generate(3), 3, each_pass=False)
+    assert plain == ["pipeline: ValueError: planted"]
+    assert debug[0].startswith("pipeline: ValueError: planted\nTraceback") and "in broken" in debug[0]
