@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.compiler.core.capture import ThreadSafeTracer
-from graphopt.compiler.core.errors import GraphoptError
+from graphopt.compiler.core.errors import GraphoptError, node_source
 
 
 class _InlineTracer(ThreadSafeTracer):
@@ -80,6 +80,16 @@ def _attention(gm: fx.GraphModule, node: fx.Node, module: torch.nn.MultiheadAtte
     return True
 
 
+def _untraceable_hint(module: torch.nn.Module) -> str:
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return ("nn.MultiheadAttention runs torch's fused fast path, which no functional call gives bit for bit, "
+                "and a saved module reloads bit for bit: graphopt.export_onnx exports it (checked within a "
+                "tolerance); to save it with graphopt, write the attention as functional calls "
+                "(F.scaled_dot_product_attention), or keep the optimized module in the process that built it")
+    return ("make this module's forward traceable by torch.fx (no Python branching on inputs or their sizes), "
+            "or run the optimized module in the process that built it")
+
+
 def inline_modules(gm: fx.GraphModule, attention: bool = False) -> fx.GraphModule:
     """Replace each call_module by the functional graph of that module's forward
     (``attention=True``: nn.MultiheadAttention too, through its functional path)."""
@@ -103,8 +113,9 @@ def inline_modules(gm: fx.GraphModule, attention: bool = False) -> fx.GraphModul
         try:
             sub = _InlineTracer().trace(module)
         except Exception as e:
-            raise GraphoptError(f"cannot save: module {node.target} ({type(module).__name__}) does not trace to "
-                                f"functional calls: {e}", node=node.format_node()) from e
+            raise GraphoptError(f"cannot write module {node.target} ({type(module).__name__}) as functional calls "
+                                f"(a saved or exported graph holds no modules): {e}", node=node.format_node(),
+                                module=node.target, source=node_source(node), hint=_untraceable_hint(module)) from e
         placeholders = [n for n in sub.nodes if n.op == "placeholder"]
         env = dict(zip(placeholders, node.args))
         for p in placeholders[len(node.args):]:

@@ -58,8 +58,10 @@ def test_attention_exports_and_saving_it_is_refused_clearly(tmp_path):
     opt = optimize(model, (x,))
     result = export_onnx(opt, (x,), tmp_path / "enc.onnx")
     assert result["max_abs_error"] < 1e-3 and "MatMul" in result["ops_after"]
-    with pytest.raises(GraphoptError, match="MultiheadAttention"):
+    with pytest.raises(GraphoptError, match="MultiheadAttention") as refused:
         opt.save(tmp_path / "saved")
+    assert refused.value.module == "attn" and "export_onnx" in refused.value.hint   # says what to do instead
+    assert "test_onnx.py" in refused.value.source and "self.attn(" in refused.value.source
     assert not (tmp_path / "saved").exists()                                  # nothing half-written
 
 
