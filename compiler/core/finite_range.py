@@ -94,13 +94,26 @@ def _weight(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     return None
 
 
+def _magnitude(value: torch.Tensor) -> float:
+    """max |v| of a floating-point tensor: exact in its own dtype (NaN if it holds a NaN; 0 if empty)."""
+    return float(value.detach().abs().amax()) if value.numel() else 0.0
+
+
+def _row_l1_bound(weight: torch.Tensor) -> float:
+    """At least the largest L1 norm of a weight's rows (one per output channel), without a float64 copy of it.
+    Summed in float32 (float64 for a float64 weight): n nonnegative terms added in any order come out at most
+    (n - 1) units of rounding under their exact sum, so the sum times (1 + n * eps) is above it."""
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    rows = weight.detach().abs().flatten(1)
+    return float(rows.sum(1, dtype=dtype).max()) * (1.0 + rows.shape[1] * torch.finfo(dtype).eps)
+
+
 def _affine(gm: fx.GraphModule, w: Any, b: Any) -> tuple[float, float] | None:
-    """(max row L1 norm of w, max |b|) for a conv / linear weight, or None if not a constant."""
+    """(at least the max row L1 norm of w, max |b|) for a conv / linear weight, or None if not a constant."""
     weight, bias = _weight(gm, w), _weight(gm, b) if b is not None else None
     if weight is None or (b is not None and bias is None) or not weight.is_floating_point():
         return None
-    gain = float(weight.detach().double().abs().flatten(1).sum(1).max())
-    return gain, float(bias.detach().double().abs().max()) if bias is not None and bias.numel() else 0.0
+    return _row_l1_bound(weight), _magnitude(bias) if bias is not None else 0.0
 
 
 def _numeric(node: Any) -> bool:
@@ -181,9 +194,11 @@ def _rules(gm: fx.GraphModule) -> dict[fx.Node, Callable[[dict], float]] | None:
             continue
         if node.op == "get_attr":
             value = _weight(gm, node)
-            if value is None or (value.is_floating_point() and not bool(value.isfinite().all())):
+            if value is None:
                 return None
-            bound = float(value.detach().double().abs().max()) if value.numel() and value.is_floating_point() else 0.0
+            bound = _magnitude(value) if value.is_floating_point() else 0.0
+            if not math.isfinite(bound):  # (a weight holding inf or NaN)
+                return None
             rules[node] = lambda env, b=bound: b
             continue
         rule = _rule(gm, node)

@@ -204,3 +204,27 @@ def test_a_clamps_limits_bound_its_output():
     with torch.no_grad():
         assert bool(model(x).isinf().all())  # (the premise)
     assert input_limit(_graph(model, x)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_a_weights_row_norm_is_bounded_above_in_its_own_precision(dtype):
+    """Rows summed in float32 (float64 for float64) without a float64 copy: at least the exact sum, even
+    where float32 loses the small terms (2^20 terms of 2^-25 beside a 1), and within its rounding factor."""
+    weight = torch.full((3, 2 ** 20 + 1), 2.0 ** -25 if dtype != torch.float16 else 2.0 ** -14, dtype=dtype)
+    weight[:, 0] = -1.0
+    weight[1] *= 3
+    exact = float(weight.double().abs().sum(1).max())
+    bound = finite_range._row_l1_bound(weight)
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    assert exact <= bound <= exact * (1 + weight.shape[1] * eps) ** 2
+
+
+def test_a_weight_or_bias_holding_inf_or_nan_proves_nothing():
+    x = torch.randn(2, 3, 6, 6)
+    for where, value in [("weight", float("inf")), ("weight", float("nan")), ("bias", float("nan"))]:
+        gm = _graph(_model(DenseLayer), x)
+        conv = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
+        assert input_limit(gm) is not None
+        with torch.no_grad():
+            getattr(conv[0], where).view(-1)[1] = value
+        assert input_limit(gm) is None, (where, value)
