@@ -51,7 +51,7 @@ def profile_graphopt(model: torch.nn.Module, x: torch.Tensor, calls: int) -> tup
             times.append(time.perf_counter() - start)
     per_op = collections.Counter()
     for event in prof.key_averages():
-        if event.key.startswith(("aten::", "mkldnn::", "graphopt::", "onednn::")) and event.self_cpu_time_total > 0:
+        if event.key.startswith(("aten::", "mkldnn::", "mkl::", "graphopt::", "onednn::")) and event.self_cpu_time_total > 0:
             per_op[event.key] += event.self_cpu_time_total / 1e3 / calls
     return dict(per_op.most_common()), statistics.median(times) * 1e3
 
