@@ -50,8 +50,9 @@ def profile_graphopt(model: torch.nn.Module, x: torch.Tensor, calls: int) -> tup
             opt(x)
             times.append(time.perf_counter() - start)
     per_op = collections.Counter()
+    ours = ("aten::", "mkldnn::", "mkl::", "graphopt::", "onednn::")
     for event in prof.key_averages():
-        if event.key.startswith(("aten::", "mkldnn::", "mkl::", "graphopt::", "onednn::")) and event.self_cpu_time_total > 0:
+        if event.key.startswith(ours) and event.self_cpu_time_total > 0:
             per_op[event.key] += event.self_cpu_time_total / 1e3 / calls
     return dict(per_op.most_common()), statistics.median(times) * 1e3
 

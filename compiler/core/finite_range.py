@@ -95,17 +95,26 @@ def _weight(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
 
 
 def _magnitude(value: torch.Tensor) -> float:
-    """max |v| of a floating-point tensor: exact in its own dtype (NaN if it holds a NaN; 0 if empty)."""
-    return float(value.detach().abs().amax()) if value.numel() else 0.0
+    """max |v| of a tensor, exact (NaN if it holds a NaN; 0 if empty). Integer tensors too: a constant
+    multiplied into a value carries its magnitude whatever its dtype (a bool's is 0 or 1)."""
+    if not value.numel():
+        return 0.0
+    value = value.detach()
+    return float(value.any()) if value.dtype == torch.bool else float(value.abs().amax())
 
 
 def _row_l1_bound(weight: torch.Tensor) -> float:
     """At least the largest L1 norm of a weight's rows (one per output channel), without a float64 copy of it.
-    Summed in float32 (float64 for a float64 weight): n nonnegative terms added in any order come out at most
-    (n - 1) units of rounding under their exact sum, so the sum times (1 + n * eps) is above it."""
-    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    n nonnegative terms added in any order in a precision of unit roundoff u come out at least (1 - u)^(n-1)
+    times their exact sum, which is at least 1 - n u: so the sum divided by 1 - n u is above it. Summed in
+    float32 while n u <= 1/2 (rows up to 2^23 elements), else (and for a float64 weight) in float64."""
     rows = weight.detach().abs().flatten(1)
-    return float(rows.sum(1, dtype=dtype).max()) * (1.0 + rows.shape[1] * torch.finfo(dtype).eps)
+    if not rows.shape[0]:
+        return 0.0
+    n = rows.shape[1]
+    dtype = torch.float32 if weight.dtype != torch.float64 and n <= 2 ** 23 else torch.float64
+    u = torch.finfo(dtype).eps / 2
+    return float(rows.sum(1, dtype=dtype).max()) / (1.0 - n * u)
 
 
 def _affine(gm: fx.GraphModule, w: Any, b: Any) -> tuple[float, float] | None:
@@ -196,7 +205,7 @@ def _rules(gm: fx.GraphModule) -> dict[fx.Node, Callable[[dict], float]] | None:
             value = _weight(gm, node)
             if value is None:
                 return None
-            bound = _magnitude(value) if value.is_floating_point() else 0.0
+            bound = _magnitude(value)
             if not math.isfinite(bound):  # (a weight holding inf or NaN)
                 return None
             rules[node] = lambda env, b=bound: b

@@ -113,8 +113,8 @@ def inline_modules(gm: fx.GraphModule, attention: bool = False) -> fx.GraphModul
         try:
             sub = _InlineTracer().trace(module)
         except Exception as e:
-            raise GraphoptError(f"cannot write module {node.target} ({type(module).__name__}) as functional calls "
-                                f"(a saved or exported graph holds no modules): {e}", node=node.format_node(),
+            raise GraphoptError(f"cannot save module {node.target} ({type(module).__name__}): it does not trace to "
+                                f"functional calls, and a saved graph holds no modules: {e}", node=node.format_node(),
                                 module=node.target, source=node_source(node), hint=_untraceable_hint(module)) from e
         placeholders = [n for n in sub.nodes if n.op == "placeholder"]
         env = dict(zip(placeholders, node.args))

@@ -206,17 +206,43 @@ def test_a_clamps_limits_bound_its_output():
     assert input_limit(_graph(model, x)) is None
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
-def test_a_weights_row_norm_is_bounded_above_in_its_own_precision(dtype):
-    """Rows summed in float32 (float64 for float64) without a float64 copy: at least the exact sum, even
-    where float32 loses the small terms (2^20 terms of 2^-25 beside a 1), and within its rounding factor."""
-    weight = torch.full((3, 2 ** 20 + 1), 2.0 ** -25 if dtype != torch.float16 else 2.0 ** -14, dtype=dtype)
+@pytest.mark.parametrize("dtype, tiny", [(torch.float32, 2.0 ** -25), (torch.float16, 2.0 ** -24),
+                                         (torch.bfloat16, 2.0 ** -25), (torch.float64, 2.0 ** -60)])
+def test_a_weights_row_norm_is_bounded_above_in_its_own_precision(dtype, tiny):
+    """Rows summed in float32 (float64 for float64) without a float64 copy: at least the exact sum where the
+    sum's precision loses the small terms (2^20 terms each under half a unit of the 1 beside them), and within
+    its rounding factor; a weight with no rows bounds nothing."""
+    weight = torch.full((3, 2 ** 20 + 1), tiny, dtype=dtype)
     weight[:, 0] = -1.0
     weight[1] *= 3
     exact = float(weight.double().abs().sum(1).max())
     bound = finite_range._row_l1_bound(weight)
-    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    assert exact <= bound <= exact * (1 + weight.shape[1] * eps) ** 2
+    u = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps / 2
+    assert exact <= bound <= exact / (1 - weight.shape[1] * u) ** 2
+    assert finite_range._row_l1_bound(torch.empty(0, 4, dtype=dtype)) == 0.0
+
+
+class IntegerScale(nn.Module):
+    """A linear's output times an integer constant (a buffer): the constant's magnitude scales the bound."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("k", torch.tensor([2 ** 62]))
+
+    def forward(self, x):
+        return torch.relu(self.lin(x) * self.k)
+
+
+def test_an_integer_constant_carries_its_magnitude():
+    """An integer constant's bound was 0, so a linear times 2^62 was proven finite up to inputs past 1e32."""
+    torch.manual_seed(0)
+    model, x = IntegerScale().eval(), torch.randn(2, 4)
+    limit = input_limit(_graph(model, x))
+    assert limit is not None and limit * 2.0 ** 62 < finite_range.SAFE
+    with torch.no_grad():
+        assert bool(model(torch.full((2, 4), limit)).isfinite().all())
+        assert not bool(model(torch.full((2, 4), 1e30)).isfinite().all())  # (what the old limit let through)
 
 
 def test_a_weight_or_bias_holding_inf_or_nan_proves_nothing():

@@ -171,7 +171,8 @@ def record(spec: dict, seed: int, failures: list[str]) -> Path:
         return any(f.split(":")[0] == culprit for f in check_case(candidate, seed))
 
     small = shrink(spec, seed, fails)
-    data = {"seed": seed, "pass": culprit, "failures": check_case(small, seed)[:3], "spec": small}
+    failures = [f.split("\n")[0] for f in check_case(small, seed)[:3]]  # (no --debug traceback: it names local paths)
+    data = {"seed": seed, "pass": culprit, "failures": failures, "spec": small}
     digest = hashlib.sha256(json.dumps(small, sort_keys=True).encode()).hexdigest()[:12]
     REGRESSIONS.mkdir(exist_ok=True)
     path = REGRESSIONS / f"{culprit}-{digest}.json"
