@@ -30,6 +30,7 @@ from tests.fuzz.spec_model import SpecModel  # noqa: E402
 
 REGRESSIONS = Path(__file__).resolve().parent / "regressions"
 DEBUG = False  # --debug: each failure carries its traceback, and every failure is printed in full
+TRACEBACK = "Traceback (most recent call last):"
 
 
 def _failure(where: str, e: BaseException) -> str:
@@ -171,7 +172,7 @@ def record(spec: dict, seed: int, failures: list[str]) -> Path:
         return any(f.split(":")[0] == culprit for f in check_case(candidate, seed))
 
     small = shrink(spec, seed, fails)
-    failures = [f.split("\n")[0] for f in check_case(small, seed)[:3]]  # (no --debug traceback: it names local paths)
+    failures = [f.split(f"\n{TRACEBACK}")[0] for f in check_case(small, seed)[:3]]  # (not --debug's: local paths)
     data = {"seed": seed, "pass": culprit, "failures": failures, "spec": small}
     digest = hashlib.sha256(json.dumps(small, sort_keys=True).encode()).hexdigest()[:12]
     REGRESSIONS.mkdir(exist_ok=True)

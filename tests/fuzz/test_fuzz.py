@@ -60,4 +60,24 @@ def test_debug_failures_carry_their_traceback(monkeypatch):
     monkeypatch.setattr(runner, "DEBUG", True)
     debug = runner.check_case(generate(3), 3, each_pass=False)
     assert plain == ["pipeline: ValueError: planted"]
-    assert debug[0].startswith("pipeline: ValueError: planted\nTraceback") and "in broken" in debug[0]
+    assert debug[0].startswith(f"pipeline: ValueError: planted\n{runner.TRACEBACK}") and "in broken" in debug[0]
+
+
+def test_a_reproducer_keeps_the_whole_message_but_no_traceback(monkeypatch, tmp_path):
+    """record() under --debug: the saved failures keep a GraphoptError's hint lines, not the traceback (which names
+    local paths)."""
+    import json
+
+    import tests.fuzz.runner as runner
+    from graphopt import GraphoptError
+
+    def broken(*args, **kwargs):
+        raise GraphoptError("planted", hint="the hint")
+
+    monkeypatch.setattr(runner, "optimize", broken)
+    monkeypatch.setattr(runner, "DEBUG", True)
+    monkeypatch.setattr(runner, "REGRESSIONS", tmp_path)
+    spec = generate(3)
+    saved = json.loads(runner.record(spec, 3, runner.check_case(spec, 3)).read_text())
+    assert saved["failures"][0] == "pipeline: GraphoptError: planted\n  hint: the hint"
+    assert not any(runner.TRACEBACK in f for f in saved["failures"])
