@@ -209,9 +209,10 @@ def test_a_clamps_limits_bound_its_output():
 @pytest.mark.parametrize("dtype, tiny", [(torch.float32, 2.0 ** -25), (torch.float16, 2.0 ** -24),
                                          (torch.bfloat16, 2.0 ** -25), (torch.float64, 2.0 ** -60)])
 def test_a_weights_row_norm_is_bounded_above_in_its_own_precision(dtype, tiny):
-    """Rows summed in float32 (float64 for float64) without a float64 copy: at least the exact sum where the
-    sum's precision loses the small terms (2^20 terms each under half a unit of the 1 beside them), and within
-    its rounding factor; a weight with no rows bounds nothing."""
+    """Rows summed in float32 (float64 for float64) without a float64 copy: at least the exact sum, and within
+    its rounding factor, with 2^20 terms each under half a unit of the 1 beside them (the float32 and bfloat16
+    rows' sums drop some of them, so the factor is what keeps the bound above; float16's and float64's come
+    out exact: those check the dtypes); a weight with no rows bounds nothing."""
     weight = torch.full((3, 2 ** 20 + 1), tiny, dtype=dtype)
     weight[:, 0] = -1.0
     weight[1] *= 3
