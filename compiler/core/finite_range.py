@@ -136,13 +136,12 @@ def _batch_norm(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float] | 
     bn = match_batch_norm(gm, node)
     if bn is None or bn.problem is not None:
         return None
-    mean, var = bn.mean.detach().double(), bn.var.detach().double()
-    if not bool(torch.isfinite(mean).all()) or not bool((var + bn.eps > 0).all()):
+    var, mean = bn.var.detach().double(), _magnitude(bn.mean)
+    if not math.isfinite(mean) or not bool((var + bn.eps > 0).all()):
         return None
     w = torch.ones_like(var) if bn.weight is None else bn.weight.detach().double().abs().clamp(min=1.0)
     a = max(1.0, float((w / (var + bn.eps).sqrt()).max()))
-    b = bn.bias.detach().double() if bn.bias is not None else None
-    shift = float(mean.abs().max()) * a + (float(b.abs().max()) if b is not None and b.numel() else 0.0)
+    shift = mean * a + (_magnitude(bn.bias) if bn.bias is not None else 0.0)
     return lambda env: a * env[bn.input] + shift
 
 
