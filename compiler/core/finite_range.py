@@ -14,6 +14,11 @@ can only come from a NaN or an inf in the input or from an overflow to inf. So:
       batch norm       (eval) <= (bound(x) + max |mean|) a + max |bias|, a = max(1, max over channels of
                        max(1, |w|) / sqrt(var + eps)): the output and every intermediate of either way a
                        library may compute it ((x - mean) / sqrt(var + eps) * w + bias, or x * a' + b')
+      layer norm       <= 2 B' / sqrt(eps) max |w| + max |b|, B' = bound(x) (1 + 2^-10), and N bound(x)^2 under
+                       SAFE (N: the normalized size): |x - mean| <= 2 B', and the variance, a mean of
+                       squares, is >= 0 however a library sums it (two passes, or Welford's); it is not for
+                       E[x^2] - E[x]^2 without a clamp, which no library installed computes
+                       (tests/compiler/test_finite_range.py runs theirs on rows made to break it)
       pooling, views, flatten, cat, chunk, split, mean, dropout: <= the largest bound in
       sizes and the integers computed from them (``x.size(1) // 2``), torch._assert's None: no magnitude;
                        an add, a mul or a clamp that takes a number as a value is not bounded (it may change
@@ -37,6 +42,7 @@ rerun on graphopt's own graph. ``proves`` re-checks such a set of limits (load()
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import operator
@@ -145,6 +151,43 @@ def _batch_norm(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float] | 
     return lambda env: a * env[bn.input] + shift
 
 
+def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float] | None:
+    """A layer norm's bound (module docstring), or None where it is not one with constant weights and eps > 0."""
+    if node.op == "call_module":
+        ln = gm.get_submodule(node.target)
+        if len(node.args) != 1 or node.kwargs:
+            return None
+        x, shape, weight, bias, eps = node.args[0], ln.normalized_shape, ln.weight, ln.bias, ln.eps
+    else:
+        try:
+            bound = inspect.signature(F.layer_norm).bind(*node.args, **node.kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        x, shape, weight, bias, eps = (bound.arguments[k] for k in ("input", "normalized_shape", "weight", "bias",
+                                                                     "eps"))
+        weight, bias = (_weight(gm, v) if v is not None else None for v in (bound.arguments["weight"],
+                                                                               bound.arguments["bias"]))
+        if (bound.arguments["weight"] is not None and weight is None
+                or bound.arguments["bias"] is not None and bias is None):
+            return None
+    if not isinstance(x, fx.Node) or not isinstance(eps, float) or not 0.0 < eps < math.inf:
+        return None
+    if not isinstance(shape, (tuple, list, torch.Size)) or not all(type(d) is int for d in shape):
+        return None
+    w = _magnitude(weight) if weight is not None else 1.0
+    b = _magnitude(bias) if bias is not None else 0.0
+    if not (math.isfinite(w) and math.isfinite(b)):
+        return None
+    size, gain = math.prod(shape), 2.0 * (1.0 + 2.0 ** -10) / math.sqrt(eps) * w
+
+    def bound(env: dict) -> float:
+        if size * env[x] ** 2 >= SAFE:  # (its sum of squares could overflow)
+            return math.inf
+        return gain * env[x] + b
+    return bound
+
+
 def _rule(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float | None] | None:
     """How to bound ``node``'s value from the bounds in ``env``; None where this analysis cannot."""
     target, args, sig = node.target, node.args, signature_of(node)
@@ -166,6 +209,9 @@ def _rule(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float | None] |
     if (node.op == "call_module" and type(gm.get_submodule(target)) in _BATCH_NORMS
             or node.op == "call_function" and target is F.batch_norm):
         return _batch_norm(gm, node)
+    if (node.op == "call_module" and type(gm.get_submodule(target)) is nn.LayerNorm
+            or node.op == "call_function" and target in (F.layer_norm, torch.layer_norm)):
+        return _layer_norm(gm, node)
     if node.op == "call_module":
         kind = type(gm.get_submodule(target))
         if kind in _MODULES_UNIT:
