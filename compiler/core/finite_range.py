@@ -19,6 +19,11 @@ can only come from a NaN or an inf in the input or from an overflow to inf. So:
                        squares, is >= 0 however a library sums it (two passes, or Welford's); it is not for
                        E[x^2] - E[x]^2 without a clamp, which no library installed computes
                        (tests/compiler/test_finite_range.py runs theirs on rows made to break it)
+      attention        scaled_dot_product_attention with no mask and no dropout: <= bound(v) (1 + 2^-10), keys
+                       up to 2^12 long, and d bound(q) bound(k) max(1, scale) under SAFE (the logits, d
+                       products summed): every library's softmax subtracts its row's max before the exp, so
+                       each weight is in [0, 1] and they sum to 1 within rounding (a softmax that did not
+                       would overflow past logits of 88: tested on the libraries as the layer norm is)
       pooling, views, flatten, cat, chunk, split, mean, dropout: <= the largest bound in
       sizes and the integers computed from them (``x.size(1) // 2``), torch._assert's None: no magnitude;
                        an add, a mul or a clamp that takes a number as a value is not bounded (it may change
@@ -42,7 +47,6 @@ rerun on graphopt's own graph. ``proves`` re-checks such a set of limits (load()
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import operator
@@ -58,6 +62,7 @@ from graphopt.kernels.activations import ACTS
 from graphopt.kernels.reference import parse_act
 from graphopt.kernels.signatures import ConvAct, LinearAct, signature_of
 from graphopt.passes.lib.patterns import match_batch_norm
+from graphopt.passes.lib.query import tensor_meta
 
 log = logging.getLogger("graphopt")
 SAFE = torch.finfo(torch.float32).max / 2 ** 20
@@ -151,6 +156,17 @@ def _batch_norm(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float] | 
     return lambda env: a * env[bn.input] + shift
 
 
+def _arguments(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any] | None:
+    """``node``'s arguments by name (``names`` in order; ``defaults`` for those not given), or None where it passes
+    one this does not know."""
+    if len(node.args) > len(names) or not set(node.kwargs) <= set(names[len(node.args):]):
+        return None
+    return {**defaults, **dict(zip(names, node.args)), **node.kwargs}
+
+
+_LAYER_NORM_ARGS = ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable")
+
+
 def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float] | None:
     """A layer norm's bound (module docstring), or None where it is not one with constant weights and eps > 0."""
     if node.op == "call_module":
@@ -158,18 +174,14 @@ def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float] | 
         if len(node.args) != 1 or node.kwargs:
             return None
         x, shape, weight, bias, eps = node.args[0], ln.normalized_shape, ln.weight, ln.bias, ln.eps
-    else:
-        try:
-            bound = inspect.signature(F.layer_norm).bind(*node.args, **node.kwargs)
-        except TypeError:
+    else:  # (F.layer_norm, or torch.layer_norm, which also takes cudnn_enable)
+        names = _LAYER_NORM_ARGS[:len(_LAYER_NORM_ARGS) - (node.target is F.layer_norm)]
+        given = _arguments(node, names, {"weight": None, "bias": None, "eps": 1e-5, "cudnn_enable": True})
+        if given is None or "normalized_shape" not in given:
             return None
-        bound.apply_defaults()
-        x, shape, weight, bias, eps = (bound.arguments[k] for k in ("input", "normalized_shape", "weight", "bias",
-                                                                     "eps"))
-        weight, bias = (_weight(gm, v) if v is not None else None for v in (bound.arguments["weight"],
-                                                                               bound.arguments["bias"]))
-        if (bound.arguments["weight"] is not None and weight is None
-                or bound.arguments["bias"] is not None and bias is None):
+        x, shape, eps = given.get("input"), given["normalized_shape"], given["eps"]
+        weight, bias = (_weight(gm, v) if v is not None else None for v in (given["weight"], given["bias"]))
+        if given["weight"] is not None and weight is None or given["bias"] is not None and bias is None:
             return None
     if not isinstance(x, fx.Node) or not isinstance(eps, float) or not 0.0 < eps < math.inf:
         return None
@@ -185,6 +197,36 @@ def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float] | 
         if size * env[x] ** 2 >= SAFE:  # (its sum of squares could overflow)
             return math.inf
         return gain * env[x] + b
+    return bound
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+MAX_KEYS = 2 ** 12  # (the weights' sum, rounded, stays within 1 + 2^-10 of 1)
+
+
+def _attention(node: fx.Node) -> Callable[[dict], float] | None:
+    """scaled_dot_product_attention's bound (module docstring), or None where it has a mask or dropout."""
+    given = _arguments(node, _SDPA_ARGS, _SDPA_DEFAULTS)
+    if given is None or not {"query", "key", "value"} <= set(given):
+        return None
+    q, k, v, scale = given["query"], given["key"], given["value"], given["scale"]
+    if given["attn_mask"] is not None or given["dropout_p"] != 0 or not isinstance(given["is_causal"], bool):
+        return None
+    shapes = [getattr(tensor_meta(t), "shape", None) for t in (q, k, v)]
+    if any(shape is None for shape in shapes) or not isinstance(given["enable_gqa"], bool):
+        return None
+    depth, keys = shapes[0][-1], shapes[1][-2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(depth) if depth else 1.0
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or keys > MAX_KEYS:
+        return None
+    gain = depth * max(1.0, abs(float(scale)))
+
+    def bound(env: dict) -> float:
+        if not gain * env[q] * env[k] < SAFE:  # (a logit could overflow)
+            return math.inf
+        return env[v] * (1.0 + 2.0 ** -10)
     return bound
 
 
@@ -212,6 +254,8 @@ def _rule(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float | None] |
     if (node.op == "call_module" and type(gm.get_submodule(target)) is nn.LayerNorm
             or node.op == "call_function" and target in (F.layer_norm, torch.layer_norm)):
         return _layer_norm(gm, node)
+    if node.op == "call_function" and target is F.scaled_dot_product_attention:
+        return _attention(node)
     if node.op == "call_module":
         kind = type(gm.get_submodule(target))
         if kind in _MODULES_UNIT:

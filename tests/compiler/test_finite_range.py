@@ -78,9 +78,22 @@ class PreNorm(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(h)))
 
 
+class Attention(nn.Module):
+    """Self-attention on (B, heads, T, d): the input as the query, linears of it as key and value, plus the
+    residual; causal or not."""
+
+    def __init__(self, d: int = 6, causal: bool = False):
+        super().__init__()
+        self.k, self.v, self.causal = nn.Linear(d, d), nn.Linear(d, d), causal
+
+    def forward(self, x):
+        return x + F.scaled_dot_product_attention(x, self.k(x), self.v(x), is_causal=self.causal)
+
+
 BOUNDED = {"batch norm module after a cat": DenseLayer, "F.batch_norm": FunctionalBatchNorm,
            "channel shuffle, chunk": Shuffle, "channel shuffle, split": lambda: Shuffle(split=True),
-           "layer norm module": PreNorm, "F.layer_norm": lambda: PreNorm(functional=True)}
+           "layer norm module": PreNorm, "F.layer_norm": lambda: PreNorm(functional=True),
+           "attention": Attention, "causal attention": lambda: Attention(causal=True)}
 
 
 def _model(make) -> nn.Module:
@@ -288,18 +301,14 @@ def test_a_layer_norm_with_no_eps_or_a_nan_weight_is_not_bounded():
         assert input_limit(gm) is None
 
 
-@pytest.mark.parametrize("library", [name for name in engines.ENGINES if engines.installed(name)])
-def test_a_librarys_layer_norm_stays_finite_and_within_the_bound_on_rows_made_to_break_it(monkeypatch, library):
-    """The layer-norm rule holds where the library's variance is never negative. E[x^2] - E[x]^2 summed in order
-    in float32 goes below -eps on many rows that repeat one value (23 of the 96 here), and its sqrt is NaN
-    there. So: rows of one value at magnitudes up to a quarter of what the input check lets through, the same
-    with noise far below its rounding, and with one outlier, in the library's session of a 768-wide pre-norm
-    MLP: every call is the library's (the input check passes), every answer finite and within the rule's
-    bound on the output, as eager's is."""
+LIBRARIES = [name for name in engines.ENGINES if engines.installed(name)]
+
+
+def _in_library(monkeypatch, library: str, model: nn.Module, x: torch.Tensor):
+    """(model's module in ``library``'s session, the rule's bound on its output, the largest max |x| its input
+    check lets through, by a factor of 4, a list that collects the session's answers, None where it declined)."""
     monkeypatch.setattr(engines, "MARGIN", float("inf"))  # (the library runs whatever it measures)
     monkeypatch.setattr(engines, "SINGLE_THREAD_BELOW_MS", 0.0)
-    torch.manual_seed(0)
-    model, x = PreNorm(d=768, hidden=8).eval(), torch.randn(4, 768)
     opt = optimize(model, (x,), engines=library, progress=False)
     limit = opt.engine_plan.limit
     assert opt.engine == library and limit is not None
@@ -308,12 +317,47 @@ def test_a_librarys_layer_norm_stays_finite_and_within_the_bound_on_rows_made_to
     (out,) = [n for n in gm.graph.nodes if n.op == "output"][0].args
     assert overflow is None
     names, limits, by_sum = engines._checked(opt, opt.engine_plan)
-    top = limits[0] / (x.numel() if "x" in by_sum else 1) / 4  # (the check on the input: its max |x| or its sum)
-    assert names == ["x"] and top > 1e9
-    g = torch.Generator().manual_seed(1)
-    calls, tried = [], []
+    assert names == ["x"]
+    calls = []
     runner = opt._engine
     opt._engine = lambda *args: calls.append(runner(*args)) or calls[-1]
+    return opt, bounds[out], limits[0] / (x.numel() if "x" in by_sum else 1) / 4, calls
+
+
+def test_attention_with_a_mask_or_dropout_is_not_bounded():
+    """(Traced as written: dropout runs in eval too, so optimize()'s numerics check would not pass it.)"""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    x = torch.randn(2, 3, 6, 6)
+    for how, bounded in [({}, True), ({"is_causal": True}, True), ({"attn_mask": "mask"}, False),
+                         ({"dropout_p": 0.1}, False)]:
+        class Bare(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("mask", torch.ones(6, 6, dtype=torch.bool).tril())
+
+            def forward(self, x):
+                kwargs = {k: getattr(self, v) if v == "mask" else v for k, v in how.items()}
+                return x + F.scaled_dot_product_attention(x, x, x, **kwargs)
+        gm = torch.fx.symbolic_trace(Bare())
+        ShapeProp(gm).propagate(x)
+        assert (input_limit(gm) is not None) == bounded, how
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_a_librarys_layer_norm_stays_finite_and_within_the_bound_on_rows_made_to_break_it(monkeypatch, library):
+    """The layer-norm rule holds where the library's variance is never negative. E[x^2] - E[x]^2 summed in order
+    in float32 goes below -eps on many rows that repeat one value (23 of the 96 here), and its sqrt is NaN
+    there. So: rows of one value at magnitudes up to a quarter of what the input check lets through, the same
+    with noise far below its rounding, and with one outlier, in the library's session of a 768-wide pre-norm
+    MLP: every call is the library's (the input check passes), every answer finite and within the rule's
+    bound on the output, as eager's is."""
+    torch.manual_seed(0)
+    model, x = PreNorm(d=768, hidden=8).eval(), torch.randn(4, 768)
+    opt, bound, top, calls = _in_library(monkeypatch, library, model, x)
+    assert top > 1e9
+    g = torch.Generator().manual_seed(1)
+    tried = []
     for batch in range(24):
         c = top ** torch.rand(4, 1, generator=g, dtype=torch.float64).float()  # (1 to top)
         rows = (c * torch.sign(torch.randn(4, 1, generator=g))).expand(4, 768).clone()
@@ -326,10 +370,36 @@ def test_a_librarys_layer_norm_stays_finite_and_within_the_bound_on_rows_made_to
             got, want = opt(rows), model(rows)
         assert calls[-1] is not None, (batch, c)
         assert bool(want.isfinite().all()) and bool(got.isfinite().all()), (library, batch, c.flatten())
-        assert float(got.abs().max()) <= bounds[out], (library, batch)
+        assert float(got.abs().max()) <= bound, (library, batch)
     rows = torch.cat(tried)  # (the premise: E[x^2] - E[x]^2, summed in order in float32, is NaN on many of them)
     total, squares = torch.zeros(len(rows)), torch.zeros(len(rows))
     for column in rows.unbind(1):
         total, squares = total + column, squares + column * column
     one_pass = squares / 768 - (total / 768) ** 2 + 1e-5
     assert int((one_pass < 0).sum()) >= len(rows) // 8  # (23 of the 96)
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_librarys_attention_stays_finite_and_within_the_bound_on_logits_past_exps_range(monkeypatch, library,
+                                                                                          causal):
+    """The attention rule holds where the library's softmax subtracts its row's max: logits far past 88 (where
+    exp overflows to inf, and inf / inf is NaN) in the library's session, every call the library's, every
+    answer finite and within the rule's bound."""
+    torch.manual_seed(0)
+    model, x = Attention(d=16, causal=causal).eval(), torch.randn(1, 2, 8, 16)
+    opt, bound, top, calls = _in_library(monkeypatch, library, model, x)
+    g = torch.Generator().manual_seed(1)
+    largest = 0.0
+    for scale in (1.0, 10.0, 100.0, 1e3, 1e4):
+        rows = torch.randn(x.shape, generator=g)
+        rows = rows / rows.abs().max() * min(scale, top)
+        with torch.no_grad():
+            got, want = opt(rows), model(rows)
+            logits = rows @ model.k(rows).transpose(-1, -2) / 4.0
+        largest = max(largest, float(logits.abs().max()))
+        assert calls[-1] is not None, scale
+        assert bool(want.isfinite().all()) and bool(got.isfinite().all()), (library, scale)
+        assert float(got.abs().max()) <= bound, (library, scale)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * scale)
+    assert largest > 1e4  # (the premise: exp of these logits is inf)
