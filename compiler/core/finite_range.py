@@ -14,13 +14,15 @@ can only come from a NaN or an inf in the input or from an overflow to inf. So:
       batch norm       (eval) <= (bound(x) + max |mean|) a + max |bias|, a = max(1, max over channels of
                        max(1, |w|) / sqrt(var + eps)): the output and every intermediate of either way a
                        library may compute it ((x - mean) / sqrt(var + eps) * w + bias, or x * a' + b')
-      layer norm       <= 2 B' / sqrt(eps) max |w| + max |b|, B' = bound(x) (1 + 2^-10), and N bound(x)^2 under
-                       SAFE (N: the normalized size): |x - mean| <= 2 B', and the variance, a mean of
-                       squares, is >= 0 however a library sums it (two passes, or Welford's); it is not for
-                       E[x^2] - E[x]^2 without a clamp, which no library installed computes
-                       (tests/compiler/test_finite_range.py runs theirs on rows made to break it)
-      attention        scaled_dot_product_attention with no mask and no dropout: <= bound(v) (1 + 2^-10), keys
-                       up to 2^12 long, and d bound(q) bound(k) max(1, scale) under SAFE (the logits, d
+      layer norm       <= 2 B' / sqrt(eps) max |w| + max |b|, B' = bound(x) (1 + (N + 16) 2^-23), eps at least
+                       float32's smallest normal number, and N bound(x)^2 and 2 B' / sqrt(eps) under SAFE
+                       (N: the normalized size): |x - mean| <= 2 B', and the variance, a mean of squares,
+                       is >= 0 however a library sums it (two passes, or Welford's); it is not for
+                       E[x^2] - E[x]^2 without a clamp, the form some ONNX Runtime CPU kernel sources show
+                       (tests/compiler/test_finite_range.py runs ONNX Runtime's and OpenVINO's, the
+                       installed releases, on rows made to break it: 1.32 and 2026.4 pass)
+      attention        scaled_dot_product_attention with no mask, no dropout and a scale >= 0: <= 2 bound(v)
+                       (MAX_KEYS), and d bound(q) bound(k) max(1, scale) under SAFE (the logits, d
                        products summed): every library's softmax subtracts its row's max before the exp, so
                        each weight is in [0, 1] and they sum to 1 within rounding (a softmax that did not
                        would overflow past logits of 88: tested on the libraries as the layer norm is)
@@ -183,7 +185,10 @@ def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float] | 
         weight, bias = (_weight(gm, v) if v is not None else None for v in (given["weight"], given["bias"]))
         if given["weight"] is not None and weight is None or given["bias"] is not None and bias is None:
             return None
-    if not isinstance(x, fx.Node) or not isinstance(eps, float) or not 0.0 < eps < math.inf:
+    if not isinstance(x, fx.Node) or not isinstance(eps, float):
+        return None
+    eps = float(torch.tensor(eps, dtype=torch.float32))  # (what float32 kernels add: a tiny eps rounds to 0)
+    if not torch.finfo(torch.float32).tiny <= eps < math.inf:  # (nor one a library may flush to zero)
         return None
     if not isinstance(shape, (tuple, list, torch.Size)) or not all(type(d) is int for d in shape):
         return None
@@ -191,22 +196,29 @@ def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float] | 
     b = _magnitude(bias) if bias is not None else 0.0
     if not (math.isfinite(w) and math.isfinite(b)):
         return None
-    size, gain = math.prod(shape), 2.0 * (1.0 + 2.0 ** -10) / math.sqrt(eps) * w
+    # |x - mean| <= 2 B (1 + (N + 16) 2^-23): the mean of N values rounded, then the subtraction and division
+    size = math.prod(shape)
+    reach = 2.0 * (1.0 + (size + 16) * 2.0 ** -23) / math.sqrt(eps)
 
     def bound(env: dict) -> float:
-        if size * env[x] ** 2 >= SAFE:  # (its sum of squares could overflow)
+        normalized = reach * env[x]  # (before the weight: it must stay in range too)
+        if size * env[x] ** 2 >= SAFE or normalized >= SAFE:  # (its sum of squares could overflow)
             return math.inf
-        return gain * env[x] + b
+        return normalized * w + b
     return bound
 
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
-MAX_KEYS = 2 ** 12  # (the weights' sum, rounded, stays within 1 + 2^-10 of 1)
+# The S weights' sum, rounded, is within (1 + u) / (1 - S u) of 1: under 2 up to 2^22 keys. The key length is read
+# off the example; a session at another batch size could see another where it is the batch dimension, but 2^22
+# keys would be 2^44 logits a row of queries, far past any memory: so the factor 2 holds for any call that runs.
+MAX_KEYS = 2 ** 22
 
 
 def _attention(node: fx.Node) -> Callable[[dict], float] | None:
-    """scaled_dot_product_attention's bound (module docstring), or None where it has a mask or dropout."""
+    """scaled_dot_product_attention's bound (module docstring), or None where it has a mask or dropout, a scale that
+    is negative or not a number, more than MAX_KEYS keys, or an argument this does not know."""
     given = _arguments(node, _SDPA_ARGS, _SDPA_DEFAULTS)
     if given is None or not {"query", "key", "value"} <= set(given):
         return None
@@ -219,14 +231,14 @@ def _attention(node: fx.Node) -> Callable[[dict], float] | None:
     depth, keys = shapes[0][-1], shapes[1][-2]
     if scale is None:
         scale = 1.0 / math.sqrt(depth) if depth else 1.0
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or keys > MAX_KEYS:
-        return None
-    gain = depth * max(1.0, abs(float(scale)))
+    if type(scale) not in (int, float) or not 0.0 <= scale < math.inf or keys > MAX_KEYS:
+        return None  # (a negative scale: the exporter takes its square root)
+    gain = depth * max(1.0, float(scale))
 
     def bound(env: dict) -> float:
         if not gain * env[q] * env[k] < SAFE:  # (a logit could overflow)
             return math.inf
-        return env[v] * (1.0 + 2.0 ** -10)
+        return env[v] * 2.0
     return bound
 
 
