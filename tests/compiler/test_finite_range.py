@@ -360,7 +360,7 @@ def test_attention_with_a_mask_dropout_or_a_negative_scale_is_not_bounded():
 @pytest.mark.parametrize("library", LIBRARIES)
 def test_a_librarys_layer_norm_stays_finite_and_within_the_bound_on_rows_made_to_break_it(monkeypatch, library):
     """The layer-norm rule holds where the library's variance is never negative. E[x^2] - E[x]^2 summed in order
-    in float32 goes below -eps on many rows that repeat one value (23 of the 96 here), and its sqrt is NaN
+    in float32 goes below -eps on many of these rows (34 of the 96), and its sqrt is NaN
     there. So: rows of one value at magnitudes up to a quarter of what the input check lets through, the same
     with one to three elements one unit in the last place away, and with one outlier, in the library's session
     of a 768-wide pre-norm
@@ -392,7 +392,7 @@ def test_a_librarys_layer_norm_stays_finite_and_within_the_bound_on_rows_made_to
     for column in rows.unbind(1):
         total, squares = total + column, squares + column * column
     one_pass = squares / 768 - (total / 768) ** 2 + 1e-5
-    assert int((one_pass < 0).sum()) >= len(rows) // 8  # (23 of the 96)
+    assert int((one_pass < 0).sum()) >= len(rows) // 4  # (34 of the 96)
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
