@@ -170,7 +170,8 @@ _LAYER_NORM_ARGS = ("input", "normalized_shape", "weight", "bias", "eps", "cudnn
 
 
 def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float] | None:
-    """A layer norm's bound (module docstring), or None where it is not one with constant weights and eps > 0."""
+    """A layer norm's bound (module docstring), or None where it is not one with constant weights and an eps that is
+    a normal float32 number."""
     if node.op == "call_module":
         ln = gm.get_submodule(node.target)
         if len(node.args) != 1 or node.kwargs:
