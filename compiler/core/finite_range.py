@@ -64,7 +64,7 @@ from graphopt.kernels.activations import ACTS
 from graphopt.kernels.reference import parse_act
 from graphopt.kernels.signatures import ConvAct, LinearAct, signature_of
 from graphopt.passes.lib.patterns import match_batch_norm
-from graphopt.passes.lib.query import tensor_meta
+from graphopt.passes.lib.query import arg, tensor_meta
 
 log = logging.getLogger("graphopt")
 SAFE = torch.finfo(torch.float32).max / 2 ** 20
@@ -158,17 +158,6 @@ def _batch_norm(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float] | 
     return lambda env: a * env[bn.input] + shift
 
 
-def _arguments(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any] | None:
-    """``node``'s arguments by name (``names`` in order; ``defaults`` for those not given), or None where it passes
-    one this does not know."""
-    if len(node.args) > len(names) or not set(node.kwargs) <= set(names[len(node.args):]):
-        return None
-    return {**defaults, **dict(zip(names, node.args)), **node.kwargs}
-
-
-_LAYER_NORM_ARGS = ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable")
-
-
 def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float] | None:
     """A layer norm's bound (module docstring), or None where it is not one with constant weights and an eps that is
     a normal float32 number."""
@@ -177,14 +166,12 @@ def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float] | 
         if len(node.args) != 1 or node.kwargs:
             return None
         x, shape, weight, bias, eps = node.args[0], ln.normalized_shape, ln.weight, ln.bias, ln.eps
-    else:  # (F.layer_norm, or torch.layer_norm, which also takes cudnn_enable)
-        names = _LAYER_NORM_ARGS[:len(_LAYER_NORM_ARGS) - (node.target is F.layer_norm)]
-        given = _arguments(node, names, {"weight": None, "bias": None, "eps": 1e-5, "cudnn_enable": True})
-        if given is None or "normalized_shape" not in given:
-            return None
-        x, shape, eps = given.get("input"), given["normalized_shape"], given["eps"]
-        weight, bias = (_weight(gm, v) if v is not None else None for v in (given["weight"], given["bias"]))
-        if given["weight"] is not None and weight is None or given["bias"] is not None and bias is None:
+    else:  # (F.layer_norm, or torch.layer_norm: the same first five arguments)
+        x, shape, w_node, b_node = (arg(node, i, name) for i, name in
+                                    enumerate(("input", "normalized_shape", "weight", "bias")))
+        eps = arg(node, 4, "eps", 1e-5)
+        weight, bias = (_weight(gm, v) if v is not None else None for v in (w_node, b_node))
+        if w_node is not None and weight is None or b_node is not None and bias is None:
             return None
     if not isinstance(x, fx.Node) or not isinstance(eps, float):
         return None
@@ -209,8 +196,6 @@ def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> Callable[[dict], float] | 
     return bound
 
 
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 # The S weights' sum, rounded, is within (1 + u) / (1 - S u) of 1: under 2 up to 2^22 keys. The key length is read
 # off the example; a session at another batch size could see another where it is the batch dimension, but 2^22
 # keys would be 2^44 logits a row of queries, far past any memory: so the factor 2 holds for any call that runs.
@@ -219,15 +204,14 @@ MAX_KEYS = 2 ** 22
 
 def _attention(node: fx.Node) -> Callable[[dict], float] | None:
     """scaled_dot_product_attention's bound (module docstring), or None where it has a mask or dropout, a scale that
-    is negative or not a number, more than MAX_KEYS keys, or an argument this does not know."""
-    given = _arguments(node, _SDPA_ARGS, _SDPA_DEFAULTS)
-    if given is None or not {"query", "key", "value"} <= set(given):
-        return None
-    q, k, v, scale = given["query"], given["key"], given["value"], given["scale"]
-    if given["attn_mask"] is not None or given["dropout_p"] != 0 or not isinstance(given["is_causal"], bool):
+    is negative or not a number, or more than MAX_KEYS keys."""
+    q, k, v = (arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
+    mask, dropout, causal = arg(node, 3, "attn_mask"), arg(node, 4, "dropout_p", 0.0), arg(node, 5, "is_causal", False)
+    scale, gqa = arg(node, 6, "scale"), arg(node, 7, "enable_gqa", False)
+    if mask is not None or dropout != 0 or not isinstance(causal, bool) or not isinstance(gqa, bool):
         return None
     shapes = [getattr(tensor_meta(t), "shape", None) for t in (q, k, v)]
-    if any(shape is None for shape in shapes) or not isinstance(given["enable_gqa"], bool):
+    if any(shape is None for shape in shapes):
         return None
     depth, keys = shapes[0][-1], shapes[1][-2]
     if scale is None:
