@@ -16,6 +16,7 @@ module may lose at most ``tolerance`` of the fp32 module's score.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -287,6 +288,17 @@ def layer_name(node: fx.Node) -> str:
     return node.meta.get("layer") or node.meta.get("module") or node.name
 
 
+@functools.cache
+def _warn_no_dot_product() -> None:
+    """Says once per process what int8 does on a CPU without int8 dot-product instructions (each int8 report says
+    it too: ``scheme`` and ``vnni``). Python's own once-per-place record does not hold it back: any change to the
+    warning filters (graphopt's ONNX export makes one) resets that record, so the demo's tuning loop printed it
+    at every trial."""
+    warnings.warn("this CPU has no int8 dot-product instructions (VNNI / AMX) for oneDNN: int8 uses 7-bit weights "
+                  "(scheme s7, exact here), and the layers too small for int8 to pay off without them stay fp32",
+                  stacklevel=4)
+
+
 def quantize(fp32: fx.GraphModule, ctx: PassContext, manager: PassManager, calibration: Iterable | None,
              method: str, budget: Any, progress: bool = True, fp32_layers: Iterable[str] = (), *,
              small_fp32: bool = True, calibrated: Int8Report | None = None) -> tuple[fx.GraphModule, list, Int8Report]:
@@ -302,9 +314,7 @@ def quantize(fp32: fx.GraphModule, ctx: PassContext, manager: PassManager, calib
 
         vnni = has_vnni()
         if scheme != "s8":
-            warnings.warn("this CPU has no int8 dot-product instructions (VNNI / AMX) for oneDNN: int8 uses 7-bit "
-                          "weights (scheme s7, exact here), and the layers too small for int8 to pay off without "
-                          "them stay fp32", stacklevel=3)
+            _warn_no_dot_product()
     else:
         vnni = False
     if calibrated is None:

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from collections import Counter
 
 import pytest
@@ -225,10 +226,17 @@ def test_fp32_layers_stay_fp32_and_unknown_names_are_refused():
         _int8("resnet_blocks", fp32_layers=["nope"])
 
 
-def test_a_cpu_without_vnni_gets_seven_bit_weights_and_a_warning(monkeypatch):
+def test_a_cpu_without_vnni_gets_seven_bit_weights_and_a_warning_once(monkeypatch):
+    from graphopt.compiler.int8.quantize import _warn_no_dot_product
+
     monkeypatch.setattr("graphopt.kernels.cpu.has_vnni", lambda: False)
+    _warn_no_dot_product.cache_clear()  # (an earlier test in this process may have said it)
     with pytest.warns(UserWarning, match="VNNI"):
         model, make, opt = _int8("seed_convnet", calibration=_batches(ZOO["seed_convnet"][1], 8))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        _int8("seed_convnet", calibration=_batches(ZOO["seed_convnet"][1], 8))
+    assert not [w for w in said if "VNNI" in str(w.message)]  # once per process, not at every optimize()
     report = opt.int8_report
     assert report.scheme == "s7" and "scheme s7" in report.table() and scheme_of(opt.portable) == "s7"
     weights = [t for _, t in opt.portable.named_buffers() if t.dtype == torch.int8]
