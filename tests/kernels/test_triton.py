@@ -167,7 +167,7 @@ def test_optimize_int8_with_the_triton_backend_end_to_end():
     make, inputs = ZOO["resnet_blocks"]
     model = randomize_bn(make()).eval()
     x = inputs(1)
-    opt = optimize(model, (x,), backend="triton", quantize="int8", calibration=[(inputs(2),) for _ in range(3)],
+    opt = optimize(model, (x,), backend="triton", quantize="int8", calibration=[(inputs(1),) for _ in range(2)],
                    progress=False)
     assert "kernels_triton_qconv2d_act" in opt.code and "kernels_triton_qlinear_act" in opt.code
     with torch.no_grad():
