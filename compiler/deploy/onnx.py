@@ -94,7 +94,6 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
     The user's file gets the same ``sums`` (a module that runs in a library has them) and int8 weights throughout.
     """
     from graphopt.kernels.ops import OPS
-    from graphopt.kernels.reference import apply_act
     from graphopt.kernels.signatures import ConvAct, LinearAct, QConvAct, signature_of
     from graphopt.passes.lib.query import constant_value
     from graphopt.passes.lib.rewrite import add_constant
@@ -146,7 +145,7 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
                     if residual is not None:
                         y = gm.graph.call_function(torch.add, (y, residual))
                     if not after:
-                        y = gm.graph.call_function(apply_act, (y, q.act))
+                        y = _act_on_codes(gm.graph, y, q, sums[node.name], fq)
                 elif isinstance(q, QConvAct):
                     fp32 = ConvAct(x, wfq, q.bias, q.stride, q.padding, q.dilation, q.groups, q.act, residual)
                     y = gm.graph.call_function(OPS[fp32.op], fp32.as_args())
@@ -186,6 +185,45 @@ def _known(proto) -> Callable[[str], Any]:
                 onnx.helper.tensor_dtype_to_np_dtype(next(a.i for a in node.attribute if a.name == "to")))
         return None
     return value
+
+
+# a sigmoid a library's graph quantizes (``_act_on_codes``): uint8 codes 0..255 over [0, 1], at most 1/510 from
+# the float sigmoid (so a SiLU's product at most |x| / 510 from the float one)
+GATE_SCALE = 1.0 / 255
+SILU_MIN = -0.2785  # below min x * sigmoid(x) (-0.27846, at x = -1.2785)
+
+
+def _act_on_codes(graph, y, q, grid: tuple[float, int], fq: Callable):
+    """The activation of a summed conv ``q`` (compiler/int8/plans.py ``summed``) on its quantized sum ``y`` (on
+    ``grid``: scale, zero point) in a library's graph, with no residual: a sigmoid and a SiLU run on int8 codes
+    (ONNX Runtime's QLinearSigmoid and QLinearMul, as its own int8 recipe does, not a DequantizeLinear of the sum
+    to each of a float Sigmoid and Mul, a QuantizeLinear after them, and the layout transposes around those).
+
+    The sigmoid is quantized at GATE_SCALE. A SiLU's product is quantized on the conv's output grid, or, for a float
+    output, on the sum's own grid where that holds every SiLU value (its low end at or below SILU_MIN: x * sigmoid(x)
+    lies between min(x, SILU_MIN) and max(x, 0)). A squeeze-excite block then runs in int8 end to end: the pooling
+    (QLinearGlobalAveragePool), its two convs, its gate (QLinearSigmoid) and the multiply (QLinearMul).
+    Each is one more rounding, checked against graphopt's graph like the rest (compiler/core/engines.py). Any
+    other activation runs in float."""
+    if q.residual is None and q.act == "sigmoid":
+        gate = graph.call_function(torch.sigmoid, (y,))
+        return gate if q.out_scale is not None else fq(gate, GATE_SCALE, -128)  # (an int8 output: QLinearSigmoid)
+    if q.residual is None and q.act == "silu":
+        y = graph.call_function(torch.mul, (y, fq(graph.call_function(torch.sigmoid, (y,)), GATE_SCALE, -128)))
+        return y if q.out_scale is not None else fq(y, *silu_grid(grid))
+    from graphopt.kernels.reference import apply_act
+
+    return graph.call_function(apply_act, (y, q.act))
+
+
+def silu_grid(grid: tuple[float, int]) -> tuple[float, int]:
+    """The grid (scale, zero point) of a SiLU's float output in a library's graph (``_act_on_codes``), from that of
+    the sum it reads (``grid``): [SILU_MIN, the sum's top], where every x * sigmoid(x) of the sum's values lies
+    (at most the top, at least SILU_MIN), made from numbers the saved plan already holds."""
+    from graphopt.kernels.reference import activation_qparams
+
+    scale, zp = grid
+    return activation_qparams(SILU_MIN, scale * (127 - zp))
 
 
 def quantized_after_act(q) -> bool:

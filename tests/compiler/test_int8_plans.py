@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -261,6 +262,69 @@ def test_a_float_output_conv_the_pooling_and_the_classifier_run_int8_in_onnxrunt
     assert back.engine == "onnxruntime" and back.int8_sums == opt.int8_sums
     with torch.no_grad():
         assert torch.equal(back(x), opt(x))  # the same graph rebuilt from the saved plan
+
+
+class _SqueezeExcite(torch.nn.Module):
+    """EfficientNet's block: a 1x1 expand conv with SiLU (int8 output), a depthwise conv with SiLU (float output: the
+    pooling and the gate's multiply read it), the squeeze-excite gate (pool, 1x1 conv with SiLU, 1x1 conv with
+    sigmoid, multiply), a 1x1 project conv, a pooled head."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand, self.dw = torch.nn.Conv2d(8, 32, 1), torch.nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.squeeze, self.excite = torch.nn.Conv2d(32, 8, 1), torch.nn.Conv2d(8, 32, 1)
+        self.project, self.head = torch.nn.Conv2d(32, 16, 1), torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        y = F.silu(self.dw(F.silu(self.expand(x))))
+        gate = torch.sigmoid(self.excite(F.silu(self.squeeze(F.adaptive_avg_pool2d(y, 1)))))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.project(y * gate), 1), 1))
+
+
+def test_silu_and_the_squeeze_excite_gate_run_on_int8_codes_in_onnxruntime(monkeypatch, tmp_path):
+    """Each SiLU and sigmoid after an int8 conv runs in ONNX Runtime as QLinearSigmoid and QLinearMul on the conv's
+    quantized sum (onnx.py _act_on_codes), the block end to end in int8 as ONNX Runtime's own int8 recipe runs it.
+    Before, each such conv ran as a float Conv on dequantized input and weights, and the activations in float
+    between DequantizeLinear, QuantizeLinear and layout transposes."""
+    import onnx
+    import onnxruntime as ort
+
+    monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 0)
+    torch.manual_seed(0)
+    model, x = _SqueezeExcite().eval(), torch.randn(1, 8, 10, 10)
+    calibration = [(torch.randn(1, 8, 10, 10),) for _ in range(4)]
+    _times(monkeypatch, graphopt=2.0, onnxruntime=1.0, int8=1.0, fp32=3.0)
+    opt = optimize(model, (x,), quantize="int8", calibration=calibration, engines="onnxruntime", progress=False)
+    assert opt.engine == "onnxruntime" and len(opt.int8_sums) == 5  # (every conv: its activation or a pooling)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(engines.onnx_model(opt, (x,)), options, providers=["CPUExecutionProvider"])
+    run = Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert run["QLinearConv"] == 5 and run["QLinearSigmoid"] == 4 and run["QLinearMul"] == 4
+    assert run["QLinearGlobalAveragePool"] == 2
+    assert not {"Conv", "Sigmoid", "Mul", "GlobalAveragePool", "DequantizeLinear"} & set(run), run
+    with torch.no_grad():
+        assert sqnr(opt.graph_module(x), opt(x)) >= engines.INT8_AGREE_DB
+        assert sqnr(model(x), opt(x)) >= 25.0
+    back = load(opt.save(tmp_path / "m"))  # the loader takes the sums of int8-output convs with a SiLU
+    assert back.engine == "onnxruntime" and back.int8_sums == opt.int8_sums
+    with torch.no_grad():
+        assert torch.equal(back(x), opt(x))
+
+
+@pytest.mark.parametrize("lo, hi", [(-20.0, 6.0), (-0.1, 3.0), (0.5, 9.0), (-4.0, -1.0), (-3.0, 0.0)])
+def test_a_silus_float_output_grid_holds_every_silu_of_its_sums_grid(lo, hi):
+    from graphopt.compiler.deploy.onnx import silu_grid
+    from graphopt.kernels.reference import activation_qparams
+
+    scale, zp = activation_qparams(lo, hi)
+    values = scale * (torch.arange(-128, 128, dtype=torch.float64) - zp)  # every value of the sum's grid
+    out_scale, out_zp = silu_grid((scale, zp))
+    silu = torch.nn.functional.silu(values)
+    lowest, highest = out_scale * (-128 - out_zp), out_scale * (127 - out_zp)
+    assert float(silu.min()) >= lowest - out_scale / 2 and float(silu.max()) <= highest + out_scale / 2
+    assert out_scale <= scale * 1.01 + 0.2785 / 255  # (no coarser than the sum's own grid and SiLU's dip)
 
 
 def test_the_library_graph_quantizes_each_residual_sum_before_an_int8_add(monkeypatch):
