@@ -66,8 +66,8 @@ class OptimizedModule(nn.Module):
         self.engine_plan = None  # which library runs the graph: compiler/core/engines.py
         self._engine = None
         self.nan_checks = "fast"  # as optimize() was told: saved, so that a reload makes the same plan
-        # {int8 conv with a residual or a float output: (scale, zero point) of its own sum}: how another library's
-        # int8 graph quantizes that sum (compiler/int8/plans.py conv_sums); saved with the engine plan
+        # {int8 conv whose own sum another library's int8 graph quantizes (compiler/int8/plans.py summed): the
+        # (scale, zero point) it quantizes that sum on (plans.conv_sums)}; saved with the engine plan
         self.int8_sums: dict[str, tuple[float, int]] = {}
         self._checks = [(i, len(s["shape"]), getattr(torch, s["dtype"]), s["device"])
                         for i, s in enumerate(specs) if s is not None]

@@ -47,7 +47,7 @@ MAX_MANIFEST_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 64 << 30
 MAX_TENSORS = 100_000
 MAX_INPUTS = 64
-MAX_INT8_SUMS = 4096  # int8 convs with a residual or a float output (engine_int8_sums)
+MAX_INT8_SUMS = 4096  # int8 convs whose own sum a library's graph quantizes (engine_int8_sums)
 MAX_RANK = 8
 _INPUT_DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 _BACKENDS = ("cpu", "reference", "triton")
@@ -118,7 +118,8 @@ def _engine_limits(limits: Any) -> dict | None:
 
 def _engine_int8_sums(sums: Any) -> dict | None:
     """The saved engine plan's int8 sums: None, or {int8 conv name: [scale, zero point]} (compiler/int8/plans.py;
-    that each names an int8 conv with a residual or a float output is checked against the loaded graph)."""
+    that each names an int8 conv whose sum a library's graph quantizes, plans.summed, is checked against the
+    loaded graph)."""
     if sums is None:
         return None
     if not isinstance(sums, dict) or len(sums) > MAX_INT8_SUMS or not all(
@@ -130,14 +131,15 @@ def _engine_int8_sums(sums: Any) -> dict | None:
 
 
 def _check_int8_sums(portable: fx.GraphModule, sums: dict) -> None:
-    """Every name in the saved int8 sums is an int8 conv of the loaded graph with a residual or a float output."""
+    """Every name in the saved int8 sums is an int8 conv of the loaded graph whose own sum a library's graph
+    quantizes (compiler/int8/plans.py ``summed``)."""
     from graphopt.compiler.int8.plans import summed
 
     convs = {n.name for n in summed(portable)}
     unknown = sorted(set(sums) - convs)
     if unknown:
         raise LoadError(f"manifest.json: engine_int8_sums names {unknown[0][:40]!r}, which is no int8 convolution "
-                        "with a residual or a float output in graph.json", hint=_HINT)
+                        "with a residual, a float output or an activation after its sum in graph.json", hint=_HINT)
 
 
 def _manifest(root: Path) -> dict:

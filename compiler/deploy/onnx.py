@@ -86,7 +86,8 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
     DequantizeLinear runs on every call: ``for_engine`` (a session graphopt runs, not a file for the user) gives
     those ops their dequantized weights as float constants instead (the same numbers, none of that cost), except
     a conv whose own sum ``sums`` quantizes ({name: (scale, zero point)}, compiler/int8/plans.py conv_sums):
-    int8 conv, QuantizeLinear, then the residual and the activation in float (QLinearConv, QLinearAdd); after a
+    int8 conv, QuantizeLinear, then the residual and the activation (QLinearConv, QLinearAdd; a sigmoid or SiLU
+    with no residual on int8 codes, ``_act_on_codes``, the rest in float); after a
     relu / relu6 with no residual, its output instead (``quantized_after_act``: one QLinearConv), and a float-
     output linear with no activation on 2-d inputs (a classifier), which keeps its int8 weights (QGemm, with the
     int32 bias int8_weights gives it). A quantization after a flatten / reshape is also made before it (the same
@@ -200,8 +201,7 @@ def _act_on_codes(graph, y, q, grid: tuple[float, int], fq: Callable):
     to each of a float Sigmoid and Mul, a QuantizeLinear after them, and the layout transposes around those).
 
     The sigmoid is quantized at GATE_SCALE. A SiLU's product is quantized on the conv's output grid, or, for a float
-    output, on the sum's own grid where that holds every SiLU value (its low end at or below SILU_MIN: x * sigmoid(x)
-    lies between min(x, SILU_MIN) and max(x, 0)). A squeeze-excite block then runs in int8 end to end: the pooling
+    output, on ``silu_grid``. A squeeze-excite block then runs in int8 end to end: the pooling
     (QLinearGlobalAveragePool), its two convs, its gate (QLinearSigmoid) and the multiply (QLinearMul).
     Each is one more rounding, checked against graphopt's graph like the rest (compiler/core/engines.py). Any
     other activation runs in float."""
