@@ -203,6 +203,29 @@ def test_conv_sums_are_the_convolutions_own_range_before_the_residual(monkeypatc
     assert len(sums) == 1 and next(iter(sums.values()))[0] == pytest.approx((max(hi, 0) - min(lo, 0)) / 255)
 
 
+def _int8_in_onnxruntime(monkeypatch, make: type, shape: tuple) -> tuple:
+    """(a seeded ``make()``, it optimized to int8 every layer in ONNX Runtime, its example input of ``shape``)."""
+    monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 0)
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.randn(shape)
+    calibration = [(torch.randn(shape),) for _ in range(4)]
+    _times(monkeypatch, graphopt=2.0, onnxruntime=1.0, int8=1.0, fp32=3.0)
+    opt = optimize(model, (x,), quantize="int8", calibration=calibration, engines="onnxruntime", progress=False)
+    assert opt.engine == "onnxruntime"
+    return model, opt, x
+
+
+def _ops_run(model: bytes, path) -> list[str]:
+    """The op types ONNX Runtime runs for ``model``, after its fusions (its optimized graph, saved to ``path``)."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
 class _Pooled(torch.nn.Module):
     """Two convs, the second's output (float: the pooling reads it) pooled into a linear head."""
 
@@ -221,25 +244,13 @@ def test_a_float_output_conv_the_pooling_and_the_classifier_run_int8_in_onnxrunt
     QLinearConv and the pooling into QLinearGlobalAveragePool (the quantization of the classifier's input is moved
     before the flatten); the classifier, float output, int32 bias, runs as QGemm. Without the conv's quantization
     it ran as a float Conv; with a float bias the classifier ran as a float Gemm."""
-    import onnx
-    import onnxruntime as ort
-
-    monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 0)
-    torch.manual_seed(0)
-    model, x = _Pooled().eval(), torch.randn(1, 3, 12, 12)
-    calibration = [(torch.randn(1, 3, 12, 12),) for _ in range(4)]
-    _times(monkeypatch, graphopt=2.0, onnxruntime=1.0, int8=1.0, fp32=3.0)
-    opt = optimize(model, (x,), quantize="int8", calibration=calibration, engines="onnxruntime", progress=False)
-    assert opt.engine == "onnxruntime"
+    model, opt, x = _int8_in_onnxruntime(monkeypatch, _Pooled, (1, 3, 12, 12))
     floats = [n.name for n in opt.portable.graph.nodes
               if isinstance(signature_of(n), QConvAct) and signature_of(n).out_scale is None]
     assert floats and set(opt.int8_sums) == set(floats)
 
-    def ops() -> list[str]:  # what ONNX Runtime runs, after its fusions
-        options = ort.SessionOptions()
-        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-        ort.InferenceSession(engines.onnx_model(opt, (x,)), options, providers=["CPUExecutionProvider"])
-        return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    def ops() -> list[str]:
+        return _ops_run(engines.onnx_model(opt, (x,)), tmp_path / "optimized.onnx")
     run = ops()
     assert "Conv" not in run and run.count("QLinearConv") == 2
     assert "QLinearGlobalAveragePool" in run and "QGemm" in run
@@ -249,10 +260,7 @@ def test_a_float_output_conv_the_pooling_and_the_classifier_run_int8_in_onnxrunt
         assert sqnr(model(x), opt(x)) >= 25.0
     exported = tmp_path / "q.onnx"  # the user's file runs what the library ran
     export_onnx(opt, (x,), exported)
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "exported.onnx")
-    ort.InferenceSession(str(exported), options, providers=["CPUExecutionProvider"])
-    in_file = [n.op_type for n in onnx.load(str(tmp_path / "exported.onnx")).graph.node]
+    in_file = _ops_run(str(exported), tmp_path / "exported.onnx")
     assert in_file.count("QLinearConv") == 2 and "QLinearGlobalAveragePool" in in_file and "QGemm" in in_file
     assert not {"Conv", "Gemm", "GlobalAveragePool", "Relu"} & set(in_file)
     sums, opt.int8_sums = opt.int8_sums, {}
@@ -287,20 +295,9 @@ def test_silu_and_the_squeeze_excite_gate_run_on_int8_codes_in_onnxruntime(monke
     quantized sum (onnx.py _act_on_codes), the block end to end in int8 as ONNX Runtime's own int8 recipe runs it.
     Before, each such conv ran as a float Conv on dequantized input and weights, and the activations in float
     between DequantizeLinear, QuantizeLinear and layout transposes."""
-    import onnx
-    import onnxruntime as ort
-
-    monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 0)
-    torch.manual_seed(0)
-    model, x = _SqueezeExcite().eval(), torch.randn(1, 8, 10, 10)
-    calibration = [(torch.randn(1, 8, 10, 10),) for _ in range(4)]
-    _times(monkeypatch, graphopt=2.0, onnxruntime=1.0, int8=1.0, fp32=3.0)
-    opt = optimize(model, (x,), quantize="int8", calibration=calibration, engines="onnxruntime", progress=False)
-    assert opt.engine == "onnxruntime" and len(opt.int8_sums) == 5  # (every conv: its activation or a pooling)
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(engines.onnx_model(opt, (x,)), options, providers=["CPUExecutionProvider"])
-    run = Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    model, opt, x = _int8_in_onnxruntime(monkeypatch, _SqueezeExcite, (1, 8, 10, 10))
+    assert len(opt.int8_sums) == 5  # (every conv: its activation or a pooling reads its sum)
+    run = Counter(_ops_run(engines.onnx_model(opt, (x,)), tmp_path / "optimized.onnx"))
     assert run["QLinearConv"] == 5 and run["QLinearSigmoid"] == 4 and run["QLinearMul"] == 4
     assert run["QLinearGlobalAveragePool"] == 2
     assert not {"Conv", "Sigmoid", "Mul", "GlobalAveragePool", "DequantizeLinear"} & set(run), run
