@@ -139,7 +139,8 @@ def _check_int8_sums(portable: fx.GraphModule, sums: dict) -> None:
     unknown = sorted(set(sums) - convs)
     if unknown:
         raise LoadError(f"manifest.json: engine_int8_sums names {unknown[0][:40]!r}, which is no int8 convolution "
-                        "with a residual, a float output or an activation after its sum in graph.json", hint=_HINT)
+                        "whose sum a library's int8 graph quantizes (a residual, a float output, an activation other "
+                        "than a relu or a clamp from 0) in graph.json", hint=_HINT)
 
 
 def _manifest(root: Path) -> dict:

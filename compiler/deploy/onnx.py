@@ -82,7 +82,8 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
     """int8 ops -> fake quantization around the float ops (what ONNX's QDQ form says), in place.
 
     ONNX Runtime runs DequantizeLinear -> Conv / Gemm -> QuantizeLinear as one int8 kernel. An int8 op with no
-    such form (a residual added inside it, or a float output) runs as the float op, and its weights'
+    such form (a residual added inside it, a float output, an activation not ``fused_in_int8_conv``) runs as the
+    float op, and its weights'
     DequantizeLinear runs on every call: ``for_engine`` (a session graphopt runs, not a file for the user) gives
     those ops their dequantized weights as float constants instead (the same numbers, none of that cost), except
     a conv whose own sum ``sums`` quantizes ({name: (scale, zero point)}, compiler/int8/plans.py conv_sums):
@@ -125,8 +126,8 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
             shape = (-1,) + (1,) * (wq.dim() - 1)
             residual = getattr(q, "residual", None)
             split = isinstance(q, QConvAct) and node.name in sums  # (in the user's file too: what the library ran)
-            float_weights = for_engine and not split and (q.out_scale is None or residual is not None) \
-                and node not in gemms
+            float_weights = for_engine and not split and node not in gemms and (
+                q.out_scale is None or residual is not None or not fused_in_int8_conv(q.act))
             with gm.graph.inserting_before(node):
                 wfq = gm.graph.get_attr(add_constant(gm, f"{w.target}_dq", wq.float() * scale.view(shape)))
                 if not float_weights:
@@ -191,7 +192,18 @@ def _known(proto) -> Callable[[str], Any]:
 # a sigmoid a library's graph quantizes (``_act_on_codes``): uint8 codes 0..255 over [0, 1], at most 1/510 from
 # the float sigmoid (so a SiLU's product at most |x| / 510 from the float one)
 GATE_SCALE = 1.0 / 255
-SILU_MIN = -0.2785  # below min x * sigmoid(x) (-0.27846, at x = -1.2785)
+# below min x * q(sigmoid(x)), the sigmoid on GATE_SCALE's grid: -0.28097 at x = -1.2794 (float SiLU's: -0.27846)
+SILU_MIN = -0.2815
+
+
+def fused_in_int8_conv(act: str) -> bool:
+    """Does ONNX Runtime run ``act`` inside an int8 conv (QLinearConv) when the conv's output is quantized after
+    it? Yes for none, a relu and a clamp from 0 (relu6, hardtanh:0:x): it drops a Relu / Clip whose range the
+    QuantizeLinear after it makes redundant (a calibrated range after them starts at 0)."""
+    from graphopt.kernels.reference import parse_act
+
+    name, params = parse_act(act)
+    return name in ("none", "relu", "relu6") or (name == "hardtanh" and float(params[0]) == 0.0)
 
 
 def _act_on_codes(graph, y, q, grid: tuple[float, int], fq: Callable):
@@ -218,7 +230,7 @@ def _act_on_codes(graph, y, q, grid: tuple[float, int], fq: Callable):
 
 def silu_grid(grid: tuple[float, int]) -> tuple[float, int]:
     """The grid (scale, zero point) of a SiLU's float output in a library's graph (``_act_on_codes``), from that of
-    the sum it reads (``grid``): [SILU_MIN, the sum's top], where every x * sigmoid(x) of the sum's values lies
+    the sum it reads (``grid``): [SILU_MIN, the sum's top], where every x * q(sigmoid(x)) of the sum's values lies
     (at most the top, at least SILU_MIN), made from numbers the saved plan already holds."""
     from graphopt.kernels.reference import activation_qparams
 

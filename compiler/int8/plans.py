@@ -16,9 +16,10 @@ times the modules interleaved and keeps the fastest int8 one, unless the fp32 mo
 a model slower than its fp32 module without the user asking for it. ``opt.int8_report.plan`` says which ran and
 the times; when fp32 runs, every layer's reason says why. ``engines="graphopt"`` quantizes as asked, unmeasured.
 
-A library's int8 conv cannot add a residual in fp32 inside the op as graphopt's does, nor write a float output
-(ONNX Runtime fuses DequantizeLinear -> Conv only with a QuantizeLinear after it), so its graph also quantizes
-each such conv's own sum (QLinearConv, then QLinearAdd or the float ops after it), on a range calibrated here
+A library's int8 conv cannot add a residual in fp32 inside the op as graphopt's does, nor write a float output,
+nor apply an activation other than a relu / clamp (ONNX Runtime fuses DequantizeLinear -> Conv only with a
+QuantizeLinear after it), so its graph also quantizes each such conv's own sum (QLinearConv, then QLinearAdd, a
+sigmoid or SiLU on int8 codes, or the float ops after it: ``summed``), on a range calibrated here
 (``conv_sums``; a float output after a relu / relu6 is quantized after it: compiler/deploy/onnx.py
 ``quantized_after_act``); the (scale, zero point) of each is ``opt.int8_sums``, saved with the engine plan and
 validated on load.
@@ -77,21 +78,17 @@ def fastest(build: Callable, fp32_graph: fx.GraphModule, own: tuple, again: Call
     return opt, chosen
 
 
-# activations ONNX Runtime runs inside an int8 conv (QLinearConv: it drops a Relu / Clip that the QuantizeLinear
-# after it makes redundant); after any other (SiLU, GELU, ...) an int8-output conv's graph DequantizeLinear ->
-# Conv -> act -> QuantizeLinear ran as a float Conv on dequantized input and weights (EfficientNet-B0's every-layer
-# int8 plan in ONNX Runtime: 32 of its 81 convolutions, 3.0 of 12.9 ms of kernel time, and 1.8 ms of
-# DequantizeLinear)
-IN_INT8_CONV = ("none", "relu", "relu6")
-
-
 def summed(int8_graph: fx.GraphModule) -> list[fx.Node]:
     """The int8 convolutions whose own sum a library's graph quantizes: those with a residual added inside them,
-    those with a float output, and those with an int8 output after an activation not IN_INT8_CONV."""
+    those with a float output, and those with an int8 output after an activation ONNX Runtime cannot run inside
+    its int8 conv (compiler/deploy/onnx.py ``fused_in_int8_conv``: a SiLU, a GELU, ...; with no quantized sum,
+    DequantizeLinear -> Conv -> SiLU -> QuantizeLinear ran as a float Conv on dequantized input and weights:
+    EfficientNet-B0's every-layer int8 plan in ONNX Runtime ran 32 of its 81 convolutions so)."""
+    from graphopt.compiler.deploy.onnx import fused_in_int8_conv
     from graphopt.kernels.signatures import QConvAct, signature_of
 
     return [n for n in int8_graph.graph.nodes if isinstance(q := signature_of(n), QConvAct)
-            and (q.residual is not None or q.out_scale is None or q.act not in IN_INT8_CONV)]
+            and (q.residual is not None or q.out_scale is None or not fused_in_int8_conv(q.act))]
 
 
 def _replaced(node: fx.Node) -> str:

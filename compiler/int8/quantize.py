@@ -293,7 +293,8 @@ def _warn_no_dot_product() -> None:
     """Says once per process what int8 does on a CPU without int8 dot-product instructions (each int8 report says
     it too: ``scheme`` and ``vnni``). Python's own once-per-place record does not hold it back: any change to the
     warning filters (graphopt's ONNX export makes one) resets that record, so the demo's tuning loop printed it
-    at every trial."""
+    at every trial. (A first call under a filter that ignores it, or two threads' first calls at once, make it
+    said never, or twice.)"""
     warnings.warn("this CPU has no int8 dot-product instructions (VNNI / AMX) for oneDNN: int8 uses 7-bit weights "
                   "(scheme s7, exact here), and the layers too small for int8 to pay off without them stay fp32",
                   stacklevel=4)

@@ -310,15 +310,30 @@ def test_silu_and_the_squeeze_excite_gate_run_on_int8_codes_in_onnxruntime(monke
         assert torch.equal(back(x), opt(x))
 
 
+def test_an_int8_output_conv_before_another_activation_runs_as_an_int8_conv_in_onnxruntime(monkeypatch, tmp_path):
+    """A hardswish (no int8 form in ONNX Runtime) after an int8-output conv: the conv's sum quantized (QLinearConv),
+    the activation in float between DequantizeLinear and QuantizeLinear; before, a float Conv."""
+    make, inputs = ZOO["mobilenet_v2_blocks"]
+    model, opt, x = _int8_in_onnxruntime(monkeypatch, lambda: randomize_bn(make()), tuple(inputs(1).shape))
+    other = {n.name for n in opt.portable.graph.nodes if isinstance(q := signature_of(n), QConvAct)
+             and q.out_scale is not None and q.act.startswith("hardswish")}
+    assert other and other <= set(opt.int8_sums)
+    assert "Conv" not in _ops_run(engines.onnx_model(opt, (x,)), tmp_path / "optimized.onnx")
+    with torch.no_grad():
+        assert sqnr(opt.graph_module(x), opt(x)) >= engines.INT8_AGREE_DB
+        assert sqnr(model(x), opt(x)) >= 25.0
+
+
 @pytest.mark.parametrize("lo, hi", [(-20.0, 6.0), (-0.1, 3.0), (0.5, 9.0), (-4.0, -1.0), (-3.0, 0.0)])
 def test_a_silus_float_output_grid_holds_every_silu_of_its_sums_grid(lo, hi):
-    from graphopt.compiler.deploy.onnx import silu_grid
+    from graphopt.compiler.deploy.onnx import GATE_SCALE, silu_grid
     from graphopt.kernels.reference import activation_qparams
 
     scale, zp = activation_qparams(lo, hi)
     values = scale * (torch.arange(-128, 128, dtype=torch.float64) - zp)  # every value of the sum's grid
     out_scale, out_zp = silu_grid((scale, zp))
-    silu = torch.nn.functional.silu(values)
+    gate = torch.round(torch.sigmoid(values) / GATE_SCALE) * GATE_SCALE  # the sigmoid on its grid, as the graph
+    silu = torch.cat([torch.nn.functional.silu(values), values * gate])
     lowest, highest = out_scale * (-128 - out_zp), out_scale * (127 - out_zp)
     assert float(silu.min()) >= lowest - out_scale / 2 and float(silu.max()) <= highest + out_scale / 2
     assert out_scale <= scale * 1.01 + 0.2785 / 255  # (no coarser than the sum's own grid and SiLU's dip)
