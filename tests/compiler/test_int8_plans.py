@@ -310,6 +310,32 @@ def test_silu_and_the_squeeze_excite_gate_run_on_int8_codes_in_onnxruntime(monke
         assert torch.equal(back(x), opt(x))
 
 
+class _Gated(torch.nn.Module):
+    """A conv with a sigmoid whose output the next conv reads in int8, then a pooled head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 1)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.b(torch.sigmoid(self.a(x))))
+        return self.head(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_a_sigmoid_with_an_int8_output_runs_as_qlinearsigmoid_in_onnxruntime(monkeypatch, tmp_path):
+    """The sigmoid's output on the next conv's input grid (not GATE_SCALE's): QLinearConv, QLinearSigmoid."""
+    model, opt, x = _int8_in_onnxruntime(monkeypatch, _Gated, (1, 3, 8, 8))
+    gated = [n.name for n in opt.portable.graph.nodes if isinstance(q := signature_of(n), QConvAct)
+             and q.act == "sigmoid" and q.out_scale is not None]
+    assert len(gated) == 1 and gated[0] in opt.int8_sums
+    run = Counter(_ops_run(engines.onnx_model(opt, (x,)), tmp_path / "optimized.onnx"))
+    assert run["QLinearConv"] == 2 and run["QLinearSigmoid"] == 1 and not {"Conv", "Sigmoid"} & set(run), run
+    with torch.no_grad():
+        assert sqnr(opt.graph_module(x), opt(x)) >= engines.INT8_AGREE_DB
+        assert sqnr(model(x), opt(x)) >= 25.0
+
+
 def test_an_int8_output_conv_before_another_activation_runs_as_an_int8_conv_in_onnxruntime(monkeypatch, tmp_path):
     """A hardswish (no int8 form in ONNX Runtime) after an int8-output conv: the conv's sum quantized (QLinearConv),
     the activation in float between DequantizeLinear and QuantizeLinear; before, a float Conv."""
