@@ -161,11 +161,6 @@ def torchao_dynamic_int8(model: nn.Module, x: torch.Tensor, calibration: list) -
     return quantized, time.perf_counter() - start
 
 
-def _int8_dot_products(machine: dict) -> bool:
-    """Does the CPU have int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX)?"""
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(machine["isa_flags"]))
-
-
 def onnxruntime_int8(model: nn.Module, x: torch.Tensor, calibration: list) -> tuple[Callable, float]:
     """ONNX Runtime static QDQ int8: per-channel int8 weights, uint8 activations, MinMax calibration; on a CPU
     without int8 dot-product instructions 7-bit weights (``reduce_range``, ONNX Runtime's advice there: its
@@ -173,7 +168,7 @@ def onnxruntime_int8(model: nn.Module, x: torch.Tensor, calibration: list) -> tu
     CPU's own flags: ONNX Runtime's kernels do not heed ONEDNN_MAX_CPU_ISA."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from bench.machine import cpu_features
+    from graphopt.kernels.cpu import cpu_has_int8_dot_products
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -188,7 +183,7 @@ def onnxruntime_int8(model: nn.Module, x: torch.Tensor, calibration: list) -> tu
     with torch.no_grad():
         torch.onnx.export(model, (x,), fp32, input_names=["x"], output_names=["y"], dynamo=False, opset_version=17,
                           dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
-    seven_bit = not _int8_dot_products(cpu_features())
+    seven_bit = not cpu_has_int8_dot_products()
     quantize_static(fp32, int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=seven_bit)
     return _ort_runner(int8), time.perf_counter() - start

@@ -143,7 +143,13 @@ def has_vnni() -> bool:
         return False
     if cap in _AVX_VNNI_CAPS:
         return "avx_vnni" in flags
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return cpu_has_int8_dot_products()
+
+
+def cpu_has_int8_dot_products() -> bool:
+    """Does the CPU itself have int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX), whatever
+    ONEDNN_MAX_CPU_ISA says (what a library with its own kernels, such as ONNX Runtime's, can use)?"""
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 _BELOW_AVX512_CAPS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")

@@ -89,7 +89,7 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
     a conv whose own sum ``sums`` quantizes ({name: (scale, zero point)}, compiler/int8/plans.py conv_sums):
     int8 conv, QuantizeLinear, then the residual and the activation (QLinearConv, QLinearAdd; a sigmoid or SiLU
     with no residual on int8 codes, ``_act_on_codes``, the rest in float); after a
-    relu / relu6 with no residual, its output instead (``quantized_after_act``: one QLinearConv), and a float-
+    relu or a clamp from 0 with no residual, its output instead (``quantized_after_act``: one QLinearConv), and a float-
     output linear with no activation on 2-d inputs (a classifier), which keeps its int8 weights (QGemm, with the
     int32 bias int8_weights gives it). A quantization after a flatten / reshape is also made before it (the same
     values): a pooling between DequantizeLinear and QuantizeLinear then runs in int8 (QLinearGlobalAveragePool).
@@ -140,7 +140,7 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
                 # into an int8 kernel only where the DequantizeLinear feeds the op directly (not across a Flatten)
                 x = fq(q.x, q.x_scale, q.x_zp)
                 if split:  # int8 conv, its sum quantized (QLinearConv), then the residual (QLinearAdd) and activation
-                    after = quantized_after_act(q)  # (or its output, after a relu / relu6)
+                    after = quantized_after_act(q)  # (or its output, after a relu or a clamp from 0)
                     conv = ConvAct(x, wfq, q.bias, q.stride, q.padding, q.dilation, q.groups,
                                    q.act if after else "none", None)
                     y = fq(gm.graph.call_function(OPS[conv.op], conv.as_args()), *sums[node.name])
@@ -240,11 +240,12 @@ def silu_grid(grid: tuple[float, int]) -> tuple[float, int]:
 
 def quantized_after_act(q) -> bool:
     """Does a library's graph quantize this summed conv (compiler/int8/plans.py ``summed``) after its activation
-    rather than before? Yes for a float output with no residual and a relu / relu6: ONNX Runtime drops a Relu /
-    Clip between a Conv and a QuantizeLinear whose range it makes redundant, so the conv, its activation and the
-    quantization run as one QLinearConv, and what reads it (a pooling) gets an int8 input (QLinearGlobalAveragePool).
+    rather than before? Yes for a float output with no residual and an activation ``fused_in_int8_conv`` other
+    than none (a relu, a clamp from 0): ONNX Runtime drops a Relu / Clip between a Conv and a QuantizeLinear
+    whose range it makes redundant, so the conv, its activation and the quantization run as one QLinearConv, and
+    what reads it (a pooling) gets an int8 input (QLinearGlobalAveragePool).
     (``conv_sums`` observes the range of what is quantized here.)"""
-    return q.residual is None and q.out_scale is None and q.act in ("relu", "relu6")
+    return q.residual is None and q.out_scale is None and q.act != "none" and fused_in_int8_conv(q.act)
 
 
 def _reshapes(node) -> bool:

@@ -20,7 +20,7 @@ A library's int8 conv cannot add a residual in fp32 inside the op as graphopt's 
 nor apply an activation other than a relu / clamp (ONNX Runtime fuses DequantizeLinear -> Conv only with a
 QuantizeLinear after it), so its graph also quantizes each such conv's own sum (QLinearConv, then QLinearAdd, a
 sigmoid or SiLU on int8 codes, or the float ops after it: ``summed``), on a range calibrated here
-(``conv_sums``; a float output after a relu / relu6 is quantized after it: compiler/deploy/onnx.py
+(``conv_sums``; a float output after a relu or a clamp from 0 is quantized after it: compiler/deploy/onnx.py
 ``quantized_after_act``); the (scale, zero point) of each is ``opt.int8_sums``, saved with the engine plan and
 validated on load.
 (MobileNetV2's last 1x1 conv, before the pooling, ran as a float conv in ONNX Runtime: 0.46 ms of a 3.8 ms
@@ -99,7 +99,7 @@ def _replaced(node: fx.Node) -> str:
 def conv_sums(fp32_graph: fx.GraphModule, batches: list[tuple], int8_graphs: list[fx.GraphModule]
               ) -> dict[str, tuple[float, float]]:
     """{fp32 node name: (lo, hi)} of the convolution's own sum (before its residual and activation; after a
-    relu / relu6 where ``quantized_after_act``), over
+    relu or a clamp from 0 where ``quantized_after_act``), over
     ``batches`` (min / max, by calibration's own observer: compiler/int8/calibrate.py), of every conv of
     ``fp32_graph`` that an int8 conv of ``int8_graphs`` in ``summed`` replaced.
 

@@ -350,6 +350,15 @@ def test_an_int8_output_conv_before_another_activation_runs_as_an_int8_conv_in_o
         assert sqnr(model(x), opt(x)) >= 25.0
 
 
+@pytest.mark.parametrize("act, fused", [("none", True), ("relu", True), ("relu6", True), ("hardtanh:0.0:4.0", True),
+                                        ("hardtanh:0.0:inf", True), ("hardtanh:-1.0:1.0", False), ("silu", False),
+                                        ("sigmoid", False), ("gelu", False), ("hardswish", False)])
+def test_only_a_relu_or_a_clamp_from_0_runs_inside_onnxruntimes_int8_conv(act, fused):
+    from graphopt.compiler.deploy.onnx import fused_in_int8_conv
+
+    assert fused_in_int8_conv(act) is fused
+
+
 @pytest.mark.parametrize("lo, hi", [(-20.0, 6.0), (-0.1, 3.0), (0.5, 9.0), (-4.0, -1.0), (-3.0, 0.0)])
 def test_a_silus_float_output_grid_holds_every_silu_of_its_sums_grid(lo, hi):
     from graphopt.compiler.deploy.onnx import GATE_SCALE, silu_grid
