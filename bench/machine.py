@@ -30,3 +30,41 @@ def cpu_features() -> dict:
         "isa_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))),
         "torch": torch.__version__,
     }
+
+
+def gemm_gflops(n: int = 2048, calls: int = 10) -> float:
+    """The fp32 multiply-add rate this machine reaches on a large square matrix product, in GFLOP/s: the faster
+    of torch's own matmul (MKL's on this build) and oneDNN's packed-weight linear (graphopt's GEMM), each the
+    median of ``calls`` timed calls after two warm-up ones, on torch's threads. The ceiling a compute-bound model
+    meets in every engine: a conv or linear layer runs no faster than a GEMM of its size (direct convolution,
+    as oneDNN, ONNX Runtime's MLAS and OpenVINO run fp32 convs here, does the same arithmetic as its GEMM)."""
+    import statistics
+    import time
+
+    from graphopt.kernels.cpu import pack_linear_weight
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    packed = pack_linear_weight(b, n)
+    products = (lambda: a @ b, lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+    rates = []
+    with torch.no_grad():
+        for product in products:
+            for _ in range(2):
+                product()
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                product()
+                times.append(time.perf_counter() - start)
+            rates.append(2 * n ** 3 / statistics.median(times) / 1e9)
+    return max(rates)
+
+
+def model_gflop(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """One call's arithmetic, in GFLOP (a multiply-add is 2): convolutions, matrix products and attention, as
+    torch.utils.flop_counter counts them on an eager call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 1e9

@@ -8,8 +8,10 @@ For each model, every engine runs in one process (a fresh one per model, so that
 compiler threads and caches do not slow the next); the engines take turns in interleaved rounds
 (each round runs each engine ``per_round`` times; graphopt.compiler.workflow.timing), so drift in
 the machine's speed hits all of them alike. The table gives median latency per engine, graphopt /
-fastest peer, graphopt's optimize time and each engine's max abs difference from eager. Results: a
-Markdown table (printed), bench/results/models-<date>.json and bench/results/models-<date>.png.
+fastest peer, graphopt's optimize time and each engine's max abs difference from eager, and (fp32) each
+model's arithmetic with the share of the machine's fp32 GEMM rate that the fastest peer and graphopt reach
+(bench/machine.py gemm_gflops: a model near 100% is compute-bound in every engine). Results: a Markdown
+table (printed), bench/results/models-<date>.json and bench/results/models-<date>.png.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engines import DEFAULT_ENGINES, ENGINES, INT8_ENGINES  # noqa: E402
-from bench.machine import cpu_features  # noqa: E402
+from bench.machine import cpu_features, gemm_gflops, model_gflop  # noqa: E402
 from bench.zoo import MODELS, randomize_bn  # noqa: E402
 from graphopt.compiler.workflow import timing  # noqa: E402
 
@@ -115,7 +117,8 @@ def bench_model(name: str, engines: list[str], rounds: int, per_round: int, int8
     fastest = min(peers, key=peers.get) if peers else None
     return {
         "model": name, "input_shape": list(shape), "median_ms": median_ms, "build_s": build_s, "per_round": per_round,
-        "max_abs_diff_vs_eager": errors, "skipped": skipped, "fastest_peer": fastest, "notes": notes,
+        "gflop": model_gflop(model, x), "max_abs_diff_vs_eager": errors, "skipped": skipped,
+        "fastest_peer": fastest, "notes": notes,
         "graphopt_vs_fastest_peer": (median_ms["graphopt"] / peers[fastest]) if fastest and "graphopt" in median_ms
         else None,
         "graphopt_vs_eager": median_ms["graphopt"] / median_ms["eager"] if {"graphopt", "eager"} <= set(median_ms)
@@ -123,9 +126,18 @@ def bench_model(name: str, engines: list[str], rounds: int, per_round: int, int8
     }
 
 
-def markdown(results: list[dict], engines: list[str]) -> str:
+def _of_gemm(result: dict, engine: str | None, gemm: float | None) -> str:
+    """``engine``'s arithmetic rate on this model as a share of the machine's GEMM rate (machine.gemm_gflops)."""
+    ms = result["median_ms"].get(engine) if engine else None
+    if not ms or not gemm or "gflop" not in result:
+        return "n/a"
+    return f"{100 * result['gflop'] / (ms / 1e3) / gemm:.0f}%"
+
+
+def markdown(results: list[dict], engines: list[str], gemm: float | None = None) -> str:
     head = ["model"] + [f"{e} ms" for e in engines] + ["graphopt ran in", "graphopt / fastest peer",
-                                                         "graphopt / eager", "graphopt optimize s"]
+                                                         "graphopt / eager", "graphopt optimize s", "GFLOP",
+                                                         "fastest peer, of GEMM rate", "graphopt, of GEMM rate"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [r["model"]] + [f"{r['median_ms'][e]:.3f}" if e in r["median_ms"] else "n/a" for e in engines]
@@ -134,11 +146,15 @@ def markdown(results: list[dict], engines: list[str]) -> str:
         cells.append(f"{ratio:.2f} ({r['fastest_peer']})" if ratio else "n/a")
         cells.append(f"{r['graphopt_vs_eager']:.2f}" if r["graphopt_vs_eager"] else "n/a")
         cells.append(f"{r['build_s'].get('graphopt', float('nan')):.2f}")
+        cells.append(f"{r['gflop']:.4g}" if "gflop" in r else "n/a")
+        cells += [_of_gemm(r, r["fastest_peer"], gemm), _of_gemm(r, "graphopt", gemm)]
         rows.append("| " + " | ".join(cells) + " |")
     ratios = [r["graphopt_vs_fastest_peer"] for r in results if r["graphopt_vs_fastest_peer"]]
     if ratios:
         geo = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
         rows.append(f"\ngeomean graphopt / fastest peer: {geo:.2f}")
+    if gemm:
+        rows.append(f"GEMM rate of this machine (fp32, {torch.get_num_threads()} threads): {gemm:.0f} GFLOP/s")
     return "\n".join(rows)
 
 
@@ -205,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.one).write_text(json.dumps(result))
         return 0
     results = []
+    # the machine's fp32 GEMM rate, before and after the models: the higher of the two (a neighbour's burst only
+    # ever slows it), for each model's share of it in the table
+    size = {"n": 512, "calls": 3} if args.quick else {}
+    gemm = [] if args.int8 else [gemm_gflops(**size)]
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             one = Path(tmp) / f"{name}.json"
@@ -214,12 +234,14 @@ def main(argv: list[str] | None = None) -> int:
             results.append(json.loads(one.read_text()))
             print(f"{name}: " + ", ".join(f"{e} {v:.3f} ms" for e, v in results[-1]["median_ms"].items())
                   + "".join(f"; {e} skipped ({why})" for e, why in results[-1]["skipped"].items()), flush=True)
-    table = markdown_int8(results, engines) if args.int8 else markdown(results, engines)
+    gemm = max(gemm + [gemm_gflops(**size)]) if gemm else None
+    table = markdown_int8(results, engines) if args.int8 else markdown(results, engines, gemm)
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = ("models-int8-" if args.int8 else "models-") + datetime.date.today().isoformat()
-    payload = {"machine": cpu_features(), "rounds": rounds, "per_round": per_round, "results": results,
+    machine = cpu_features() | ({"gemm_gflops": gemm} if gemm else {})
+    payload = {"machine": machine, "rounds": rounds, "per_round": per_round, "results": results,
                "table": table}
     (out / f"{stamp}.json").write_text(json.dumps(payload, indent=2) + "\n")
     if args.int8 or "eager" not in engines:  # (the chart is latency / eager)

@@ -86,6 +86,11 @@ def test_bench_models_quick(tmp_path, capsys):
     (row,) = result["results"]
     assert set(row["median_ms"]) == {"eager", "graphopt"}
     assert row["max_abs_diff_vs_eager"]["graphopt"] < 1e-3
+    # the seed ConvNet's multiply-adds, by hand: conv1 32*32*64*9, conv2 16*16*64*64*9, fc1 4096*256, fc2 256*10
+    assert row["gflop"] == pytest.approx(2e-9 * (32 * 32 * 64 * 9 + 16 * 16 * 64 * 64 * 9 + 4096 * 256 + 256 * 10),
+                                         rel=1e-12)
+    assert result["machine"]["gemm_gflops"] > 0
+    assert "of GEMM rate" in result["table"] and "GEMM rate of this machine" in result["table"]
 
 
 def test_bench_kernels_quick_on_the_cpu(tmp_path):
