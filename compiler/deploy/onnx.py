@@ -192,8 +192,6 @@ def _known(proto) -> Callable[[str], Any]:
 # a sigmoid a library's graph quantizes (``_act_on_codes``): uint8 codes 0..255 over [0, 1], at most 1/510 from
 # the float sigmoid (so a SiLU's product at most |x| / 510 from the float one)
 GATE_SCALE = 1.0 / 255
-# below min x * q(sigmoid(x)), the sigmoid on GATE_SCALE's grid: -0.28097 at x = -1.2794 (float SiLU's: -0.27846)
-SILU_MIN = -0.2815
 
 
 def fused_in_int8_conv(act: str) -> bool:
@@ -230,12 +228,18 @@ def _act_on_codes(graph, y, q, grid: tuple[float, int], fq: Callable):
 
 def silu_grid(grid: tuple[float, int]) -> tuple[float, int]:
     """The grid (scale, zero point) of a SiLU's float output in a library's graph (``_act_on_codes``), from that of
-    the sum it reads (``grid``): [SILU_MIN, the sum's top], where every x * q(sigmoid(x)) of the sum's values lies
-    (at most the top, at least SILU_MIN), made from numbers the saved plan already holds."""
+    the sum it reads (``grid``): from the least x * q(sigmoid(x)) over the sum's 256 values (the sigmoid on its
+    GATE_SCALE grid, as the graph computes it; one gate step lower, for a library that rounds it the other way)
+    to the sum's top (x * gate <= x). Made from numbers the saved plan already holds. (SiLU's global minimum,
+    -0.281 with the gate on its grid, made the grid far coarser than the values where the sum's range is
+    narrow, as in a deep layer of random weights: a sum within +-0.002 got a grid of 0.0011, 290 times its own.)"""
     from graphopt.kernels.reference import activation_qparams
 
     scale, zp = grid
-    return activation_qparams(SILU_MIN, scale * (127 - zp))
+    x = scale * (torch.arange(-128, 128, dtype=torch.float64) - zp)  # every value of the sum's grid
+    gate = torch.round(torch.sigmoid(x) / GATE_SCALE) * GATE_SCALE
+    lowest = float((x * gate).min()) - GATE_SCALE * max(-float(x[0]), 0.0)
+    return activation_qparams(lowest, float(x[-1]))
 
 
 def quantized_after_act(q) -> bool:

@@ -338,7 +338,7 @@ def test_a_sigmoid_with_an_int8_output_runs_as_qlinearsigmoid_in_onnxruntime(mon
 
 def test_an_int8_output_conv_before_another_activation_runs_as_an_int8_conv_in_onnxruntime(monkeypatch, tmp_path):
     """A hardswish (no int8 form in ONNX Runtime) after an int8-output conv: the conv's sum quantized (QLinearConv),
-    the activation in float between DequantizeLinear and QuantizeLinear; before, a float Conv."""
+    then the activation on its codes (the next test); before, a float Conv."""
     make, inputs = ZOO["mobilenet_v2_blocks"]
     model, opt, x = _int8_in_onnxruntime(monkeypatch, lambda: randomize_bn(make()), tuple(inputs(1).shape))
     other = {n.name for n in opt.portable.graph.nodes if isinstance(q := signature_of(n), QConvAct)
@@ -359,7 +359,8 @@ def test_only_a_relu_or_a_clamp_from_0_runs_inside_onnxruntimes_int8_conv(act, f
     assert fused_in_int8_conv(act) is fused
 
 
-@pytest.mark.parametrize("lo, hi", [(-20.0, 6.0), (-0.1, 3.0), (0.5, 9.0), (-4.0, -1.0), (-3.0, 0.0)])
+@pytest.mark.parametrize("lo, hi", [(-20.0, 6.0), (-0.1, 3.0), (0.5, 9.0), (-4.0, -1.0), (-3.0, 0.0), (-1.6, 0.2),
+                                    (-0.0019, 0.0019)])
 def test_a_silus_float_output_grid_holds_every_silu_of_its_sums_grid(lo, hi):
     from graphopt.compiler.deploy.onnx import GATE_SCALE, silu_grid
     from graphopt.kernels.reference import activation_qparams
@@ -371,7 +372,9 @@ def test_a_silus_float_output_grid_holds_every_silu_of_its_sums_grid(lo, hi):
     silu = torch.cat([torch.nn.functional.silu(values), values * gate])
     lowest, highest = out_scale * (-128 - out_zp), out_scale * (127 - out_zp)
     assert float(silu.min()) >= lowest - out_scale / 2 and float(silu.max()) <= highest + out_scale / 2
-    assert out_scale <= scale * 1.01 + 0.2785 / 255  # (no coarser than the sum's own grid and SiLU's dip)
+    # no coarser than the sum's own grid (x * gate lies between x and 0 for x < 0; one gate step of headroom): on a
+    # narrow sum (+-0.002) SiLU's global minimum (-0.28) made it 290 times coarser
+    assert out_scale <= scale * (1 + 1 / 255) * (1 + 1e-9)
 
 
 def test_the_library_graph_quantizes_each_residual_sum_before_an_int8_add(monkeypatch):
