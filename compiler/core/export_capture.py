@@ -71,6 +71,8 @@ def _raised(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
             if kwargs.pop("layout", None) not in (None, torch.strided) or kwargs.pop("pin_memory", None):
                 return None
         return "call_method", "size" if name == "sym_size" else name, node.args, kwargs
+    if target in _INTERPOLATE:
+        return _interpolate(node)
     f_call = _f_call(node, name)
     if f_call is not None:
         return f_call
@@ -104,6 +106,30 @@ def _f_call(node: fx.Node, name: str) -> tuple[str, Any, tuple, dict] | None:
     if name != base:
         kwargs["inplace"] = True
     return "call_function", getattr(F, base), args, kwargs
+
+
+# aten's resizes F.interpolate calls -> its mode (torch._C._nn.upsample_bilinear2d is no op a saved graph may call:
+# timm's MobileViT could not be saved, found by a model-zoo run)
+_INTERPOLATE = {aten.upsample_nearest2d.vec: "nearest", aten.upsample_bilinear2d.vec: "bilinear",
+                aten.upsample_bicubic2d.vec: "bicubic"}
+
+
+def _interpolate(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:
+    """aten.upsample_<mode>2d.vec(x, size, [align_corners,] scale_factors) -> F.interpolate(x, size= or
+    scale_factor=, mode=, align_corners=): the call F.interpolate makes of it, so the same numbers."""
+    mode = _INTERPOLATE[node.target]
+    if node.kwargs:
+        return None
+    if mode == "nearest":
+        x, size, scales = (tuple(node.args) + (None, None))[:3]
+        kwargs = {"mode": mode}
+    else:
+        x, size, corners, scales = (tuple(node.args) + (None, None, None))[:4]
+        kwargs = {"mode": mode, "align_corners": corners}
+    if (size is None) == (scales is None):
+        return None
+    kwargs["size" if size is not None else "scale_factor"] = list(size if size is not None else scales)
+    return "call_function", F.interpolate, (x,), kwargs
 
 
 def _indexing(node: fx.Node) -> tuple[str, Any, tuple, dict] | None:

@@ -253,6 +253,41 @@ def test_activations_on_the_export_route_are_fs_calls_that_fuse_and_save(act, fu
         assert torch.equal(load(tmp_path / "m")(x), opt(x))
 
 
+class Resizes(nn.Module):
+    """F.interpolate's bilinear, nearest and bicubic resizes, by size and by scale, behind Python on a size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        if x.shape[-1] % 2 == 0:  # (Python on a size: the torch.export route)
+            x = x * 1.0
+        y = self.conv(x)
+        interpolate = nn.functional.interpolate
+        a = interpolate(y, size=(8, 8), mode="bilinear", align_corners=False)
+        b = interpolate(y, scale_factor=2.0, mode="nearest")
+        c = interpolate(y, scale_factor=2, mode="bicubic", align_corners=True)
+        return a + b + c
+
+
+def test_resizes_on_the_export_route_are_f_interpolate_calls_and_save(tmp_path):
+    """torch.export records aten.upsample_bilinear2d.vec, which had no torch-level spelling but torch._C._nn's: no
+    op a saved graph may call (timm's MobileViT could not be saved, found by a model-zoo run)."""
+    torch.manual_seed(0)
+    model, x = Resizes().eval(), torch.randn(2, 3, 4, 4)
+    opt = optimize(model, (x,), engines="graphopt", progress=False)
+    assert opt.report[0].name == "capture (torch.export)"
+    resizes = [n for n in opt.portable.graph.nodes if n.op == "call_function" and n.target is nn.functional.interpolate]
+    assert sorted(n.kwargs["mode"] for n in resizes) == ["bicubic", "bilinear", "nearest"]
+    assert not any(n.op == "call_function" and getattr(n.target, "__module__", "") == "torch._C._nn"
+                   for n in opt.portable.graph.nodes)
+    opt.save(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
+        assert torch.equal(load(tmp_path / "m")(x), opt(x))
+
+
 class MaskOps(nn.Module):
     """What transformers' mask building and T5 / MobileViT record on the export route: masks combined with & and |,
     new_ones, an in-place add on an intermediate, a split into given sizes."""
