@@ -160,7 +160,8 @@ def capture(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
             raise CaptureError(
                 f"{refusal.message}; torch.export cannot capture it either: {type(e).__name__}: "
                 f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
-                module=refusal.module, source=refusal.source, hint=refusal.hint) from e
+                module=refusal.module, source=refusal.source, hint=_opaque_output_hint(model, eager) or refusal.hint
+            ) from e
         gm.meta["capture_route"] = "torch.export"
         if gm.meta.get("fixed_batch") and _runs_at_another_batch(gm, copied, inputs):
             gm.meta["fixed_batch"] = []
@@ -265,6 +266,22 @@ def _runs_at_another_batch(gm: fx.GraphModule, model: nn.Module, inputs: tuple) 
             return _same_results(gm.forward(*fresh(other)), model(*fresh(other)))
     except Exception:
         return False
+
+
+_PLAIN_LEAVES = (torch.Tensor, int, float, bool, complex, str, type(None), torch.dtype, torch.device)
+
+
+def _opaque_output_hint(model: nn.Module, eager: Any) -> str | None:
+    """A hint for a model whose output holds an object torch.export cannot flatten (transformers' DynamicCache, which
+    GPT-2 and the other decoders return by default), or None."""
+    leaves, _ = tree_flatten(eager)
+    opaque = sorted({type(v).__name__ for v in leaves if not isinstance(v, _PLAIN_LEAVES)})
+    if not opaque:
+        return None
+    cache = any("cache" in name.lower() for name in opaque)
+    return (f"{type(model).__name__}'s output holds {', '.join(opaque)}, which is no tensor: make forward return "
+            "tensors only" + ("; for a Hugging Face model, turn its cache off: model.config.use_cache = False"
+                              if cache else ""))
 
 
 def _same_results(a: Any, b: Any) -> bool:

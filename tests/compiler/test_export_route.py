@@ -122,6 +122,30 @@ def test_a_model_neither_route_captures_names_both_reasons():
     assert "cannot trace" in str(info.value) and "torch.export cannot capture it either" in str(info.value)
 
 
+class DynamicCache:
+    """Stands in for transformers' cache object, no pytree: GPT-2 and the other decoders return one by default."""
+
+    def __init__(self, *tensors):
+        self.layers = list(tensors)
+
+
+def test_a_model_returning_a_cache_object_is_told_to_return_tensors_only():
+    """Neither route captures an output that holds an object torch.export cannot flatten (transformers 5's GPT2Model
+    with its default use_cache=True, found by a model-zoo run): the hint names the object and the switch."""
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = nn.Embedding(100, 16), nn.Linear(16, 16)
+
+        def forward(self, ids):
+            h = self.lin(self.emb(ids))
+            return h, DynamicCache(h)
+
+    with pytest.raises(CaptureError) as info:
+        optimize(Decoder().eval(), (torch.randint(0, 100, (2, 8)),), progress=False)
+    assert "output holds DynamicCache" in info.value.hint and "model.config.use_cache = False" in info.value.hint
+
+
 class ShapeBranch(nn.Module):
     """Python on a size (symbolic tracing cannot follow it: the torch.export route), then a reshape by sizes:
     like timm's MobileViT unfold."""
