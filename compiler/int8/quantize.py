@@ -389,14 +389,27 @@ def _hold_budget(q: Quantizer, budget: Any, report: Int8Report, fixed: set[str])
         if node.name not in fixed:
             gains[node.name] = score(q.runnable(q.build(fixed | {node.name}))) - current
     order = sorted(gains, key=lambda n: (-gains[n], n))
-    reasons = {}
-    for name in order:
-        skip.add(name)
-        before, current = current, score(q.runnable(q.build(fixed | skip)))
-        reasons[name] = (f"budget: {unit} {before:.3g} < {floor:.3g} with it in int8 "
-                         f"(keeping it fp32 alone gains {gains[name]:+.3g})")
-        if current >= floor:
-            break
-    else:
+    # the fewest of the most sensitive layers whose return to fp32 meets the floor (the score grows with each
+    # layer returned): 1, 2, 4, ... of them until it holds, then a bisection between the last two counts, about
+    # 2 log2(k) builds for k layers (one build per layer ran past 4 minutes on torchvision's EfficientNet-B0,
+    # random weights, 81 layers)
+    scores = {0: current}
+
+    def returned(k: int) -> float:
+        if k not in scores:
+            scores[k] = score(q.runnable(q.build(fixed | set(order[:k]))))
+        return scores[k]
+    failed, k = 0, min(1, len(order))
+    while returned(k) < floor and k < len(order):
+        failed, k = k, min(2 * k, len(order))
+    if returned(k) < floor:
         warnings.warn(f"the accuracy budget ({report.budget}) is not met even with every layer in fp32", stacklevel=4)
-    return skip, reasons
+    else:
+        lo = failed + 1
+        while lo < k:
+            mid = (lo + k) // 2
+            lo, k = (lo, mid) if returned(mid) >= floor else (mid + 1, k)
+    reasons = {name: f"budget: {unit} {current:.3g} < {floor:.3g}; the {k} layers whose fp32 gains most return to "
+                     f"fp32: {returned(k):.3g} (keeping this one fp32 alone gains {gains[name]:+.3g})"
+               for name in order[:k]}
+    return set(order[:k]), reasons

@@ -117,6 +117,35 @@ def test_budget_in_db_is_reached_by_falling_back_the_most_sensitive_layers():
     assert "budget" in report.table()
 
 
+@pytest.mark.parametrize("needed", [1, 5, 23, 40])
+def test_the_budget_returns_the_fewest_sensitive_layers_in_logarithmically_many_builds(needed):
+    """``_hold_budget`` over 40 layers of known sensitivity (the metric sums the returned layers' gains): the
+    ``needed`` most sensitive return to fp32, no more, in 1 + 40 + about 2 log2(needed) builds (one a layer
+    before: 1 + 40 + needed)."""
+    from types import SimpleNamespace
+
+    from graphopt.compiler.int8.quantize import _hold_budget
+
+    gain = {f"layer{i}": i + 1 for i in range(40)}  # layer39 the most sensitive
+    built = []
+
+    class Quantizer:
+        layers, fp32 = [SimpleNamespace(name=n) for n in gain], frozenset(gain)
+
+        def build(self, skip):
+            built.append(frozenset(skip))
+            return frozenset(skip)
+
+        def runnable(self, module):
+            return module
+
+    floor = sum(sorted(gain.values())[-needed:])
+    metric = lambda returned: float(sum(gain[n] for n in returned))  # noqa: E731
+    skip, reasons = _hold_budget(Quantizer(), (metric, metric(gain) - floor), SimpleNamespace(budget="a test"), set())
+    assert skip == {f"layer{i}" for i in range(40 - needed, 40)} and set(reasons) == skip
+    assert len(built) <= 1 + 40 + 2 * math.ceil(math.log2(needed)) + 1
+
+
 def test_budget_as_a_user_metric_with_a_tolerance():
     factory, make = ZOO["seed_convnet"]
     torch.manual_seed(0)
