@@ -3,11 +3,12 @@
     python bench/winograd.py [--quick]
 
 The compute-bound rows of bench/models.py (ResNet-18, the ConvNet at batch 64) run at 91-99% of the
-machine's fp32 GEMM rate in every engine, all of which run a 3x3 conv as direct convolution. Winograd's
+machine's fp32 GEMM rate in the fastest peer and in graphopt, all of whose engines run a 3x3 conv as direct
+convolution. Winograd's
 F(2x2, 3x3) computes each 2x2 output tile from a 4x4 input tile with 16 multiplies per input and output
 channel pair instead of 36: 2.25x less arithmetic, in 16 GEMMs of (tiles x C) by (C x K), between an input
 transform (B^T d B, additions only) and an output transform (A^T m A). This script times, on ResNet-18's
-3x3 shapes (channels-last, bias and relu included, 2 threads):
+3x3 shapes (channels-last, bias and relu included, torch's threads: 2 on the development machine):
 
     direct     what graphopt runs: oneDNN's convolution on a weight packed once (kernels/cpu.py
                pack_conv_weight), relu as its post-op

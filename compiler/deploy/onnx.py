@@ -228,17 +228,17 @@ def _act_on_codes(graph, y, q, grid: tuple[float, int], fq: Callable):
 
 def silu_grid(grid: tuple[float, int]) -> tuple[float, int]:
     """The grid (scale, zero point) of a SiLU's float output in a library's graph (``_act_on_codes``), from that of
-    the sum it reads (``grid``): from the least x * q(sigmoid(x)) over the sum's 256 values (the sigmoid on its
-    GATE_SCALE grid, as the graph computes it; one gate step lower, for a library that rounds it the other way)
-    to the sum's top (x * gate <= x). Made from numbers the saved plan already holds. (SiLU's global minimum,
-    -0.281 with the gate on its grid, made the grid far coarser than the values where the sum's range is
-    narrow, as in a deep layer of random weights: a sum within +-0.002 got a grid of 0.0011, 290 times its own.)"""
+    the sum it reads (``grid``): from the least x * gate over the sum's 256 values (the sigmoid on its GATE_SCALE
+    grid as the graph computes it, or one step above, for a library that rounds it the other way) to the sum's
+    top (x * gate <= x). Made from numbers the saved plan already holds. (SiLU's global minimum, -0.281 with the
+    gate on its grid, made the grid far coarser than the values where the sum's range is narrow, as in a deep
+    layer of random weights: a sum within +-0.0019 got a grid of 0.0011, 75 times its own.)"""
     from graphopt.kernels.reference import activation_qparams
 
     scale, zp = grid
     x = scale * (torch.arange(-128, 128, dtype=torch.float64) - zp)  # every value of the sum's grid
     gate = torch.round(torch.sigmoid(x) / GATE_SCALE) * GATE_SCALE
-    lowest = float((x * gate).min()) - GATE_SCALE * max(-float(x[0]), 0.0)
+    lowest = float(torch.minimum(x * gate, x * (gate + GATE_SCALE).clamp(max=1.0)).min())
     return activation_qparams(lowest, float(x[-1]))
 
 

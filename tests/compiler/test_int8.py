@@ -117,7 +117,7 @@ def test_budget_in_db_is_reached_by_falling_back_the_most_sensitive_layers():
     assert "budget" in report.table()
 
 
-@pytest.mark.parametrize("needed", [1, 5, 23, 40])
+@pytest.mark.parametrize("needed", [1, 5, 12, 23, 40])
 def test_the_budget_returns_the_fewest_sensitive_layers_in_logarithmically_many_builds(needed):
     """``_hold_budget`` over 40 layers of known sensitivity (the metric sums the returned layers' gains): the
     ``needed`` most sensitive return to fp32, no more, in 1 + 40 + about 2 log2(needed) builds (one a layer
