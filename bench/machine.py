@@ -35,29 +35,19 @@ def cpu_features() -> dict:
 def gemm_gflops(n: int = 2048, calls: int = 10) -> float:
     """The fp32 multiply-add rate this machine reaches on a large square matrix product, in GFLOP/s: the faster
     of torch's own matmul (MKL's on this build) and oneDNN's packed-weight linear (graphopt's GEMM), each the
-    median of ``calls`` timed calls after two warm-up ones, on torch's threads. The ceiling a compute-bound model
-    meets in every engine: a conv or linear layer runs no faster than a GEMM of its size (direct convolution,
-    as oneDNN, ONNX Runtime's MLAS and OpenVINO run fp32 convs here, does the same arithmetic as its GEMM)."""
-    import statistics
-    import time
-
+    median of ``calls`` timed calls in interleaved rounds (graphopt.compiler.workflow.timing), on torch's
+    threads. The ceiling a compute-bound model meets in every engine: a conv or linear layer runs no faster than
+    a GEMM of its size (direct convolution, as oneDNN, ONNX Runtime's MLAS and OpenVINO run fp32 convs here,
+    does the same arithmetic as its GEMM)."""
+    from graphopt.compiler.workflow.timing import median_ms
     from graphopt.kernels.cpu import pack_linear_weight
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     packed = pack_linear_weight(b, n)
-    products = (lambda: a @ b, lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
-    rates = []
-    with torch.no_grad():
-        for product in products:
-            for _ in range(2):
-                product()
-            times = []
-            for _ in range(calls):
-                start = time.perf_counter()
-                product()
-                times.append(time.perf_counter() - start)
-            rates.append(2 * n ** 3 / statistics.median(times) / 1e9)
-    return max(rates)
+    ms = median_ms({"torch": lambda: a @ b,
+                    "onednn": lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")},
+                   rounds=calls, warmup=2)
+    return 2 * n ** 3 / min(ms.values()) / 1e6
 
 
 def model_gflop(model: torch.nn.Module, x: torch.Tensor) -> float:

@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     # the machine's fp32 GEMM rate, before and after the models: the higher of the two (a neighbour's burst only
     # ever slows it), for each model's share of it in the table
     size = {"n": 512, "calls": 3} if args.quick else {}
-    gemm = [] if args.int8 else [gemm_gflops(**size)]
+    gemm_before = None if args.int8 else gemm_gflops(**size)
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             one = Path(tmp) / f"{name}.json"
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(json.loads(one.read_text()))
             print(f"{name}: " + ", ".join(f"{e} {v:.3f} ms" for e, v in results[-1]["median_ms"].items())
                   + "".join(f"; {e} skipped ({why})" for e, why in results[-1]["skipped"].items()), flush=True)
-    gemm = max(gemm + [gemm_gflops(**size)]) if gemm else None
+    gemm = None if gemm_before is None else max(gemm_before, gemm_gflops(**size))
     table = markdown_int8(results, engines) if args.int8 else markdown(results, engines, gemm)
     print(table)
     out = Path(args.out)

@@ -126,8 +126,7 @@ def _fake_quantized(gm, for_engine: bool = False, sums: dict | None = None) -> N
             shape = (-1,) + (1,) * (wq.dim() - 1)
             residual = getattr(q, "residual", None)
             split = isinstance(q, QConvAct) and node.name in sums  # (in the user's file too: what the library ran)
-            float_weights = for_engine and not split and node not in gemms and (
-                q.out_scale is None or residual is not None or not fused_in_int8_conv(q.act))
+            float_weights = for_engine and not split and node not in gemms and no_int8_form(q)
             with gm.graph.inserting_before(node):
                 wfq = gm.graph.get_attr(add_constant(gm, f"{w.target}_dq", wq.float() * scale.view(shape)))
                 if not float_weights:
@@ -202,6 +201,13 @@ def fused_in_int8_conv(act: str) -> bool:
 
     name, params = parse_act(act)
     return name in ("none", "relu", "relu6") or (name == "hardtanh" and float(params[0]) == 0.0)
+
+
+def no_int8_form(q) -> bool:
+    """Can ONNX Runtime not run this int8 conv / linear as one int8 kernel as it stands (DequantizeLinear -> op ->
+    QuantizeLinear)? A residual added inside it, a float output, or an activation not ``fused_in_int8_conv``: a
+    library's graph then quantizes a conv's own sum (compiler/int8/plans.py ``summed``) or runs the op in float."""
+    return getattr(q, "residual", None) is not None or q.out_scale is None or not fused_in_int8_conv(q.act)
 
 
 def _act_on_codes(graph, y, q, grid: tuple[float, int], fq: Callable):

@@ -84,11 +84,10 @@ def summed(int8_graph: fx.GraphModule) -> list[fx.Node]:
     its int8 conv (compiler/deploy/onnx.py ``fused_in_int8_conv``: a SiLU, a GELU, ...; with no quantized sum,
     DequantizeLinear -> Conv -> SiLU -> QuantizeLinear ran as a float Conv on dequantized input and weights:
     EfficientNet-B0's every-layer int8 plan in ONNX Runtime ran 32 of its 81 convolutions so)."""
-    from graphopt.compiler.deploy.onnx import fused_in_int8_conv
+    from graphopt.compiler.deploy.onnx import no_int8_form
     from graphopt.kernels.signatures import QConvAct, signature_of
 
-    return [n for n in int8_graph.graph.nodes if isinstance(q := signature_of(n), QConvAct)
-            and (q.residual is not None or q.out_scale is None or not fused_in_int8_conv(q.act))]
+    return [n for n in int8_graph.graph.nodes if isinstance(q := signature_of(n), QConvAct) and no_int8_form(q)]
 
 
 def _replaced(node: fx.Node) -> str:
