@@ -33,6 +33,7 @@ METHODS = ("minmax", "percentile", "histogram")
 BINS = 2048
 PERCENTILE = 99.99
 _CANDIDATES = 64  # per side, for the histogram search
+_ROWS = 4  # low ends searched at a time
 
 
 @dataclass
@@ -137,22 +138,29 @@ def _percentile_range(lo: float, hi: float, counts: torch.Tensor, pct: float) ->
 
 def _mse_range(lo: float, hi: float, counts: torch.Tensor) -> tuple[float, float]:
     width = (hi - lo) / counts.numel()
-    centers = lo + width * (torch.arange(counts.numel(), dtype=torch.float64) + 0.5)
-    n = counts.double()
-    # candidates: each end pulled towards 0 (always inside the quantized range) by a log-spaced factor
+    # candidates: each end pulled towards 0 (always inside the quantized range) by a log-spaced factor; an end
+    # already at 0 (a ReLU's output) has the one candidate
     keep = torch.logspace(0.0, -3.0, _CANDIDATES, dtype=torch.float64)
-    los, his = (min(lo, 0.0) * keep)[:, None, None], (max(hi, 0.0) * keep)[None, :, None]  # (L, 1, 1), (1, H, 1)
-    step = (his - los).clamp_min(1e-30) / 255.0
-    c = centers[None, None, :]
-    zp = torch.round(-128.0 - los / step).clamp(-128, 127)
-    exact = (c - (torch.clamp(torch.round(c / step) + zp, -128, 127) - zp) * step) ** 2  # clipping included
-    # a bin much narrower than a step: its center's own rounding error; else the uniform step^2 / 12
-    inside = (c >= los) & (c <= his)
-    err = torch.where(inside & (4 * width >= step), step ** 2 / 12.0, exact)
-    total = (err * n).sum(-1)  # (L, H)
-    best = int(torch.argmin(total))
-    i, j = divmod(best, total.shape[1])
-    return float(los.flatten()[i]), float(his.flatten()[j])
+    los = (min(lo, 0.0) * keep)[: 1 if lo >= 0 else None]
+    his = (max(hi, 0.0) * keep)[: 1 if hi <= 0 else None]
+    full = torch.nonzero(counts).flatten()  # (empty bins add nothing)
+    c = (lo + width * (full.double() + 0.5))[None, None, :]  # their centers
+    n = counts[full].double()
+    totals = []
+    # a few low ends at a time, in place (rows x highs x bins stays in the cache): a signed tensor's search took
+    # 0.02 s where all the pairs against all the bins at once took 0.3 s (26 s of EfficientNet-B0's int8 optimize)
+    for first in range(0, los.numel(), _ROWS):
+        low = los[first:first + _ROWS, None, None]  # (R, 1, 1) against his[None, :, None]: (1, H, 1)
+        step = (his[None, :, None] - low).clamp_min(1e-30) / 255.0
+        zp = torch.round(-128.0 - low / step).clamp(-128, 127)
+        err = torch.div(c, step).round_().add_(zp).clamp_(-128, 127).sub_(zp).mul_(step)
+        err = torch.sub(c, err, out=err).square_()  # each center's error on that grid, clipping included
+        # a bin much narrower than a step: its center's own rounding error; else the uniform step^2 / 12
+        uniform = (c >= low) & (c <= his[None, :, None]) & (4 * width >= step)
+        totals.append(torch.where(uniform, step ** 2 / 12.0, err) @ n)  # (R, H)
+    total = torch.cat(totals)
+    i, j = divmod(int(torch.argmin(total)), total.shape[1])
+    return float(los[i]), float(his[j])
 
 
 def value_range(stats: Stats, name: str, method: str, pct: float = PERCENTILE) -> tuple[float, float] | None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from graphopt.compiler.int8.calibrate import METHODS, collect, value_range
+from graphopt.compiler.int8.calibrate import BINS, METHODS, _mse_range, collect, value_range
 from graphopt.kernels.reference import activation_qparams
 from tests.helpers import traced
 
@@ -51,6 +51,39 @@ def test_histogram_range_minimizes_error_better_than_minmax():
         return float(((q - z) * s - data).pow(2).mean())
 
     assert mse(*_ranges(gm, [(data[None],)], "histogram")["x"]) < mse(*_ranges(gm, [(data[None],)], "minmax")["x"])
+
+
+def _mse_range_oracle(lo, hi, counts, candidates=64):
+    """The histogram search written plainly: every (low, high) candidate pair's expected squared error over every
+    bin, all at once, the first least one."""
+    width = (hi - lo) / counts.numel()
+    centers = lo + width * (torch.arange(counts.numel(), dtype=torch.float64) + 0.5)
+    keep = torch.logspace(0.0, -3.0, candidates, dtype=torch.float64)
+    los, his = (min(lo, 0.0) * keep)[:, None, None], (max(hi, 0.0) * keep)[None, :, None]
+    step = (his - los).clamp_min(1e-30) / 255.0
+    c = centers[None, None, :]
+    zp = torch.round(-128.0 - los / step).clamp(-128, 127)
+    exact = (c - (torch.clamp(torch.round(c / step) + zp, -128, 127) - zp) * step) ** 2
+    inside = (c >= los) & (c <= his)
+    total = (torch.where(inside & (4 * width >= step), step ** 2 / 12.0, exact) * counts.double()).sum(-1)
+    i, j = divmod(int(torch.argmin(total)), total.shape[1])
+    return float(los.flatten()[i]), float(his.flatten()[j])
+
+
+@pytest.mark.parametrize("shape", ["signed", "relu", "silu", "non-positive", "sparse", "one-sided outlier"])
+def test_the_histogram_search_picks_the_plain_searchs_range(shape):
+    """The search skips empty bins, searches one candidate for an end at 0 and goes a few low ends at a time: the
+    same range, to the bit, as every pair against every bin at once."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(100000, generator=g) * 2.5
+    x = {"signed": x, "relu": x.relu(), "silu": torch.nn.functional.silu(x), "non-positive": -x.relu(),
+         "sparse": torch.round(x) * 0.75, "one-sided outlier": torch.cat([x.abs(), torch.tensor([-40.0])])}[shape]
+    lo, hi = float(x.min()), float(x.max())
+    counts = torch.histc(x, BINS, lo, hi).long()
+    want = _mse_range_oracle(lo, hi, counts)
+    got = _mse_range(lo, hi, counts)
+    assert got == want and [str(v) for v in got] == [str(v) for v in want]  # (0.0 and -0.0 apart too)
+    assert got != (lo, hi)  # (the search moved an end here: a pass-through stub fails)
 
 
 def test_non_finite_values_are_ignored_not_propagated():
