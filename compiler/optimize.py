@@ -72,7 +72,10 @@ def optimize(model: nn.Module, example_inputs: Any, quantize: str | None = None,
 
         calibration = check_batches(calibration, inputs)  # before any work: bad data fails fast
     start = time.perf_counter()
-    gm = capture(model, inputs)
+    # graphopt's copy (the user's model keeps its own) holds weights that do not require grad, as a loaded module's
+    # are: aten::linear on a non-contiguous 3-d input sums in another order with a weight that does, even under
+    # no_grad (the optimized module is for inference; prune's capture keeps them for fine-tuning)
+    gm = capture(model, inputs).requires_grad_(False)
     fixed_batch = gm.meta.get("fixed_batch", [])
     captured = PassRecord(f"capture ({gm.meta['capture_route']})", seconds=time.perf_counter() - start,
                           nodes_after=count_nodes(gm))

@@ -142,9 +142,7 @@ def capture(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
             f"{type(model).__name__} is in eval mode but its submodule {training[0]} is in training mode: graphopt "
             "optimizes inference graphs", module=training[0],
             hint="call model.eval() (it sets every submodule) before optimize()")
-    # graphopt's copy, for inference: weights that require grad compute some ops in another order than plain
-    # tensors do (aten::linear on a non-contiguous 3-d input, even under no_grad), and a loaded module's are plain
-    copied = copy.deepcopy(model).requires_grad_(False)
+    copied = copy.deepcopy(model)
     with torch.no_grad():
         try:
             eager = copied(*fresh(inputs))
@@ -157,7 +155,7 @@ def capture(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     if isinstance(gm, CaptureError):
         refusal = gm
         try:
-            gm = export_capture(copy.deepcopy(model).requires_grad_(False), fresh(inputs))
+            gm = export_capture(copy.deepcopy(model), fresh(inputs))
         except Exception as e:  # neither route can capture the model: say why for both
             raise CaptureError(
                 f"{refusal.message}; torch.export cannot capture it either: {type(e).__name__}: "
