@@ -8,6 +8,7 @@ resolves through the registry: ``find``.
 from __future__ import annotations
 
 from graphopt.passes import REGISTRY, PassContext, PassFn, PassInfo, find
+from graphopt.passes.decompose_attention import decompose_attention
 from graphopt.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from graphopt.passes.eliminate_dead_code import eliminate_dead_code
 from graphopt.passes.fold_constants import fold_constants
@@ -28,6 +29,7 @@ from graphopt.passes.remove_noops import remove_noops
 DEFAULT_PIPELINE: list[PassFn] = [
     remove_noops,
     eliminate_dead_code,
+    decompose_attention,  # (its projections are linears for everything after it)
     fold_constants,
     recognize_activations,  # (before CSE, which would merge two formulas' shared steps into a value read twice)
     recognize_linears,

@@ -26,7 +26,7 @@ can only come from a NaN or an inf in the input or from an overflow to inf. So:
                        products summed): every library's softmax subtracts its row's max before the exp, so
                        each weight is in [0, 1] and they sum to 1 within rounding (a softmax that did not
                        would overflow past logits of 88: tested on the libraries as the layer norm is)
-      pooling, views, flatten, cat, chunk, split, mean, dropout: <= the largest bound in
+      pooling, views (expand, unflatten too), flatten, cat, chunk, split, mean, dropout: <= the largest bound in
       sizes and the integers computed from them (``x.size(1) // 2``), torch._assert's None: no magnitude;
                        an add, a mul or a clamp that takes a number as a value is not bounded (it may change
                        with the batch)
@@ -74,10 +74,10 @@ _SAME = {  # ops whose output is bounded by their largest tensor input
     torch.mean, F.dropout, torch.relu, F.relu, F.relu6, F.hardtanh, F.silu, F.gelu, F.hardswish,
     torch.clamp, torch.transpose, torch.permute, torch.reshape, torch.squeeze, torch.unsqueeze, torch.max_pool2d,
     operator.getitem, torch.nn.functional.max_pool1d, torch.nn.functional.avg_pool1d, getattr,
-    torch.chunk, torch.split,
+    torch.chunk, torch.split, torch.unflatten,
 }
-_METHODS_SAME = {"view", "reshape", "flatten", "mean", "permute", "transpose", "contiguous", "relu", "relu_",
-                 "clamp", "squeeze", "unsqueeze", "size", "dim", "chunk", "split"}
+_METHODS_SAME = {"view", "reshape", "flatten", "unflatten", "expand", "expand_as", "mean", "permute", "transpose",
+                 "contiguous", "relu", "relu_", "clamp", "squeeze", "unsqueeze", "size", "dim", "chunk", "split"}
 _MODULES_SAME = {nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout,
                  nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.GELU, nn.Hardswish,
                  nn.MaxPool1d, nn.AvgPool1d}

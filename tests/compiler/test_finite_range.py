@@ -90,10 +90,25 @@ class Attention(nn.Module):
         return x + F.scaled_dot_product_attention(x, self.k(x), self.v(x), is_causal=self.causal)
 
 
+class ClassToken(nn.Module):
+    """torchvision's ViT in small: a class token expanded to the batch (a size read off the input) before the
+    tokens, then nn.MultiheadAttention (written out as linears around scaled_dot_product_attention by
+    decompose_attention: unflatten and permute) and the residual."""
+
+    def __init__(self, d: int = 6):
+        super().__init__()
+        self.token, self.attn = nn.Parameter(torch.randn(1, 1, d)), nn.MultiheadAttention(d, 2, batch_first=True)
+
+    def forward(self, x):
+        tokens = torch.cat([self.token.expand(x.shape[0], -1, -1), x.flatten(1, 2)], 1)
+        return tokens + self.attn(tokens, tokens, tokens, need_weights=False)[0]
+
+
 BOUNDED = {"batch norm module after a cat": DenseLayer, "F.batch_norm": FunctionalBatchNorm,
            "channel shuffle, chunk": Shuffle, "channel shuffle, split": lambda: Shuffle(split=True),
            "layer norm module": PreNorm, "F.layer_norm": lambda: PreNorm(functional=True),
-           "attention": Attention, "causal attention": lambda: Attention(causal=True)}
+           "attention": Attention, "causal attention": lambda: Attention(causal=True),
+           "class token, nn.MultiheadAttention": ClassToken}
 
 
 def _model(make) -> nn.Module:

@@ -39,22 +39,36 @@ def test_plain_models_export_too(tmp_path):
 class _Encoder(torch.nn.Module):
     """A pre-norm transformer block: attention exports through its functional path."""
 
-    def __init__(self, d=32):
+    def __init__(self, d=32, cross=False):
         super().__init__()
         self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
         self.attn = torch.nn.MultiheadAttention(d, 4, batch_first=True)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 64), torch.nn.GELU(), torch.nn.Linear(64, d))
+        self.cross = cross  # (keys and values from the block's input: decompose_attention leaves it the module)
 
     def forward(self, x):
         y = self.ln1(x)
-        x = x + self.attn(y, y, y, need_weights=False)[0]
+        kv = x if self.cross else y
+        x = x + self.attn(y, kv, kv, need_weights=False)[0]
         return x + self.mlp(self.ln2(x))
 
 
-def test_attention_exports_and_saving_it_is_refused_clearly(tmp_path):
-    from graphopt import GraphoptError
+def test_self_attention_exports_and_saves(tmp_path):
+    from graphopt import load
 
     model, x = _Encoder().eval(), torch.randn(2, 7, 32)
+    opt = optimize(model, (x,))
+    assert export_onnx(opt, (x,), tmp_path / "enc.onnx")["max_abs_error"] < 1e-3
+    with torch.no_grad():
+        assert torch.equal(load(opt.save(tmp_path / "saved"))(x), opt(x))
+
+
+def test_cross_attention_exports_and_saving_it_is_refused_clearly(tmp_path):
+    """Self-attention is written out as linears and saves (tests/passes/test_decompose_attention.py); a cross-
+    attention stays torch's module, whose fused fast path no functional call gives bit for bit."""
+    from graphopt import GraphoptError
+
+    model, x = _Encoder(cross=True).eval(), torch.randn(2, 7, 32)
     opt = optimize(model, (x,))
     result = export_onnx(opt, (x,), tmp_path / "enc.onnx")
     assert result["max_abs_error"] < 1e-3 and "MatMul" in result["ops_after"]

@@ -1,0 +1,90 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from graphopt import load, optimize
+from graphopt.passes import PassContext
+from graphopt.passes.decompose_attention import decompose_attention
+from tests.helpers import apply, close, count, traced
+
+
+class SelfAttention(nn.Module):
+    """A pre-norm block around nn.MultiheadAttention, called as torchvision's ViT calls it (``call`` varies it)."""
+
+    def __init__(self, batch_first: bool = True, call=None, **kw):
+        super().__init__()
+        self.ln = nn.LayerNorm(32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=batch_first, **kw)
+        self.call = call or (lambda attn, y: attn(y, y, y, need_weights=False)[0])
+
+    def forward(self, x):
+        return x + self.call(self.attn, self.ln(x))
+
+
+def _linears(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.linear]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_self_attention_becomes_two_linears_around_sdpa_four_ways(batch_first):
+    m, x = SelfAttention(batch_first).eval(), torch.randn(2, 7, 32)
+    gm = traced(m, x)
+    assert count(gm, nn.MultiheadAttention) == 1
+    assert apply(decompose_attention, gm, x) == 1
+    assert count(gm, nn.MultiheadAttention) == 0 and count(gm, F.scaled_dot_product_attention) == 1
+    in_proj, out_proj = _linears(gm)
+    assert in_proj.args[1].target == "attn.in_proj_weight" and out_proj.args[1].target == "attn.out_proj.weight"
+    assert (in_proj.meta["layer"], out_proj.meta["layer"]) == ("attn.in_proj", "attn.out_proj")
+    assert in_proj.args[0].target == "ln"  # (the linears read x itself, not a transposed view of it)
+    with torch.no_grad():
+        close(gm(x), m(x))
+    assert apply(decompose_attention, gm, x) == 0
+
+
+def test_the_attention_weights_may_be_computed_if_nobody_reads_them():
+    m = SelfAttention(call=lambda attn, y: attn(y, y, y)[0]).eval()  # (need_weights defaults to True)
+    x = torch.randn(3, 5, 32)
+    gm = traced(m, x)
+    assert apply(decompose_attention, gm, x) == 1
+    with torch.no_grad():
+        close(gm(x), m(x))
+
+
+@pytest.mark.parametrize("call, kw, reason", [
+    (lambda attn, y: attn(y, y * 2, y * 2, need_weights=False)[0], {},
+     "query, key and value are not one tensor (cross-attention)"),
+    (lambda attn, y: (lambda out: out[0] + out[1].sum())(attn(y, y, y)), {}, "the attention weights are read"),
+    (lambda attn, y: attn(y, y, y, attn_mask=torch.ones(7, 7, dtype=torch.bool).triu(1))[0], {},
+     "a mask or is_causal"),
+    (lambda attn, y: attn(y, y, y)[0], {"add_bias_kv": True}, "separate key / value sizes, bias_k / bias_v or "
+                                                              "add_zero_attn"),
+])
+def test_what_stays_the_module_is_a_miss(call, kw, reason):
+    m, x = SelfAttention(call=call, **kw).eval(), torch.randn(2, 7, 32)
+    gm = traced(m, x)
+    ctx = PassContext((x,))
+    assert apply(decompose_attention, gm, x, ctx=ctx) == 0
+    assert count(gm, nn.MultiheadAttention) >= 1
+    assert ctx.misses.counts() == {reason: count(gm, nn.MultiheadAttention)}
+
+
+def test_optimize_runs_vit_attention_as_linears_saves_it_and_reloads_it_bit_for_bit(tmp_path):
+    """torchvision's ViT could not be saved while nn.MultiheadAttention stayed a module in the graph."""
+    m, x = SelfAttention().eval(), torch.randn(2, 7, 32)
+    opt = optimize(m, (x,), engines="graphopt")
+    assert "MultiheadAttention" not in opt.op_counts
+    with torch.no_grad():
+        close(opt(x), m(x))
+        loaded = load(opt.save(tmp_path / "saved"))
+        for batch in (x, torch.randn(3, 4, 32)):
+            assert torch.equal(loaded(batch), opt(batch))
+    assert m.attn.in_proj_weight.requires_grad  # (the user's module is untouched)
+
+
+def test_int8_quantizes_the_attention_projections_under_their_own_names():
+    m = nn.Sequential(SelfAttention(), nn.Linear(32, 8)).eval()
+    batches = [(torch.randn(4, 16, 32),) for _ in range(4)]
+    opt = optimize(m, batches[0], quantize="int8", calibration=batches, engines="graphopt", progress=False)
+    names = {layer["name"] for layer in opt.int8_report.layers}
+    assert {"0.attn.in_proj", "0.attn.out_proj"} <= names
