@@ -27,10 +27,13 @@ def pair(tmp_path_factory):
     return model, opt, load(folder / "m"), x
 
 
-def test_outputs_do_not_require_grad_even_though_the_weights_do(pair):
+def test_outputs_do_not_require_grad_and_neither_do_the_weights(pair):
+    """The optimized module's weights are graphopt's copy, without grad as a loaded module's are; the user's keep
+    theirs."""
     model, opt, loaded, x = pair
-    assert any(p.requires_grad for p in opt.parameters())  # (what made outputs require grad before)
+    assert all(p.requires_grad for p in model.parameters())
     for module in (opt, loaded):
+        assert not any(t.requires_grad for t in (*module.parameters(), *module.buffers()))
         out = module(x)
         assert not out.requires_grad and out.grad_fn is None
         with torch.no_grad():
