@@ -1,20 +1,24 @@
-"""Write nn.MultiheadAttention's self-attention out as the calls it makes.
+"""Write torch's attention modules out as the calls they make.
 
     attn(x, x, x)[0]  ->  q, k, v = F.linear(x, W_in, b_in).chunk(3, -1)
                           each .unflatten(-1, (heads, head_dim)).permute(0, 2, 1, 3)   (batch first)
                           a = F.scaled_dot_product_attention(q, k, v)
                           F.linear(a.permute(0, 2, 1, 3).flatten(-2), W_out, b_out)
                           (sequence first: the permutes (1, 2, 0, 3) and (2, 0, 1, 3))
+    nn.TransformerEncoderLayer(x)  ->  x = norm1(x + attn(x)); norm2(x + linear2(act(linear1(x))))   (post-norm)
+                                       x = x + attn(norm1(x)); x + linear2(act(linear1(norm2(x))))   (norm_first)
+    nn.TransformerEncoder(x)  ->  its layers one after another, then its norm
 
-torch.fx keeps nn.MultiheadAttention whole (a call_module: its forward branches on its inputs), so nothing else
-sees inside it: its two projections stay out of the linear lowering and int8, and a saved graph, which holds no
-modules, cannot hold it (torchvision's ViT). Written out, the projections are linears like any other and the
-graph saves. Torch's module runs a fused fast path in inference; the calls here sum in another order, so this is
-an fp32 pass.
+torch.fx keeps these modules whole (call_module: their forwards branch on their inputs), so nothing else sees
+inside them: their linears stay out of the linear lowering and int8, and a saved graph, which holds no modules,
+cannot hold them (torchvision's ViT). Written out, the projections and the feed-forward layers are linears like
+any other and the graph saves. Torch's modules run fused fast paths in inference; the calls here sum in another
+order, so this is an fp32 pass.
 
-Rewritten: self-attention (query, key and value the same tensor) in inference, with one packed input projection,
-no mask, no bias_k / bias_v / zero attention, and the attention weights unread (``need_weights`` either way).
-Anything else is reported as a miss and stays the module.
+Rewritten, in inference: self-attention (query, key and value the same tensor) with one packed input projection,
+no mask, no bias_k / bias_v / zero attention, the attention weights unread (``need_weights`` either way); an
+encoder layer with relu or gelu and no mask; an encoder without a mask. Anything else is reported as a miss and
+stays the module.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import operator
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.passes import PassContext, register
@@ -31,15 +36,25 @@ from graphopt.passes import PassContext, register
 # is_causal), by position
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
 _HARMLESS = {"key_padding_mask": None, "attn_mask": None, "is_causal": False}  # (need_weights: the weights' reads)
+# TransformerEncoderLayer.forward(src, src_mask, src_key_padding_mask, is_causal);
+# TransformerEncoder.forward(src, mask, src_key_padding_mask, is_causal)
+_LAYER_ARGS = ("src", "src_mask", "src_key_padding_mask", "is_causal")
+_ENCODER_ARGS = ("src", "mask", "src_key_padding_mask", "is_causal")
+_ACTIVATIONS = {1: F.relu, 2: F.gelu}  # TransformerEncoderLayer.activation_relu_or_gelu
 
 
-def _why_not(module: torch.nn.MultiheadAttention, node: fx.Node) -> str | None:
-    """Why this call stays the module (None: it is written out)."""
-    if module.training:
-        return "in training mode (dropout on the attention)"
-    if len(node.args) > len(_ARGS) or set(node.kwargs) - set(_ARGS):
+def _given(node: fx.Node, names: tuple[str, ...]) -> dict | None:
+    """The call's arguments by name, or None where it has one the module does not take."""
+    if len(node.args) > len(names) or set(node.kwargs) - set(names):
+        return None
+    return dict(zip(names, node.args)) | dict(node.kwargs)
+
+
+def _attention_why_not(module: nn.MultiheadAttention, node: fx.Node) -> str | None:
+    """Why this attention stays the module (None: it is written out)."""
+    given = _given(node, _ARGS)
+    if given is None:
         return "an argument it does not know"
-    given = dict(zip(_ARGS, node.args)) | dict(node.kwargs)
     if not (given.get("query") is given.get("key") is given.get("value")) or not isinstance(given["query"], fx.Node):
         return "query, key and value are not one tensor (cross-attention)"
     if any(given.get(name, default) is not default for name, default in _HARMLESS.items()):
@@ -54,42 +69,101 @@ def _why_not(module: torch.nn.MultiheadAttention, node: fx.Node) -> str | None:
     return None
 
 
+def _why_not(module: nn.Module, node: fx.Node) -> str | None:
+    if module.training:
+        return "in training mode (dropout)"
+    if isinstance(module, nn.MultiheadAttention):
+        return _attention_why_not(module, node)
+    given = _given(node, _LAYER_ARGS if isinstance(module, nn.TransformerEncoderLayer) else _ENCODER_ARGS)
+    if given is None or not isinstance(given.get("src"), fx.Node):
+        return "an argument it does not know"
+    if any(given.get(name) not in (None, False) for name in given if name != "src"):
+        return "a mask or is_causal"
+    if isinstance(module, nn.TransformerEncoderLayer) and module.activation_relu_or_gelu not in _ACTIVATIONS:
+        return "an activation other than relu or gelu"
+    return None
+
+
+def _attention(gm: fx.GraphModule, node: fx.Node, module: nn.MultiheadAttention) -> fx.Node:
+    """The attention's output, written out before ``node``."""
+    g, x = gm.graph, _given(node, _ARGS)["query"]
+    heads, head_dim = module.num_heads, module.head_dim
+    # (N, L, heads, head_dim) -> (N, heads, L, head_dim), from (L, N, ...) where the batch is not first; the linears
+    # read x and a contiguous tensor as they are (a transposed 3-d input would sum in another order)
+    split, merge = ((0, 2, 1, 3), (0, 2, 1, 3)) if module.batch_first else ((1, 2, 0, 3), (2, 0, 1, 3))
+    bias = g.get_attr(f"{node.target}.in_proj_bias") if module.in_proj_bias is not None else None
+    qkv = g.call_function(F.linear, (x, g.get_attr(f"{node.target}.in_proj_weight"), bias))
+    parts = g.call_method("chunk", (qkv, 3, -1))
+    q, k, v = (g.call_method("permute", (g.call_method("unflatten", (
+        g.call_function(operator.getitem, (parts, i)), -1, (heads, head_dim))), split)) for i in range(3))
+    a = g.call_function(F.scaled_dot_product_attention, (q, k, v))
+    a = g.call_method("flatten", (g.call_method("permute", (a, merge)), -2))  # (a copy: contiguous)
+    bias = g.get_attr(f"{node.target}.out_proj.bias") if module.out_proj.bias is not None else None
+    out = g.call_function(F.linear, (a, g.get_attr(f"{node.target}.out_proj.weight"), bias))
+    # the two projections go by their own names in the int8 report and fp32_layers
+    qkv.meta["layer"], out.meta["layer"] = f"{node.target}.in_proj", f"{node.target}.out_proj"
+    return out
+
+
+def _layer(gm: fx.GraphModule, node: fx.Node, module: nn.TransformerEncoderLayer) -> fx.Node:
+    """The encoder layer's output, its attention a call of its own module (written out in turn)."""
+    g, x, t = gm.graph, _given(node, _LAYER_ARGS)["src"], node.target
+
+    def attend(v: fx.Node) -> fx.Node:
+        return g.call_function(operator.getitem, (g.call_module(f"{t}.self_attn", (v, v, v), {"need_weights": False}),
+                                                  0))
+
+    def feed_forward(v: fx.Node) -> fx.Node:
+        hidden = g.call_function(_ACTIVATIONS[module.activation_relu_or_gelu], (g.call_module(f"{t}.linear1", (v,)),))
+        return g.call_module(f"{t}.linear2", (hidden,))
+
+    def norm(i: int, v: fx.Node) -> fx.Node:
+        return g.call_module(f"{t}.norm{i}", (v,))
+
+    add = operator.add
+    if module.norm_first:
+        x = g.call_function(add, (x, attend(norm(1, x))))
+        return g.call_function(add, (x, feed_forward(norm(2, x))))
+    x = norm(1, g.call_function(add, (x, attend(x))))
+    return norm(2, g.call_function(add, (x, feed_forward(x))))
+
+
+def _encoder(gm: fx.GraphModule, node: fx.Node, module: nn.TransformerEncoder) -> fx.Node:
+    x = _given(node, _ENCODER_ARGS)["src"]
+    for i in range(len(module.layers)):
+        x = gm.graph.call_module(f"{node.target}.layers.{i}", (x,))
+    return gm.graph.call_module(f"{node.target}.norm", (x,)) if module.norm is not None else x
+
+
+_WRITERS = {nn.MultiheadAttention: _attention, nn.TransformerEncoderLayer: _layer, nn.TransformerEncoder: _encoder}
+
+
 @register("fp32")
 def decompose_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
     g = gm.graph
-    for node in list(g.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), torch.nn.MultiheadAttention):
-            continue
+    work = [n for n in g.nodes if n.op == "call_module" and type(gm.get_submodule(n.target)) in _WRITERS]
+    while work:
+        node = work.pop(0)
         module = gm.get_submodule(node.target)
         why = _why_not(module, node)
         if why is not None:
             ctx.miss(why, node)
             continue
-        x = (dict(zip(_ARGS, node.args)) | dict(node.kwargs))["query"]
-        heads, head_dim = module.num_heads, module.head_dim
         old = set(g.nodes)
-        # (N, L, heads, head_dim) -> (N, heads, L, head_dim), from (L, N, ...) where the batch is not first; the
-        # linears read x and a contiguous tensor as they are (a transposed 3-d input would sum in another order)
-        split, merge = ((0, 2, 1, 3), (0, 2, 1, 3)) if module.batch_first else ((1, 2, 0, 3), (2, 0, 1, 3))
         with g.inserting_before(node):
-            bias = g.get_attr(f"{node.target}.in_proj_bias") if module.in_proj_bias is not None else None
-            qkv = g.call_function(F.linear, (x, g.get_attr(f"{node.target}.in_proj_weight"), bias))
-            parts = g.call_method("chunk", (qkv, 3, -1))
-            q, k, v = (g.call_method("permute", (g.call_method("unflatten", (
-                g.call_function(operator.getitem, (parts, i)), -1, (heads, head_dim))), split)) for i in range(3))
-            a = g.call_function(F.scaled_dot_product_attention, (q, k, v))
-            a = g.call_method("flatten", (g.call_method("permute", (a, merge)), -2))  # (a copy: contiguous)
-            bias = g.get_attr(f"{node.target}.out_proj.bias") if module.out_proj.bias is not None else None
-            out = g.call_function(F.linear, (a, g.get_attr(f"{node.target}.out_proj.weight"), bias))
-        for new in (n for n in g.nodes if n not in old):  # (errors name the module and the user's line)
-            new.meta.update({k: node.meta[k] for k in ("module", "stack_trace") if k in node.meta})
-        # the two projections go by their own names in the int8 report and fp32_layers
-        qkv.meta["layer"], out.meta["layer"] = f"{node.target}.in_proj", f"{node.target}.out_proj"
-        for user in list(node.users):
-            if user.args[1] == 0:
-                user.replace_all_uses_with(out)
-            g.erase_node(user)
+            out = _WRITERS[type(module)](gm, node, module)
+        new = [n for n in g.nodes if n not in old]
+        for n in new:  # (errors name the module and the user's line)
+            n.meta.update({k: node.meta[k] for k in ("module", "stack_trace") if k in node.meta})
+        if isinstance(module, nn.MultiheadAttention):
+            for user in list(node.users):  # (getitem 0 reads the output; getitem 1, the weights, nobody reads)
+                if user.args[1] == 0:
+                    user.replace_all_uses_with(out)
+                g.erase_node(user)
+        else:
+            node.replace_all_uses_with(out)
         g.erase_node(node)
+        work += [n for n in new if n.op == "call_module" and type(gm.get_submodule(n.target)) in _WRITERS]
         rewrites += 1
     return rewrites

@@ -88,3 +88,59 @@ def test_int8_quantizes_the_attention_projections_under_their_own_names():
     opt = optimize(m, batches[0], quantize="int8", calibration=batches, engines="graphopt", progress=False)
     names = {layer["name"] for layer in opt.int8_report.layers}
     assert {"0.attn.in_proj", "0.attn.out_proj"} <= names
+
+
+class Encoded(nn.Module):
+    """nn.TransformerEncoder inside a model (as the model itself, torch.export captures it instead)."""
+
+    def __init__(self, batch_first=True, norm_first=False, activation="relu", call=None):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=batch_first, norm_first=norm_first,
+                                           activation=activation)
+        self.embed = nn.Linear(16, 32)
+        self.encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(32), enable_nested_tensor=False)
+        self.call = call or (lambda encoder, x: encoder(x))
+
+    def forward(self, x):
+        return self.call(self.encoder, self.embed(x))
+
+
+@pytest.mark.parametrize("batch_first, norm_first, activation",
+                         [(True, False, "relu"), (True, True, "gelu"), (False, False, "gelu"), (False, True, "relu")])
+def test_an_encoder_becomes_its_layers_norms_attention_and_linears_four_ways(batch_first, norm_first, activation):
+    m, x = Encoded(batch_first, norm_first, activation).eval(), torch.randn(2, 7, 16)
+    gm = traced(m, x)
+    assert count(gm, nn.TransformerEncoder) == 1
+    assert apply(decompose_attention, gm, x) == 5  # the encoder, its two layers, their two attentions
+    assert count(gm, nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention) == 0
+    assert count(gm, F.scaled_dot_product_attention) == 2 and count(gm, nn.LayerNorm) == 5
+    assert count(gm, nn.Linear) == 1 + 2 * 2 and len(_linears(gm)) == 2 * 2
+    assert count(gm, F.relu if activation == "relu" else F.gelu) == 2
+    with torch.no_grad():
+        close(gm(x), m(x))
+    assert apply(decompose_attention, gm, x) == 0
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: Encoded(call=lambda encoder, x: encoder(x, mask=torch.ones(7, 7, dtype=torch.bool).triu(1))),
+     "a mask or is_causal"),
+    (lambda: Encoded(activation=F.silu), "an activation other than relu or gelu"),
+])
+def test_what_stays_the_encoder_or_its_layer_is_a_miss(make, reason):
+    m, x = make().eval(), torch.randn(2, 7, 16)
+    gm = traced(m, x)
+    ctx = PassContext((x,))
+    apply(decompose_attention, gm, x, ctx=ctx)
+    assert reason in ctx.misses.counts()
+    assert count(gm, nn.TransformerEncoder, nn.TransformerEncoderLayer) >= 1
+    with torch.no_grad():
+        close(gm(x), m(x))
+
+
+def test_optimize_saves_an_encoder_and_reloads_it_bit_for_bit(tmp_path):
+    m, x = Encoded(norm_first=True).eval(), torch.randn(2, 7, 16)
+    opt = optimize(m, (x,), engines="graphopt")
+    with torch.no_grad():
+        close(opt(x), m(x))
+        loaded = load(opt.save(tmp_path / "saved"))
+        assert torch.equal(loaded(x), opt(x))
