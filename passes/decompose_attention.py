@@ -24,8 +24,8 @@ stays the module.
 from __future__ import annotations
 
 import operator
+from typing import Callable
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,12 +35,29 @@ from graphopt.passes import PassContext, register
 # MultiheadAttention.forward(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
 # is_causal), by position
 _ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
-_HARMLESS = {"key_padding_mask": None, "attn_mask": None, "is_causal": False}  # (need_weights: the weights' reads)
+_DEFAULTS = {"key_padding_mask": None, "attn_mask": None, "is_causal": False}  # (need_weights: the weights' reads)
 # TransformerEncoderLayer.forward(src, src_mask, src_key_padding_mask, is_causal);
 # TransformerEncoder.forward(src, mask, src_key_padding_mask, is_causal)
 _LAYER_ARGS = ("src", "src_mask", "src_key_padding_mask", "is_causal")
 _ENCODER_ARGS = ("src", "mask", "src_key_padding_mask", "is_causal")
-_ACTIVATIONS = {1: F.relu, 2: F.gelu}  # TransformerEncoderLayer.activation_relu_or_gelu
+
+
+def _activation(module: nn.TransformerEncoderLayer) -> Callable | None:
+    """The layer's activation as a function, where it is relu or exact gelu (None: another). Read off
+    ``module.activation`` itself (torch's own flag calls a tanh GELU gelu, and is not updated when the
+    activation is replaced)."""
+    act = module.activation
+    if act is F.relu or type(act) is nn.ReLU:
+        return F.relu
+    if act is F.gelu or type(act) is nn.GELU and act.approximate == "none":
+        return F.gelu
+    return None
+
+
+def _three_d(node: fx.Node) -> bool:
+    """Batched: (N, L, E) or (L, N, E) (the modules also take one unbatched (L, E) sequence)."""
+    meta = node.meta.get("tensor_meta")
+    return meta is not None and len(meta.shape) == 3
 
 
 def _given(node: fx.Node, names: tuple[str, ...]) -> dict | None:
@@ -50,37 +67,46 @@ def _given(node: fx.Node, names: tuple[str, ...]) -> dict | None:
     return dict(zip(names, node.args)) | dict(node.kwargs)
 
 
-def _attention_why_not(module: nn.MultiheadAttention, node: fx.Node) -> str | None:
+def _attention_why_not(module: nn.MultiheadAttention, node: fx.Node, batched: bool) -> str | None:
     """Why this attention stays the module (None: it is written out)."""
     given = _given(node, _ARGS)
     if given is None:
         return "an argument it does not know"
     if not (given.get("query") is given.get("key") is given.get("value")) or not isinstance(given["query"], fx.Node):
         return "query, key and value are not one tensor (cross-attention)"
-    if any(given.get(name, default) is not default for name, default in _HARMLESS.items()):
+    if not (batched or _three_d(given["query"])):
+        return "an unbatched or unknown-rank input"
+    if any(given.get(name, default) is not default for name, default in _DEFAULTS.items()):
         return "a mask or is_causal"
     if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
         return "separate key / value sizes, bias_k / bias_v or add_zero_attn"
     for user in node.users:
         if user.op != "call_function" or user.target is not operator.getitem or user.args[1] not in (0, 1):
-            return "its output tuple is used whole"
+            return "its output is read other than as (output, weights)"
         if user.args[1] == 1 and user.users:
             return "the attention weights are read"
     return None
 
 
-def _why_not(module: nn.Module, node: fx.Node) -> str | None:
-    if module.training:
+def _why_not(module: nn.Module, node: fx.Node, batched: bool) -> str | None:
+    """Why this attention, encoder layer or encoder stays the module (None: it is written out). ``batched``: its
+    input is known to be 3-d (the call was written out of a batched layer or encoder, before shapes are known)."""
+    if any(m.training for m in module.modules()):
         return "in training mode (dropout)"
     if isinstance(module, nn.MultiheadAttention):
-        return _attention_why_not(module, node)
+        return _attention_why_not(module, node, batched)
     given = _given(node, _LAYER_ARGS if isinstance(module, nn.TransformerEncoderLayer) else _ENCODER_ARGS)
-    if given is None or not isinstance(given.get("src"), fx.Node):
+    if given is None:
         return "an argument it does not know"
-    if any(given.get(name) not in (None, False) for name in given if name != "src"):
+    if not isinstance(given.get("src"), fx.Node) or not (batched or _three_d(given["src"])):
+        return "an unbatched or unknown-rank input"
+    if any(given[name] is not None and given[name] is not False for name in given if name != "src"):
         return "a mask or is_causal"
-    if isinstance(module, nn.TransformerEncoderLayer) and module.activation_relu_or_gelu not in _ACTIVATIONS:
-        return "an activation other than relu or gelu"
+    if isinstance(module, nn.TransformerEncoderLayer) and _activation(module) is None:
+        return "an activation other than relu or exact gelu"
+    if isinstance(module, nn.TransformerEncoder) and any(type(m) is not nn.TransformerEncoderLayer
+                                                         for m in module.layers):
+        return "a layer of another type (torch calls it with its masks)"
     return None
 
 
@@ -94,8 +120,12 @@ def _attention(gm: fx.GraphModule, node: fx.Node, module: nn.MultiheadAttention)
     bias = g.get_attr(f"{node.target}.in_proj_bias") if module.in_proj_bias is not None else None
     qkv = g.call_function(F.linear, (x, g.get_attr(f"{node.target}.in_proj_weight"), bias))
     parts = g.call_method("chunk", (qkv, 3, -1))
-    q, k, v = (g.call_method("permute", (g.call_method("unflatten", (
-        g.call_function(operator.getitem, (parts, i)), -1, (heads, head_dim))), split)) for i in range(3))
+
+    def heads_of(i: int) -> fx.Node:  # q, k or v: (..., E) -> (N, heads, L, head_dim)
+        part = g.call_function(operator.getitem, (parts, i))
+        return g.call_method("permute", (g.call_method("unflatten", (part, -1, (heads, head_dim))), split))
+
+    q, k, v = heads_of(0), heads_of(1), heads_of(2)
     a = g.call_function(F.scaled_dot_product_attention, (q, k, v))
     a = g.call_method("flatten", (g.call_method("permute", (a, merge)), -2))  # (a copy: contiguous)
     bias = g.get_attr(f"{node.target}.out_proj.bias") if module.out_proj.bias is not None else None
@@ -114,7 +144,7 @@ def _layer(gm: fx.GraphModule, node: fx.Node, module: nn.TransformerEncoderLayer
                                                   0))
 
     def feed_forward(v: fx.Node) -> fx.Node:
-        hidden = g.call_function(_ACTIVATIONS[module.activation_relu_or_gelu], (g.call_module(f"{t}.linear1", (v,)),))
+        hidden = g.call_function(_activation(module), (g.call_module(f"{t}.linear1", (v,)),))
         return g.call_module(f"{t}.linear2", (hidden,))
 
     def norm(i: int, v: fx.Node) -> fx.Node:
@@ -129,6 +159,7 @@ def _layer(gm: fx.GraphModule, node: fx.Node, module: nn.TransformerEncoderLayer
 
 
 def _encoder(gm: fx.GraphModule, node: fx.Node, module: nn.TransformerEncoder) -> fx.Node:
+    """The encoder's output: a call of each of its layers (written out in turn), then its norm."""
     x = _given(node, _ENCODER_ARGS)["src"]
     for i in range(len(module.layers)):
         x = gm.graph.call_module(f"{node.target}.layers.{i}", (x,))
@@ -143,10 +174,11 @@ def decompose_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
     rewrites = 0
     g = gm.graph
     work = [n for n in g.nodes if n.op == "call_module" and type(gm.get_submodule(n.target)) in _WRITERS]
+    batched: set[fx.Node] = set()  # calls written out of a batched one (the same (N, L, E) shape throughout)
     while work:
         node = work.pop(0)
         module = gm.get_submodule(node.target)
-        why = _why_not(module, node)
+        why = _why_not(module, node, node in batched)
         if why is not None:
             ctx.miss(why, node)
             continue
@@ -164,6 +196,8 @@ def decompose_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
         else:
             node.replace_all_uses_with(out)
         g.erase_node(node)
-        work += [n for n in new if n.op == "call_module" and type(gm.get_submodule(n.target)) in _WRITERS]
+        inner = [n for n in new if n.op == "call_module" and type(gm.get_submodule(n.target)) in _WRITERS]
+        work += inner
+        batched.update(inner)
         rewrites += 1
     return rewrites

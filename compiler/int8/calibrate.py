@@ -153,8 +153,8 @@ def _mse_range(lo: float, hi: float, counts: torch.Tensor) -> tuple[float, float
         low = los[first:first + _ROWS, None, None]  # (R, 1, 1) against his[None, :, None]: (1, H, 1)
         step = (his[None, :, None] - low).clamp_min(1e-30) / 255.0
         zp = torch.round(-128.0 - low / step).clamp(-128, 127)
-        err = torch.div(c, step).round_().add_(zp).clamp_(-128, 127).sub_(zp).mul_(step)
-        err = torch.sub(c, err, out=err).square_()  # each center's error on that grid, clipping included
+        grid = torch.div(c, step).round_().add_(zp).clamp_(-128, 127).sub_(zp).mul_(step)  # each center on it
+        err = torch.sub(c, grid, out=grid).square_()  # its error, clipping included
         # a bin much narrower than a step: its center's own rounding error; else the uniform step^2 / 12
         uniform = (c >= low) & (c <= his[None, :, None]) & (4 * width >= step)
         totals.append(torch.where(uniform, step ** 2 / 12.0, err) @ n)  # (R, H)

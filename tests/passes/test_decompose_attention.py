@@ -124,7 +124,7 @@ def test_an_encoder_becomes_its_layers_norms_attention_and_linears_four_ways(bat
 @pytest.mark.parametrize("make, reason", [
     (lambda: Encoded(call=lambda encoder, x: encoder(x, mask=torch.ones(7, 7, dtype=torch.bool).triu(1))),
      "a mask or is_causal"),
-    (lambda: Encoded(activation=F.silu), "an activation other than relu or gelu"),
+    (lambda: Encoded(activation=F.silu), "an activation other than relu or exact gelu"),
 ])
 def test_what_stays_the_encoder_or_its_layer_is_a_miss(make, reason):
     m, x = make().eval(), torch.randn(2, 7, 16)
@@ -144,3 +144,45 @@ def test_optimize_saves_an_encoder_and_reloads_it_bit_for_bit(tmp_path):
         close(opt(x), m(x))
         loaded = load(opt.save(tmp_path / "saved"))
         assert torch.equal(loaded(x), opt(x))
+
+
+class Custom(nn.TransformerEncoderLayer):
+    """A layer of another type in an encoder (torch calls it with its masks as keywords)."""
+
+
+@pytest.mark.parametrize("make, x, reason", [
+    (lambda: SelfAttention(), torch.randn(7, 32), "an unbatched or unknown-rank input"),
+    (lambda: Encoded(call=lambda encoder, x: encoder.layers[0](x)), torch.randn(7, 16),
+     "an unbatched or unknown-rank input"),
+    (lambda: Encoded(activation=nn.GELU(approximate="tanh")), torch.randn(2, 7, 16),
+     "an activation other than relu or exact gelu"),
+])
+def test_unbatched_inputs_and_a_tanh_gelu_stay_the_module(make, x, reason):
+    m = make().eval()
+    gm = traced(m, x)
+    ctx = PassContext((x,))
+    apply(decompose_attention, gm, x, ctx=ctx)
+    assert reason in ctx.misses.counts()
+    with torch.no_grad():
+        close(gm(x), m(x))
+
+
+def test_the_encoder_holds_custom_layers_whole():
+    m = nn.Sequential(nn.Linear(16, 32), nn.TransformerEncoder(Custom(32, 4, 64, batch_first=True), 1,
+                                                               enable_nested_tensor=False)).eval()
+    x = torch.randn(2, 7, 16)
+    gm = traced(m, x)
+    ctx = PassContext((x,))
+    assert apply(decompose_attention, gm, x, ctx=ctx) == 0
+    assert ctx.misses.counts() == {"a layer of another type (torch calls it with its masks)": 1}
+
+
+def test_no_biases_no_final_norm_and_another_eps_are_written_out_as_they_are():
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, bias=False, layer_norm_eps=1e-2)
+    m = nn.Sequential(nn.Linear(16, 32), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
+    x = torch.randn(2, 7, 16) * 3
+    gm = traced(m, x)
+    assert apply(decompose_attention, gm, x) == 5
+    assert all(n.args[2] is None for n in _linears(gm))  # (no bias read where there is none)
+    with torch.no_grad():
+        close(gm(x), m(x))
