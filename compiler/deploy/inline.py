@@ -86,6 +86,11 @@ def _untraceable_hint(module: torch.nn.Module) -> str:
                 "and a saved module reloads bit for bit: graphopt.export_onnx exports it (checked within a "
                 "tolerance); to save it with graphopt, write the attention as functional calls "
                 "(F.scaled_dot_product_attention), or keep the optimized module in the process that built it")
+    if isinstance(module, (torch.nn.TransformerEncoder, torch.nn.TransformerEncoderLayer)):
+        return ("graphopt writes an encoder or an encoder layer out as functional calls (decompose_attention) "
+                "when it is called on a batch without a mask, and its layers use relu or exact gelu; otherwise it "
+                "stays torch's module, whose fast path does not trace: call it that way, or keep the optimized "
+                "module in the process that built it")
     return ("make this module's forward traceable by torch.fx (no Python branching on inputs or their sizes), "
             "or run the optimized module in the process that built it")
 

@@ -186,3 +186,15 @@ def test_no_biases_no_final_norm_and_another_eps_are_written_out_as_they_are():
     assert all(n.args[2] is None for n in _linears(gm))  # (no bias read where there is none)
     with torch.no_grad():
         close(gm(x), m(x))
+
+
+def test_saving_an_encoder_given_a_mask_is_refused_with_what_would_write_it_out(tmp_path):
+    from graphopt import GraphoptError
+
+    mask = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    m, x = Encoded(call=lambda encoder, x: encoder(x, mask=mask)).eval(), torch.randn(2, 7, 16)
+    opt = optimize(m, (x,), engines="graphopt")
+    with pytest.raises(GraphoptError, match="encoder") as refused:
+        opt.save(tmp_path / "saved")
+    assert refused.value.module == "encoder" and "without a mask" in refused.value.hint
+    assert not (tmp_path / "saved").exists()
