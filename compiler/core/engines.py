@@ -231,9 +231,14 @@ def _openvino(model: bytes, spec: Any, threads: str, limits: Sequence[float], sh
               any_batch: bool, declined: list) -> Callable:
     import openvino as ov
 
+    from graphopt.compiler.core.trial_build import openvino_problem
+
     core = ov.Core()
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
               "INFERENCE_NUM_THREADS": _threads(threads)}
+    problem = openvino_problem(model, config, shapes)  # (a crash here would end the user's process)
+    if problem is not None:
+        raise RuntimeError(problem)
     compiled = core.compile_model(core.read_model(model), "CPU", config)
     local = threading.local()  # an infer request serves one call at a time: one per thread
     arrays, outputs = _arrays(shapes, False), _outputs(spec, limits)
@@ -444,6 +449,10 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
     def add(name: str, threads: str, spread: bool = False) -> None:
         try:
             runner = build(name, spread_model if spread else model, spec, plan.shapes, threads, limits)
+        except Exception as e:  # (trial_build.py: a library that crashes on the graph in a child process)
+            plan.reasons[label(name, threads, spread)] = f"could not build its session: {str(e).splitlines()[0][:160]}"
+            return
+        try:
             with torch.no_grad():
                 out = runner(*fresh(inputs))
             problem = "its range checks fail on the example" if out is None else check(tree_flatten(out)[0])

@@ -1,0 +1,74 @@
+"""Build a library's session once in a child process before building it in the user's.
+
+A crash inside a native library cannot be caught: OpenVINO 2026.4's ``compile_model`` segfaults on graphopt's int8
+graph of timm's MobileViT-xxs (every layer int8), which ended the user's process inside ``optimize()`` without a
+word. So before OpenVINO compiles an int8 graph in this process, a child process (this interpreter, the same
+library, the same settings) compiles it and runs it once on zeros; a child that dies, fails or takes longer than
+TRIAL_TIMEOUT_S makes the library a rejected candidate with the reason, as any other failure to build is. Where
+it ran, the session is built here as before.
+
+Only OpenVINO's int8 graphs: its fp32 graphs and ONNX Runtime's sessions have not crashed on any model graphopt was
+run on (the model zoos in the README), and the child costs time: 3.3-3.4 s for each of ResNet-18's int8 graphs
+(an interpreter start, the imports, a second compile): about 7 s added to its int8 ``optimize()`` of 27 s. The results are
+kept per graph and input shapes (their sha256) for the process's life, so a graph checked once (again at another
+thread count, a reload of the same module) is not checked again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+from typing import Sequence
+
+TRIAL_TIMEOUT_S = 300.0
+
+# The child: the ONNX model on stdin, the compile config and the input shapes as JSON in argv[1]; exit 0 once a
+# call on zeros returned.
+_CHILD = """
+import json, sys
+import numpy as np
+import openvino as ov
+settings = json.loads(sys.argv[1])
+core = ov.Core()
+compiled = core.compile_model(core.read_model(sys.stdin.buffer.read()), "CPU", settings["config"])
+request = compiled.create_infer_request()
+request.infer([np.zeros(shape, np.float32) for shape in settings["shapes"]])
+"""
+
+_LOCK = threading.Lock()
+_SEEN: dict[str, str | None] = {}  # sha256 of (model, input shapes) -> None (it ran) or why not
+
+
+def _int8(model: bytes) -> bool:
+    import onnx
+
+    return any(node.op_type == "QuantizeLinear" for node in onnx.load_from_string(model).graph.node)
+
+
+def openvino_problem(model: bytes, config: dict, shapes: Sequence[tuple]) -> str | None:
+    """Why OpenVINO must not compile ``model`` in this process (its child crashed, failed or hung), or None."""
+    if not _int8(model):
+        return None
+    settings = json.dumps({"config": config, "shapes": [list(s) for s in shapes]}, sort_keys=True)
+    key = hashlib.sha256(model + json.dumps([list(s) for s in shapes]).encode()).hexdigest()
+    with _LOCK:
+        if key in _SEEN:
+            return _SEEN[key]
+    try:
+        child = subprocess.run([sys.executable, "-c", _CHILD, settings], input=model, capture_output=True,
+                               timeout=TRIAL_TIMEOUT_S)
+        if child.returncode == 0:
+            problem = None
+        elif child.returncode < 0:
+            problem = f"it crashed (signal {-child.returncode}) compiling or running this int8 graph in a trial process"
+        else:
+            last = (child.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1][:160]
+            problem = f"its trial process failed on this int8 graph: {last}"
+    except subprocess.TimeoutExpired:
+        problem = f"its trial process took over {TRIAL_TIMEOUT_S:.0f} s on this int8 graph"
+    with _LOCK:
+        _SEEN[key] = problem
+    return problem

@@ -1,0 +1,55 @@
+"""A library that crashes on a graph in its trial process is a rejected candidate; the user's process goes on."""
+
+import pytest
+import torch
+
+from graphopt import optimize
+from graphopt.compiler.core import engines, trial_build
+from tests.helpers import randomize_bn
+from tests.zoo import ZOO
+
+pytestmark = pytest.mark.skipif(not engines.installed("openvino"), reason="OpenVINO is not installed")
+
+CRASH = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+FAIL = "import sys; sys.exit('RuntimeError: no kernel for this node')"
+
+
+@pytest.fixture
+def fresh_trials(monkeypatch):
+    monkeypatch.setattr(trial_build, "_SEEN", {})
+    monkeypatch.setattr(engines, "MARGIN", float("inf"))  # (OpenVINO wins wherever it builds and agrees)
+    monkeypatch.setattr(engines, "SINGLE_THREAD_BELOW_MS", 0.0)
+
+
+def _convnet():
+    make, inputs = ZOO["resnet_blocks"]
+    torch.manual_seed(0)
+    return randomize_bn(make()).eval(), inputs(2)
+
+
+@pytest.mark.parametrize("child, reason", [(CRASH, "it crashed (signal 11)"),
+                                           (FAIL, "its trial process failed on this int8 graph: RuntimeError: no "
+                                                  "kernel for this node")])
+def test_a_library_whose_trial_process_crashes_or_fails_is_not_built_here(fresh_trials, monkeypatch, child, reason):
+    monkeypatch.setattr(trial_build, "_CHILD", child)
+    monkeypatch.setattr(trial_build, "_int8", lambda model: True)  # (an fp32 graph stands in: quicker)
+    model, x = _convnet()
+    opt = optimize(model, (x,), engines="openvino")
+    assert opt.engine == "graphopt"
+    assert opt.engine_plan.reasons["openvino"].startswith("could not build its session: " + reason)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_an_int8_graph_is_tried_once_in_a_child_and_an_fp32_graph_not_at_all(fresh_trials, monkeypatch):
+    model, x = _convnet()
+    opt = optimize(model, (x,), engines="openvino")
+    assert opt.engine == "openvino" and trial_build._SEEN == {}  # (fp32: no trial)
+    calibration = [(torch.randn_like(x),) for _ in range(4)]
+    monkeypatch.setattr("graphopt.compiler.int8.quantize.MIN_INT8_MACS", 0)
+    optimize(model, (x,), quantize="int8", calibration=calibration, engines="openvino", progress=False)
+    assert trial_build._SEEN and set(trial_build._SEEN.values()) == {None}  # (each int8 graph ran in its child)
+    tried = dict(trial_build._SEEN)
+    monkeypatch.setattr(trial_build, "_CHILD", CRASH)  # the same graphs again: the results kept, no child
+    optimize(model, (x,), quantize="int8", calibration=calibration, engines="openvino", progress=False)
+    assert trial_build._SEEN == tried
