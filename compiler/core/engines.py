@@ -227,6 +227,11 @@ def _onnxruntime(model: bytes, spec: Any, threads: str, limits: Sequence[float],
     return run_one
 
 
+def _openvino_config(threads: str) -> dict:
+    return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_NUM_THREADS": _threads(threads)}
+
+
 def _openvino(model: bytes, spec: Any, threads: str, limits: Sequence[float], shapes: Sequence[tuple],
               any_batch: bool, declined: list) -> Callable:
     import openvino as ov
@@ -234,8 +239,7 @@ def _openvino(model: bytes, spec: Any, threads: str, limits: Sequence[float], sh
     from graphopt.compiler.core.trial_build import openvino_problem
 
     core = ov.Core()
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
-              "INFERENCE_NUM_THREADS": _threads(threads)}
+    config = _openvino_config(threads)
     problem = openvino_problem(model, config, shapes)  # (a crash here would end the user's process)
     if problem is not None:
         raise RuntimeError(problem)
@@ -555,6 +559,12 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
         model = onnx_model(opt, fresh(inputs), values, by_sum)
         spread_model = _spread(model) if spread and name == "onnxruntime" else None
         spread = spread_model is not None  # (no gates to spread in the graph loaded: the session over it as it is)
+        if name == "openvino":  # (a saved graph may come from anyone: OpenVINO tries any of them in a child first)
+            from graphopt.compiler.core.trial_build import openvino_problem
+
+            problem = openvino_problem(model, _openvino_config(threads), plan.shapes, every_graph=True)
+            if problem is not None:
+                return None, None, f"{name} could not run it as saved: {problem}"
         runner = build(name, spread_model or model, spec, plan.shapes, threads, bounds)
         problem = disagreement(opt, runner, probe)
     except Exception as e:

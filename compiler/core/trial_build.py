@@ -2,16 +2,18 @@
 
 A crash inside a native library cannot be caught: OpenVINO 2026.4's ``compile_model`` segfaults on graphopt's int8
 graph of timm's MobileViT-xxs (every layer int8), which ended the user's process inside ``optimize()`` without a
-word. So before OpenVINO compiles an int8 graph in this process, a child process (this interpreter, the same
-library, the same settings) compiles it and runs it once on zeros; a child that dies, fails or takes longer than
+word. So before OpenVINO compiles a graph in this process, a child process (this interpreter, the same library,
+the same settings) compiles it and runs it once on zeros; a child that dies, fails or takes longer than
 TRIAL_TIMEOUT_S makes the library a rejected candidate with the reason, as any other failure to build is. Where
 it ran, the session is built here as before.
 
-Only OpenVINO's int8 graphs: its fp32 graphs and ONNX Runtime's sessions have not crashed on any model graphopt was
-run on (the model zoos in the README), and the child costs time: 3.3-3.4 s for each of ResNet-18's int8 graphs
-(an interpreter start, the imports, a second compile): about 7 s added to its int8 ``optimize()`` of 27 s. The results are
-kept per graph and input shapes (their sha256) for the process's life, so a graph checked once (again at another
-thread count, a reload of the same module) is not checked again.
+Which graphs: in ``optimize()``, OpenVINO's int8 graphs (its fp32 graphs and ONNX Runtime's sessions have not
+crashed on any model graphopt was run on: the model zoos in the README); in ``load()``, every graph OpenVINO is
+to run (a saved folder may come from anyone, and a crafted graph must not end the loading process either). The
+child costs time: 3.3-3.4 s for each of ResNet-18's int8 graphs (an interpreter start, the imports, a second
+compile), about 7 s added to its int8 ``optimize()`` of 27 s. The results are kept per graph and input shapes
+(their sha256) for the process's life, so a graph checked once (again at another thread count, a reload of the
+same module) is not checked again.
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ def _int8(model: bytes) -> bool:
     return any(node.op_type == "QuantizeLinear" for node in onnx.load_from_string(model).graph.node)
 
 
-def openvino_problem(model: bytes, config: dict, shapes: Sequence[tuple]) -> str | None:
-    """Why OpenVINO must not compile ``model`` in this process (its child crashed, failed or hung), or None."""
-    if not _int8(model):
+def openvino_problem(model: bytes, config: dict, shapes: Sequence[tuple], every_graph: bool = False) -> str | None:
+    """Why OpenVINO must not compile ``model`` in this process (its child crashed, failed or hung), or None.
+    ``every_graph``: fp32 graphs too (load(): a saved folder may come from anyone)."""
+    if not every_graph and not _int8(model):
         return None
     settings = json.dumps({"config": config, "shapes": [list(s) for s in shapes]}, sort_keys=True)
     key = hashlib.sha256(model + json.dumps([list(s) for s in shapes]).encode()).hexdigest()
@@ -63,12 +66,12 @@ def openvino_problem(model: bytes, config: dict, shapes: Sequence[tuple]) -> str
         if child.returncode == 0:
             problem = None
         elif child.returncode < 0:
-            problem = f"it crashed (signal {-child.returncode}) compiling or running this int8 graph in a trial process"
+            problem = f"it crashed (signal {-child.returncode}) compiling or running this graph in a trial process"
         else:
             last = (child.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1][:160]
-            problem = f"its trial process failed on this int8 graph: {last}"
+            problem = f"its trial process failed on this graph: {last}"
     except subprocess.TimeoutExpired:
-        problem = f"its trial process took over {TRIAL_TIMEOUT_S:.0f} s on this int8 graph"
+        problem = f"its trial process took over {TRIAL_TIMEOUT_S:.0f} s on this graph"
     with _LOCK:
         _SEEN[key] = problem
     return problem

@@ -28,8 +28,8 @@ def _convnet():
 
 
 @pytest.mark.parametrize("child, reason", [(CRASH, "it crashed (signal 11)"),
-                                           (FAIL, "its trial process failed on this int8 graph: RuntimeError: no "
-                                                  "kernel for this node")])
+                                           (FAIL, "its trial process failed on this graph: RuntimeError: no kernel "
+                                                  "for this node")])
 def test_a_library_whose_trial_process_crashes_or_fails_is_not_built_here(fresh_trials, monkeypatch, child, reason):
     monkeypatch.setattr(trial_build, "_CHILD", child)
     monkeypatch.setattr(trial_build, "_int8", lambda model: True)  # (an fp32 graph stands in: quicker)
@@ -53,3 +53,19 @@ def test_an_int8_graph_is_tried_once_in_a_child_and_an_fp32_graph_not_at_all(fre
     monkeypatch.setattr(trial_build, "_CHILD", CRASH)  # the same graphs again: the results kept, no child
     optimize(model, (x,), quantize="int8", calibration=calibration, engines="openvino", progress=False)
     assert trial_build._SEEN == tried
+
+
+def test_load_tries_any_saved_openvino_graph_in_a_child_first(fresh_trials, monkeypatch, tmp_path):
+    """A saved folder may come from anyone: a graph that crashes OpenVINO must not end the loading process."""
+    from graphopt import load
+
+    model, x = _convnet()
+    opt = optimize(model, (x,), engines="openvino")
+    assert opt.engine == "openvino" and trial_build._SEEN == {}  # (fp32 in optimize(): no trial)
+    folder = opt.save(tmp_path / "saved")
+    monkeypatch.setattr(trial_build, "_CHILD", CRASH)
+    with pytest.warns(UserWarning, match=r"not openvino: openvino could not run it as saved: it crashed \(signal 11\)"):
+        loaded = load(folder)
+    assert loaded.engine == "graphopt" and len(trial_build._SEEN) == 1
+    with torch.no_grad():
+        assert torch.equal(loaded(x), opt.graph_module(x))
