@@ -183,6 +183,12 @@ def _arrays(shapes: Sequence[tuple], any_batch: bool) -> Callable[[tuple], list 
     return arrays
 
 
+def first_line(e: BaseException, width: int = 120) -> str:
+    """``e``'s type and the first line of its message (which may be empty: a bare MemoryError)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:width]}" if lines else type(e).__name__
+
+
 def _threads(threads: str) -> int:
     return 1 if threads == "1" else torch.get_num_threads()
 
@@ -440,7 +446,7 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
     try:
         model = onnx_model(opt, fresh(inputs), checked, by_sum)
     except Exception as e:  # an op the exporter cannot write: graphopt runs it
-        plan.reasons = {name: f"the ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        plan.reasons = {name: f"the ONNX export failed: {first_line(e)}"
                         for name in names}
         return plan, None
     spread_model = _spread(model) if "onnxruntime" in names else None
@@ -454,14 +460,14 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
         try:
             runner = build(name, spread_model if spread else model, spec, plan.shapes, threads, limits)
         except Exception as e:  # (trial_build.py: a library that crashes on the graph in a child process)
-            plan.reasons[label(name, threads, spread)] = f"could not build its session: {str(e).splitlines()[0][:160]}"
+            plan.reasons[label(name, threads, spread)] = f"could not build its session: {first_line(e, 200)}"
             return
         try:
             with torch.no_grad():
                 out = runner(*fresh(inputs))
             problem = "its range checks fail on the example" if out is None else check(tree_flatten(out)[0])
         except Exception as e:
-            problem = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            problem = first_line(e)
         if problem is None:
             runners[name, threads, spread] = runner
         else:
@@ -568,7 +574,7 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
         runner = build(name, spread_model or model, spec, plan.shapes, threads, bounds)
         problem = disagreement(opt, runner, probe)
     except Exception as e:
-        return None, None, f"{name} could not run it as saved: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        return None, None, f"{name} could not run it as saved: {first_line(e, 160)}"
     if problem is not None:
         graph = "graphopt's int8 graph" if is_quantized(opt.portable) else "graphopt's graph"
         return None, None, f"{name} disagrees with {graph} on load's seeded probe input: {problem}"

@@ -13,13 +13,20 @@ to run (a saved folder may come from anyone, and a crafted graph must not end th
 child costs time: 3.3-3.4 s for each of ResNet-18's int8 graphs (an interpreter start, the imports, a second
 compile), about 7 s added to its int8 ``optimize()`` of 27 s. The results are kept per graph and input shapes
 (their sha256) for the process's life, so a graph checked once (again at another thread count, a reload of the
-same module) is not checked again.
+same module) is not checked again (two threads checking one graph at once may each start a child). A timeout or a
+kill (the OOM killer's) is not kept: the next build tries again.
+
+The protection is partial: the child compiles the graph and runs it once on zeros; a crash that depends on the
+data of a later call is not caught. The child is this Python (``sys.executable``) with the parent's ``sys.path``;
+in a frozen or embedded program, where that is no Python, OpenVINO is not tried (a reason says so).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -31,9 +38,10 @@ TRIAL_TIMEOUT_S = 300.0
 # call on zeros returned.
 _CHILD = """
 import json, sys
+settings = json.loads(sys.argv[1])
+sys.path[:] = settings["path"]
 import numpy as np
 import openvino as ov
-settings = json.loads(sys.argv[1])
 core = ov.Core()
 compiled = core.compile_model(core.read_model(sys.stdin.buffer.read()), "CPU", settings["config"])
 request = compiled.create_infer_request()
@@ -41,7 +49,7 @@ request.infer([np.zeros(shape, np.float32) for shape in settings["shapes"]])
 """
 
 _LOCK = threading.Lock()
-_SEEN: dict[str, str | None] = {}  # sha256 of (model, input shapes) -> None (it ran) or why not
+_SEEN: dict[str, str | None] = {}  # sha256 of (model, settings) -> None (it ran) or why not
 
 
 def _int8(model: bytes) -> bool:
@@ -56,22 +64,31 @@ def openvino_problem(model: bytes, config: dict, shapes: Sequence[tuple], every_
     if not every_graph and not _int8(model):
         return None
     settings = json.dumps({"config": config, "shapes": [list(s) for s in shapes]}, sort_keys=True)
-    key = hashlib.sha256(model + json.dumps([list(s) for s in shapes]).encode()).hexdigest()
+    digest = hashlib.sha256(model)
+    digest.update(settings.encode())
+    key = digest.hexdigest()
     with _LOCK:
         if key in _SEEN:
             return _SEEN[key]
+    if getattr(sys, "frozen", False) or not sys.executable or not os.path.isfile(sys.executable):
+        return "no Python interpreter to try it in first (a frozen or embedded program)"
+    keep = True
     try:
-        child = subprocess.run([sys.executable, "-c", _CHILD, settings], input=model, capture_output=True,
-                               timeout=TRIAL_TIMEOUT_S)
+        child = subprocess.run([sys.executable, "-c", _CHILD, json.dumps({**json.loads(settings), "path": sys.path})],
+                               input=model, capture_output=True, timeout=TRIAL_TIMEOUT_S)
         if child.returncode == 0:
             problem = None
         elif child.returncode < 0:
-            problem = f"it crashed (signal {-child.returncode}) compiling or running this graph in a trial process"
+            name = signal.Signals(-child.returncode).name if -child.returncode in signal.valid_signals() else ""
+            problem = (f"it crashed (signal {-child.returncode}{', ' + name if name else ''}) compiling or running "
+                       "this graph in a trial process")
+            keep = -child.returncode != getattr(signal, "SIGKILL", 9)  # (the OOM killer's: perhaps not the graph)
         else:
             last = (child.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1][:160]
             problem = f"its trial process failed on this graph: {last}"
     except subprocess.TimeoutExpired:
-        problem = f"its trial process took over {TRIAL_TIMEOUT_S:.0f} s on this graph"
-    with _LOCK:
-        _SEEN[key] = problem
+        problem, keep = f"its trial process took over {TRIAL_TIMEOUT_S:.0f} s on this graph", False
+    if keep:
+        with _LOCK:
+            _SEEN[key] = problem
     return problem

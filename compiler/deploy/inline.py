@@ -88,9 +88,10 @@ def _untraceable_hint(module: torch.nn.Module) -> str:
                 "(F.scaled_dot_product_attention), or keep the optimized module in the process that built it")
     if isinstance(module, (torch.nn.TransformerEncoder, torch.nn.TransformerEncoderLayer)):
         return ("graphopt writes an encoder or an encoder layer out as functional calls (decompose_attention) "
-                "when it is called on a batch without a mask, and its layers use relu or exact gelu; otherwise it "
-                "stays torch's module, whose fast path does not trace: call it that way, or keep the optimized "
-                "module in the process that built it")
+                "when it is in eval mode and called on a batch (3-d) without a mask, key_padding_mask or is_causal, "
+                "and its layers are nn.TransformerEncoderLayer with relu or exact gelu; otherwise it stays torch's "
+                "module, whose fast path does not trace: call it that way, or keep the optimized module in the "
+                "process that built it (opt.report's decompose_attention row says why it stayed)")
     return ("make this module's forward traceable by torch.fx (no Python branching on inputs or their sizes), "
             "or run the optimized module in the process that built it")
 
