@@ -11,10 +11,10 @@ Which graphs: in ``optimize()``, OpenVINO's int8 graphs (its fp32 graphs and ONN
 crashed on any model graphopt was run on: the model zoos in the README); in ``load()``, every graph OpenVINO is
 to run (a saved folder may come from anyone, and a crafted graph must not end the loading process either). The
 child costs time: 3.3-3.4 s for each of ResNet-18's int8 graphs (an interpreter start, the imports, a second
-compile), about 7 s added to its int8 ``optimize()`` of 27 s. The results are kept per graph and input shapes
-(their sha256) for the process's life, so a graph checked once (again at another thread count, a reload of the
-same module) is not checked again (two threads checking one graph at once may each start a child). A timeout or a
-kill (the OOM killer's) is not kept: the next build tries again.
+compile), about 7 s added to its int8 ``optimize()`` of 27 s. The results are kept per graph and settings (input
+shapes, threads: their sha256) for the process's life, so a graph checked once (a reload of the same module) is
+not checked again (two threads checking one graph at once may each start a child). A timeout or a kill (the OOM
+killer's) is not kept: the next build tries again.
 
 The protection is partial: the child compiles the graph and runs it once on zeros; a crash that depends on the
 data of a later call is not caught. The child is this Python (``sys.executable``) with the parent's ``sys.path``;
