@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils._pytree import tree_flatten
 
-from graphopt.compiler.core.errors import CaptureError, is_internal, node_source, user_frame
+from graphopt.compiler.core.errors import CaptureError, first_line, is_internal, node_source, user_frame
 from graphopt.compiler.core.export_capture import export_capture
 
 _TRACE_HINT = (
@@ -158,8 +158,7 @@ def capture(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
             gm = export_capture(copy.deepcopy(model), fresh(inputs))
         except Exception as e:  # neither route can capture the model: say why for both
             raise CaptureError(
-                f"{refusal.message}; torch.export cannot capture it either: {type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+                f"{refusal.message}; torch.export cannot capture it either: {first_line(e, 300)}",
                 module=refusal.module, source=refusal.source, hint=_opaque_output_hint(model, eager) or refusal.hint
             ) from e
         gm.meta["capture_route"] = "torch.export"

@@ -36,6 +36,8 @@ from typing import Any, Callable
 import torch
 from torch.utils._pytree import tree_flatten
 
+from graphopt.compiler.core.errors import first_line
+
 
 def serve_other_batches(example: Callable, opt: torch.nn.Module, inputs: tuple, plan: Any) -> None:
     """Where ``plan`` (an EnginePlan) says so, route the calls at other batch sizes that ``example`` (the chosen
@@ -94,7 +96,7 @@ def _free_batch_session(opt: torch.nn.Module, inputs: tuple, plan: Any) -> tuple
             if problem is not None:
                 return None, f"onnxruntime's free-batch session disagrees with graphopt's graph{where}: {problem}"
     except Exception as e:  # (graphopt's graph or the exporter cannot take another batch size)
-        return None, f"onnxruntime's free-batch session failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        return None, f"onnxruntime's free-batch session failed: {first_line(e)}"
     return others, None
 
 

@@ -60,7 +60,7 @@ from typing import Any, Callable, Collection, Sequence
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from graphopt.compiler.core.errors import GraphoptError
+from graphopt.compiler.core.errors import GraphoptError, first_line
 
 ENGINES = ("onnxruntime", "openvino")  # tried in this order; a tie keeps the earlier
 MARGIN = 1.0  # another library must take at most this fraction of graphopt's time (tests move it)
@@ -181,12 +181,6 @@ def _arrays(shapes: Sequence[tuple], any_batch: bool) -> Callable[[tuple], list 
             out.append((x if x.is_contiguous() else x.contiguous()).numpy())
         return out
     return arrays
-
-
-def first_line(e: BaseException, width: int = 120) -> str:
-    """``e``'s type and the first line of its message (which may be empty: a bare MemoryError)."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:width]}" if lines else type(e).__name__
 
 
 def _threads(threads: str) -> int:

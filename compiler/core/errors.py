@@ -48,6 +48,13 @@ class InputError(GraphoptError):
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the graphopt package
 
 
+def first_line(e: BaseException, width: int = 120) -> str:
+    """``e``'s type and the first line of its message, for a reason or an error message (the message may be empty: a
+    bare MemoryError)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:width]}" if lines else type(e).__name__
+
+
 def is_internal(filename: str) -> bool:
     """Is this a frame of torch, of graphopt itself, or of generated code (not the user's)?"""
     import torch

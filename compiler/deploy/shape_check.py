@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten
 
-from graphopt.compiler.core.errors import LoadError
+from graphopt.compiler.core.errors import LoadError, first_line
 
 MAX_ELEMENTS = 1 << 28
 MAX_INT = 1 << 63
@@ -64,6 +64,5 @@ def check_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
     except LoadError:
         raise
     except Exception as e:  # any failure of a hostile or damaged graph is a LoadError, never another exception
-        raise LoadError(f"the saved graph does not run on its own input specs: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:300] if str(e) else ''}",
+        raise LoadError(f"the saved graph does not run on its own input specs: {first_line(e, 300)}",
                         hint="the artifact was not written by graphopt, or was altered; do not load it") from e

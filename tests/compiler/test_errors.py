@@ -237,3 +237,13 @@ def test_a_submodule_left_in_training_mode_is_refused():
     with pytest.raises(CaptureError, match="submodule 1 is in training mode"):
         optimize(model, (torch.randn(2, 3, 8, 8),))
     assert model[1].training and not model.training  # (the user's model untouched)
+
+
+def test_an_exceptions_first_line_names_its_type_even_with_no_message():
+    """Every reason and message quoting a caught exception goes through first_line: a bare MemoryError broke the
+    engine choice when a line was taken from its empty message."""
+    from graphopt.compiler.core.errors import first_line
+
+    assert first_line(MemoryError()) == "MemoryError"
+    assert first_line(ValueError("  \n")) == "ValueError"
+    assert first_line(RuntimeError("compile failed\nat node 3"), width=7) == "RuntimeError: compile"
