@@ -236,14 +236,8 @@ def _openvino(model: bytes, spec: Any, threads: str, limits: Sequence[float], sh
               any_batch: bool, declined: list) -> Callable:
     import openvino as ov
 
-    from graphopt.compiler.core.trial_build import openvino_problem
-
     core = ov.Core()
-    config = _openvino_config(threads)
-    problem = openvino_problem(model, config, shapes)  # (a crash here would end the user's process)
-    if problem is not None:
-        raise RuntimeError(problem)
-    compiled = core.compile_model(core.read_model(model), "CPU", config)
+    compiled = core.compile_model(core.read_model(model), "CPU", _openvino_config(threads))
     local = threading.local()  # an infer request serves one call at a time: one per thread
     arrays, outputs = _arrays(shapes, False), _outputs(spec, limits)
 
@@ -266,12 +260,19 @@ _BUILDERS = {"onnxruntime": _onnxruntime, "openvino": _openvino}
 
 
 def build(name: str, model: bytes, spec: Any, shapes: Sequence[tuple], threads: str = "torch",
-          limits: Sequence[float] = (), any_batch: bool = False) -> Callable:
+          limits: Sequence[float] = (), any_batch: bool = False, trial_every_graph: bool = False) -> Callable:
     """``name``'s session over ``model`` (exported at input ``shapes``; ``any_batch``: with its batch free, ONNX
     Runtime only) as a function of tensors: the graph's outputs, or None where the call is not the library's
     (``_arrays``) or one of the checked values (``limits``, in the order of the model's extra outputs) is not
     within its limit. A call it does not take goes to ``runner.declined[0]`` instead where one was put there
-    (engine_batches.serve_other_batches)."""
+    (engine_batches.serve_other_batches). OpenVINO compiles an int8 graph (``trial_every_graph``: any graph, as
+    load() asks) in a child process first, and raises where the child crashed (compiler/core/trial_build.py)."""
+    if name == "openvino":  # (a crash inside OpenVINO's compile would end the user's process)
+        from graphopt.compiler.core.trial_build import openvino_problem
+
+        problem = openvino_problem(model, _openvino_config(threads), shapes, every_graph=trial_every_graph)
+        if problem is not None:
+            raise RuntimeError(problem)
     declined: list = [None]
     runner = _BUILDERS[name](model, spec, threads, limits, shapes, any_batch, declined)
     runner.declined = declined
@@ -453,7 +454,7 @@ def choose(opt: torch.nn.Module, inputs: tuple, names: Sequence[str], check: Cal
     def add(name: str, threads: str, spread: bool = False) -> None:
         try:
             runner = build(name, spread_model if spread else model, spec, plan.shapes, threads, limits)
-        except Exception as e:  # (trial_build.py: a library that crashes on the graph in a child process)
+        except Exception as e:  # (build's trial: a library that crashes on the graph in a child process)
             plan.reasons[label(name, threads, spread)] = f"could not build its session: {first_line(e, 200)}"
             return
         try:
@@ -559,13 +560,8 @@ def restore(name: str, opt: torch.nn.Module, inputs: tuple, guarded: bool = True
         model = onnx_model(opt, fresh(inputs), values, by_sum)
         spread_model = _spread(model) if spread and name == "onnxruntime" else None
         spread = spread_model is not None  # (no gates to spread in the graph loaded: the session over it as it is)
-        if name == "openvino":  # (a saved graph may come from anyone: OpenVINO tries any of them in a child first)
-            from graphopt.compiler.core.trial_build import openvino_problem
-
-            problem = openvino_problem(model, _openvino_config(threads), plan.shapes, every_graph=True)
-            if problem is not None:
-                return None, None, f"{name} could not run it as saved: {problem}"
-        runner = build(name, spread_model or model, spec, plan.shapes, threads, bounds)
+        # (a saved graph may come from anyone: OpenVINO tries any of them in a child first)
+        runner = build(name, spread_model or model, spec, plan.shapes, threads, bounds, trial_every_graph=True)
         problem = disagreement(opt, runner, probe)
     except Exception as e:
         return None, None, f"{name} could not run it as saved: {first_line(e, 160)}"

@@ -64,7 +64,7 @@ def test_load_tries_any_saved_openvino_graph_in_a_child_first(fresh_trials, monk
     assert opt.engine == "openvino" and trial_build._SEEN == {}  # (fp32 in optimize(): no trial)
     folder = opt.save(tmp_path / "saved")
     monkeypatch.setattr(trial_build, "_CHILD", CRASH)
-    saved_crash = r"not openvino: openvino could not run it as saved: it crashed \(signal 11, SIGSEGV\)"
+    saved_crash = r"not openvino: openvino could not run it as saved: RuntimeError: it crashed \(signal 11, SIGSEGV\)"
     with pytest.warns(UserWarning, match=saved_crash):
         loaded = load(folder)
     assert loaded.engine == "graphopt" and len(trial_build._SEEN) == 1
