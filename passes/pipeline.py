@@ -14,6 +14,7 @@ from graphopt.passes.eliminate_dead_code import eliminate_dead_code
 from graphopt.passes.fold_constants import fold_constants
 from graphopt.passes.fold_conv_bn import fold_conv_bn
 from graphopt.passes.fold_linear_bn import fold_linear_bn
+from graphopt.passes.fold_rank_checks import fold_rank_checks
 from graphopt.passes.fuse_conv_act import fuse_conv_act
 from graphopt.passes.fuse_linear_act import fuse_linear_act
 from graphopt.passes.lower_int8_onednn import lower_int8_onednn
@@ -28,6 +29,7 @@ from graphopt.passes.remove_noops import remove_noops
 
 DEFAULT_PIPELINE: list[PassFn] = [
     remove_noops,
+    fold_rank_checks,  # (timm's rank checks read each conv's output a second time: before the folds that need one)
     eliminate_dead_code,
     decompose_attention,  # (its projections are linears for everything after it)
     fold_constants,
