@@ -37,6 +37,7 @@ log = logging.getLogger("graphopt")
 # the user's, compiler/quantize.py), and lowering an int8 graph may differ from it by rounding only.
 INT8_PASS_FLOOR_DB = 10.0
 INT8_LOWERING_FLOOR_DB = 30.0
+INT8_LOWERING_MARGIN_DB = 1.0  # ... or, under it, as accurate against fp32 as the int8 graph, to this (verify.py)
 MISSED_NODES = 5  # node names a record keeps per miss reason
 
 
@@ -189,7 +190,8 @@ class PassManager:
             if not all(same_bits(a, b) for a, b in zip(flat, self._previous)):
                 problem = "changed the outputs of a pass that must keep them bitwise equal"
         if problem is None and (info.kind == "int8" or self.int8_reference is not None):
-            problem = oracle.int8_error(flat, self.int8_floor_db, self.int8_reference)
+            margin = INT8_LOWERING_MARGIN_DB if self.int8_reference is not None else None
+            problem = oracle.int8_error(flat, self.int8_floor_db, self.int8_reference, margin_db=margin)
         elif problem is None and info.kind == "fp32":
             problem = oracle.fp32_error(flat)
         if problem is not None:

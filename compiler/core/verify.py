@@ -193,13 +193,28 @@ class Oracle:
                         f"(3x eager's {err_eager:.3g})")
         return None
 
-    def int8_error(self, outputs: list, floor_db: float, reference: list | None = None) -> str | None:
-        """Each floating output's SQNR against ``reference`` (default: the captured model's) must reach the floor."""
+    def int8_error(self, outputs: list, floor_db: float, reference: list | None = None,
+                   margin_db: float | None = None) -> str | None:
+        """Each floating output's SQNR against ``reference`` (default: the captured model's) must reach the floor.
+
+        With ``margin_db`` (a lowering, checked against the int8 graph it lowers), an output under the floor still
+        passes where it is as accurate as the reference: its SQNR against the captured model's output within
+        ``margin_db`` of the reference's own. Two int8 kernels that round a requantization differently can only
+        agree about as well as either agrees with fp32: on a model whose int8 output is itself at 24 dB (timm's
+        EfficientNet-B0 with its random initialization), the lowering read 27 dB against the reference, under
+        the floor, and 24.2 dB against fp32, where the reference read 23.9."""
         for i, (new, old) in enumerate(zip(outputs, reference or self.eager)):
             if isinstance(old, torch.Tensor) and old.is_floating_point():
                 db = sqnr(old, new)
-                if db < floor_db:
-                    return f"output {i}: SQNR {db:.1f} dB against the reference is below the floor of {floor_db:.1f} dB"
+                if db >= floor_db:
+                    continue
+                problem = f"output {i}: SQNR {db:.1f} dB against the reference is below the floor of {floor_db:.1f} dB"
+                if margin_db is None or reference is None:
+                    return problem
+                ours, theirs = sqnr(self.eager[i], new), sqnr(self.eager[i], old)
+                if not ours >= theirs - margin_db:
+                    return (f"{problem}, and {ours:.1f} dB against the fp32 model, where the reference reads "
+                            f"{theirs:.1f} (more than {margin_db:.1f} dB better)")
             elif not same_bits(new, old):
                 return f"output {i} (not floating point) changed"
         return None

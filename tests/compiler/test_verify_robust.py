@@ -123,3 +123,46 @@ def test_the_reference_of_a_depthwise_model_uses_the_fast_path(monkeypatch):
     oracle = Oracle.build(traced(model, x), (x,))
     assert calls and not oracle.narrowed
     torch.testing.assert_close(oracle.ref64[0], model.double()(x.double()))
+
+
+def _noisy(y: torch.Tensor, db: float, seed: int) -> torch.Tensor:
+    """y plus independent noise at ``db`` of SQNR against y."""
+    noise = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    scale = (y.double().pow(2).sum() / noise.pow(2).sum() / 10 ** (db / 10)).sqrt()
+    return (y.double() + noise * scale).float()
+
+
+def test_a_lowering_under_the_floor_passes_only_where_it_is_as_accurate_against_fp32_as_the_int8_graph():
+    from graphopt.compiler.core.pipeline import INT8_LOWERING_FLOOR_DB, INT8_LOWERING_MARGIN_DB
+    from graphopt.compiler.core.verify import sqnr
+
+    m, x = nn.Linear(64, 256).eval(), torch.randn(8, 64)
+    oracle = Oracle.build(traced(m, x), (x,))
+    y = oracle.eager[0]
+    reference = _noisy(y, 24.0, seed=1)  # an int8 graph whose own output is at 24 dB against fp32
+    as_good, worse = _noisy(y, 24.2, seed=2), _noisy(y, 20.0, seed=3)  # two lowerings that round otherwise
+    assert sqnr(reference, as_good) < INT8_LOWERING_FLOOR_DB  # they cannot agree to the floor
+    floor, margin = INT8_LOWERING_FLOOR_DB, INT8_LOWERING_MARGIN_DB
+    assert "below the floor" in oracle.int8_error([as_good], floor, [reference])  # (no margin: the floor alone)
+    assert oracle.int8_error([as_good], floor, [reference], margin_db=margin) is None
+    problem = oracle.int8_error([worse], floor, [reference], margin_db=margin)
+    assert "below the floor" in problem and "against the fp32 model" in problem
+    assert oracle.int8_error([_noisy(reference, 40.0, seed=4)], floor, [reference], margin_db=margin) is None
+
+
+def test_the_int8_lowering_is_checked_with_the_margin_and_quantizing_without_it(monkeypatch):
+    from graphopt.compiler.core.pipeline import INT8_LOWERING_MARGIN_DB
+
+    calls, original = [], Oracle.int8_error
+
+    def spy(self, outputs, floor_db, reference=None, margin_db=None):
+        calls.append((reference is not None, margin_db))
+        return original(self, outputs, floor_db, reference, margin_db=margin_db)
+
+    monkeypatch.setattr(Oracle, "int8_error", spy)
+    m = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)).eval()
+    x = torch.randn(1, 16, 32, 32)
+    optimize(m, (x,), quantize="int8", calibration=[(torch.randn(1, 16, 32, 32),) for _ in range(2)],
+             engines="graphopt", progress=False)
+    assert (True, INT8_LOWERING_MARGIN_DB) in calls  # the lowering, against the int8 graph
+    assert (False, None) in calls  # quantize_int8 itself, against the fp32 model: the floor alone
