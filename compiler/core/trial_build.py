@@ -29,6 +29,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from typing import Sequence
 
@@ -36,12 +37,21 @@ from typing import Sequence
 # of crashing; a timeout is not kept, so a slow machine only loses OpenVINO for that build
 TRIAL_TIMEOUT_S = 120.0
 
+# TELEMETRY: ``import openvino`` sends a usage event (openvino.tools.ovc: "ov", "import") where the
+# ``openvino_telemetry`` package is installed, from a thread that starts a multiprocessing process by fork. In the
+# child, that fork copied a lock another thread held, and the forked process blocked forever closing stdin while
+# holding the child's output pipes open: the trial waited out its timeout on graphs that had compiled and run
+# (timm's ReXNet: two int8 graphs, 242 s of int8 optimize()), and every trial left a sleeping process behind. The
+# child takes OpenVINO's own stub instead (what it uses where the package is absent), writes its messages to a
+# file, not a pipe, and whatever it leaves behind in its process group is killed when it ends.
+
 # The child: the ONNX model on stdin, the compile config and the input shapes as JSON in argv[1]; exit 0 once a
 # call on zeros returned.
 _CHILD = """
 import json, sys
 settings = json.loads(sys.argv[1])
 sys.path[:] = settings["path"]
+sys.modules["openvino_telemetry"] = None  # (see TELEMETRY above)
 import numpy as np
 import openvino as ov
 core = ov.Core()
@@ -74,23 +84,44 @@ def openvino_problem(model: bytes, config: dict, shapes: Sequence[tuple], every_
             return _SEEN[key]
     if getattr(sys, "frozen", False) or not sys.executable or not os.path.isfile(sys.executable):
         return "no Python interpreter to try it in first (a frozen or embedded program)"
-    keep = True
-    try:
-        child = subprocess.run([sys.executable, "-c", _CHILD, json.dumps({**json.loads(settings), "path": sys.path})],
-                               input=model, capture_output=True, timeout=TRIAL_TIMEOUT_S)
-        if child.returncode == 0:
-            problem = None
-        elif child.returncode < 0:
-            name = signal.Signals(-child.returncode).name if -child.returncode in signal.valid_signals() else ""
-            problem = (f"it crashed (signal {-child.returncode}{', ' + name if name else ''}) compiling or running "
-                       "this graph in a trial process")
-            keep = -child.returncode != getattr(signal, "SIGKILL", 9)  # (the OOM killer's: perhaps not the graph)
-        else:
-            last = (child.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1][:160]
-            problem = f"its trial process failed on this graph: {last}"
-    except subprocess.TimeoutExpired:
-        problem, keep = f"its trial process took over {TRIAL_TIMEOUT_S:.0f} s on this graph", False
+    problem, keep = _trial(model, json.dumps({**json.loads(settings), "path": sys.path}))
     if keep:
         with _LOCK:
             _SEEN[key] = problem
     return problem
+
+
+def _trial(model: bytes, settings: str) -> tuple[str | None, bool]:
+    """(why the child did not compile and run the model, or None; whether that answer is the graph's to keep)."""
+    group = {"start_new_session": True} if hasattr(os, "killpg") else {}
+    with tempfile.TemporaryFile() as messages:
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, settings], stdin=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, stderr=messages, **group)
+        try:
+            child.communicate(model, timeout=TRIAL_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return f"its trial process took over {TRIAL_TIMEOUT_S:.0f} s on this graph", False
+        finally:
+            _end(child, bool(group))
+        messages.seek(0)
+        last = (messages.read().decode(errors="replace").strip().splitlines() or ["no message"])[-1][:160]
+    code = child.returncode
+    if code == 0:
+        return None, True
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else ""
+        return (f"it crashed (signal {-code}{', ' + name if name else ''}) compiling or running this graph in a "
+                "trial process"), -code != getattr(signal, "SIGKILL", 9)  # (the OOM killer's: perhaps not the graph)
+    return f"its trial process failed on this graph: {last}", True
+
+
+def _end(child: subprocess.Popen, grouped: bool) -> None:
+    """Kill the child if it still runs, and whatever it started in its process group; reap it."""
+    if grouped:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # (nothing left in the group)
+    else:
+        child.kill()
+    child.wait()
