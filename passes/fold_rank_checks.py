@@ -9,11 +9,12 @@ separate op. Folded, the conv's output has its one reader again.
 
 A rank is known where it follows from the graph's inputs, whose rank the optimized module checks on
 every call (compiler/core/module.py): an input's rank, a constant's, and what ops that keep their input's
-rank (convolutions, norms, activations, pooling, linears) or broadcast two ranks (+ - * /) make of
-them. A squeeze, a reshape, an index and anything else unknown ends the chain: its rank could depend on
-the batch size, and a read of it stays. Then comparisons of two known numbers are decided, and a
-``torch._assert`` whose condition is decided True is erased. One decided False stays, to raise as eager
-does.
+rank (convolutions, norms, activations, pooling, linear modules) or broadcast two ranks (+ - * /) make of
+them; each answer must also be the rank the value had at the example. A squeeze, a reshape, an index and
+anything else unknown ends the chain (its rank could depend on the batch size, or on an argument), and a read
+of it stays; where the graph changes a rank in place (``x.squeeze_()``), every read stays. Then comparisons of
+two known numbers are decided, and a ``torch._assert`` whose condition is decided True is erased, with what
+only it read. One decided False stays, to raise as eager does.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.passes import PassContext, register
-from graphopt.passes.lib.query import arg, constant_value, module_of, tensor_meta
+from graphopt.passes.lib.query import arg, constant_value, is_impure, module_of, tensor_meta
 
 # modules and functions whose output has the rank of their first argument
 _KEEP_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -37,57 +38,70 @@ _KEEP_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTra
                  nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                  nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_KEEP_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.batch_norm, F.layer_norm, F.group_norm, F.linear,
+# (not F.linear: a 1-d weight drops a dimension; not clamp: a tensor bound broadcasts)
+_KEEP_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.batch_norm, F.layer_norm, F.group_norm,
                    F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu,
                    F.mish, F.sigmoid, F.tanh, F.dropout, F.avg_pool2d, F.adaptive_avg_pool2d,
-                   torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.conv2d, torch.batch_norm}
-_KEEP_METHODS = {"relu", "sigmoid", "tanh", "clamp", "contiguous", "clone", "float"}
+                   torch.relu, torch.sigmoid, torch.tanh, torch.conv2d, torch.batch_norm}
+_KEEP_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "float"}
 # elementwise ops of two operands: the broadcast rank, the larger of the two (a Python number's is 0)
 _BROADCAST_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv,
                         torch.add, torch.sub, torch.mul, torch.div}
 _BROADCAST_METHODS = {"add", "sub", "mul", "div"}
+_RESHAPES_IN_PLACE = {"squeeze_", "unsqueeze_", "resize_", "resize_as_", "set_", "as_strided_"}
 _COMPARE = {operator.eq: operator.eq, operator.ne: operator.ne, operator.lt: operator.lt, operator.le: operator.le,
             operator.gt: operator.gt, operator.ge: operator.ge}
 
 
-class _Ranks:
-    """The rank of each value that has one at every batch size (None: not known)."""
+def _ranks(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """The rank of each value that has one at every batch size, in one pass over the graph in its order. A rule's
+    answer must also be the rank the value had at the example (its shape metadata): a table entry that is wrong for
+    some call form (a broadcasting bound, a 1-d weight, ...) then leaves the value unknown instead of folding a
+    wrong constant."""
+    known: dict[fx.Node, int] = {}
 
-    def __init__(self, gm: fx.GraphModule):
-        self.gm, self.known = gm, {}
-
-    def of(self, v: Any) -> int | None:
+    def of(v: Any) -> int | None:
         if isinstance(v, bool) or not isinstance(v, (int, float, fx.Node)):
             return None
-        if not isinstance(v, fx.Node):
-            return 0
-        if v not in self.known:
-            self.known[v] = self._rank(v)
-        return self.known[v]
+        return known.get(v) if isinstance(v, fx.Node) else 0
 
-    def _rank(self, node: fx.Node) -> int | None:
-        if node.op == "placeholder":  # the module checks each tensor input's rank on every call
-            meta = tensor_meta(node)
-            return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-        if node.op == "get_attr":
-            value = constant_value(self.gm, node)
-            return value.dim() if value is not None else None
-        first = node.args[0] if node.args else None
-        if node.op == "call_module":
-            keeps = type(module_of(self.gm, node)) in _KEEP_MODULES  # (exact types: a subclass may do anything)
-            return self.of(first) if keeps and isinstance(first, fx.Node) else None
-        function, method = node.op == "call_function", node.op == "call_method"
-        if node.kwargs.get("out") is not None or not (function or method):
-            return None
-        if (function and node.target in _BROADCAST_FUNCTIONS or method and node.target in _BROADCAST_METHODS) \
-                and len(node.args) == 2 and set(node.kwargs) <= {"alpha"}:
-            ranks = [self.of(a) for a in node.args]
-            return None if None in ranks else max(ranks)
-        keeps = node.target in _KEEP_FUNCTIONS if function else node.target in _KEEP_METHODS
-        reduces = node.target in ((torch.mean, torch.sum) if function else ("mean", "sum"))
-        if keeps or reduces and arg(node, 2, "keepdim", False) is True:
-            return self.of(first) if isinstance(first, fx.Node) else None
+    for node in gm.graph.nodes:
+        rank = _rank(gm, node, of)
+        meta = tensor_meta(node)
+        if rank is not None and meta is not None and hasattr(meta, "shape") and len(meta.shape) == rank:
+            known[node] = rank
+    return known
+
+
+def _rank(gm: fx.GraphModule, node: fx.Node, of) -> int | None:
+    if node.op == "placeholder":  # the module checks each tensor input's rank on every call
+        meta = tensor_meta(node)
+        return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    if node.op == "get_attr":
+        value = constant_value(gm, node)
+        return value.dim() if value is not None else None
+    first = node.args[0] if node.args else None
+    if node.op == "call_module":
+        keeps = type(module_of(gm, node)) in _KEEP_MODULES  # (exact types: a subclass may do anything)
+        return of(first) if keeps and isinstance(first, fx.Node) else None
+    function, method = node.op == "call_function", node.op == "call_method"
+    if node.kwargs.get("out") is not None or not (function or method):
         return None
+    if (function and node.target in _BROADCAST_FUNCTIONS or method and node.target in _BROADCAST_METHODS) \
+            and len(node.args) == 2 and set(node.kwargs) <= {"alpha"}:
+        ranks = [of(a) for a in node.args]
+        return None if None in ranks else max(ranks)
+    keeps = node.target in _KEEP_FUNCTIONS if function else node.target in _KEEP_METHODS
+    reduces = node.target in ((torch.mean, torch.sum) if function else ("mean", "sum"))
+    if keeps or reduces and arg(node, 2, "keepdim", False) is True:
+        return of(first) if isinstance(first, fx.Node) else None
+    return None
+
+
+def _reshapes_in_place(node: fx.Node) -> bool:
+    """An op that changes a tensor's rank in place (``x.squeeze_()``): after it, no value's rank is its producer's."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.op in ("call_function", "call_method") and name in _RESHAPES_IN_PLACE
 
 
 def _rank_read(node: fx.Node) -> fx.Node | None:
@@ -104,20 +118,40 @@ def _substitute(node: fx.Node, value: Any) -> None:
     for user in list(node.users):
         user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
         user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
-    node.graph.erase_node(node)
+    _erase(node)
+
+
+def _erase(node: fx.Node) -> None:
+    """Erase ``node``, then whatever it alone read that nothing else reads now and that may go (a weight read only
+    for its rank, the operands of a check's message)."""
+    graph, gm = node.graph, node.graph.owning_module
+    stack = list(node.all_input_nodes)
+    graph.erase_node(node)
+    while stack:
+        operand = stack.pop()
+        if operand.graph is graph and not operand.users and not is_impure(gm, operand):
+            stack.extend(operand.all_input_nodes)
+            graph.erase_node(operand)
 
 
 @register("exact")
 def fold_rank_checks(gm: fx.GraphModule, ctx: PassContext) -> int:
-    ranks, rewrites = _Ranks(gm), 0
+    reads = [n for n in gm.graph.nodes if _rank_read(n) is not None]
+    if not reads:
+        return 0
+    moved = next((n for n in gm.graph.nodes if _reshapes_in_place(n)), None)
+    if moved is not None:  # (where one is, each read stays: which values it changes is an alias question)
+        for node in reads:
+            ctx.miss(f"the graph changes a rank in place ({moved.name})", node)
+        return 0
+    ranks, rewrites = _ranks(gm), 0
     for node in list(gm.graph.nodes):
         x = _rank_read(node)
         if x is not None:
-            rank = ranks.of(x)
-            if rank is None:
-                ctx.miss("rank may depend on the batch size", node)
+            if x not in ranks:
+                ctx.miss("rank not known at every batch size", node)
                 continue
-            _substitute(node, rank)
+            _substitute(node, ranks[x])
             rewrites += 1
         elif node.op == "call_function" and node.target in _COMPARE and len(node.args) == 2 and not node.kwargs \
                 and all(type(a) is int for a in node.args):
@@ -125,6 +159,6 @@ def fold_rank_checks(gm: fx.GraphModule, ctx: PassContext) -> int:
             rewrites += 1
         elif node.op == "call_function" and node.target is torch._assert and not node.users \
                 and arg(node, 0, "condition", None) is True:
-            gm.graph.erase_node(node)
+            _erase(node)
             rewrites += 1
     return rewrites
