@@ -212,7 +212,7 @@ class Oracle:
                 if margin_db is None or reference is None:
                     return problem
                 ours, theirs = sqnr(self.eager[i], new), sqnr(self.eager[i], old)
-                if not ours >= theirs - margin_db:
+                if not (math.isfinite(theirs) and ours >= theirs - margin_db):  # (a non-finite reference: no pass)
                     return (f"{problem}, and {ours:.1f} dB against the fp32 model, where the reference reads "
                             f"{theirs:.1f} (more than {margin_db:.1f} dB better)")
             elif not same_bits(new, old):

@@ -148,6 +148,9 @@ def test_a_lowering_under_the_floor_passes_only_where_it_is_as_accurate_against_
     problem = oracle.int8_error([worse], floor, [reference], margin_db=margin)
     assert "below the floor" in problem and "against the fp32 model" in problem
     assert oracle.int8_error([_noisy(reference, 40.0, seed=4)], floor, [reference], margin_db=margin) is None
+    broken = reference.clone()
+    broken[0, 0] = float("nan")  # a reference that is itself broken passes nothing by the margin
+    assert oracle.int8_error([as_good], floor, [broken], margin_db=margin) is not None
 
 
 def test_the_int8_lowering_is_checked_with_the_margin_and_quantizing_without_it(monkeypatch):
