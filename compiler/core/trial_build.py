@@ -52,6 +52,9 @@ import json, sys
 settings = json.loads(sys.argv[1])
 sys.path[:] = settings["path"]
 sys.modules["openvino_telemetry"] = None  # (see TELEMETRY above)
+import signal
+if hasattr(signal, "alarm"):  # (ends itself if the parent died without killing it)
+    signal.alarm(settings["alarm"])
 import numpy as np
 import openvino as ov
 core = ov.Core()
@@ -84,7 +87,8 @@ def openvino_problem(model: bytes, config: dict, shapes: Sequence[tuple], every_
             return _SEEN[key]
     if getattr(sys, "frozen", False) or not sys.executable or not os.path.isfile(sys.executable):
         return "no Python interpreter to try it in first (a frozen or embedded program)"
-    problem, keep = _trial(model, json.dumps({**json.loads(settings), "path": sys.path}))
+    problem, keep = _trial(model, json.dumps({**json.loads(settings), "path": sys.path,
+                                              "alarm": int(TRIAL_TIMEOUT_S) + 30}))
     if keep:
         with _LOCK:
             _SEEN[key] = problem
@@ -94,15 +98,15 @@ def openvino_problem(model: bytes, config: dict, shapes: Sequence[tuple], every_
 def _trial(model: bytes, settings: str) -> tuple[str | None, bool]:
     """(why the child did not compile and run the model, or None; whether that answer is the graph's to keep)."""
     group = {"start_new_session": True} if hasattr(os, "killpg") else {}
-    with tempfile.TemporaryFile() as messages:
-        child = subprocess.Popen([sys.executable, "-c", _CHILD, settings], stdin=subprocess.PIPE,
-                                 stdout=subprocess.DEVNULL, stderr=messages, **group)
+    with tempfile.TemporaryFile() as messages, \
+            subprocess.Popen([sys.executable, "-c", _CHILD, settings], stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=messages, **group) as child:
         try:
             child.communicate(model, timeout=TRIAL_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             return f"its trial process took over {TRIAL_TIMEOUT_S:.0f} s on this graph", False
         finally:
-            _end(child, bool(group))
+            _end(child, bool(group))  # (after communicate reaped the child, its group lives on only in what it left)
         messages.seek(0)
         last = (messages.read().decode(errors="replace").strip().splitlines() or ["no message"])[-1][:160]
     code = child.returncode
