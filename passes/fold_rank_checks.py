@@ -9,12 +9,13 @@ separate op. Folded, the conv's output has its one reader again.
 
 A rank is known where it follows from the graph's inputs, whose rank the optimized module checks on
 every call (compiler/core/module.py): an input's rank, a constant's, and what ops that keep their input's
-rank (convolutions, norms, activations, pooling, linear modules) or broadcast two ranks (+ - * /) make of
-them; each answer must also be the rank the value had at the example. A squeeze, a reshape, an index and
-anything else unknown ends the chain (its rank could depend on the batch size, or on an argument), and a read
-of it stays; where the graph changes a rank in place (``x.squeeze_()``), every read stays. Then comparisons of
-two known numbers are decided, and a ``torch._assert`` whose condition is decided True is erased, with what
-only it read. One decided False stays, to raise as eager does.
+rank (convolutions, norms, activations, pooling, linear modules, padding, a cat, a slice, a piece of a chunk
+or split) or broadcast two ranks (+ - * /) make of them; each answer must also be the rank the value had at
+the example. A squeeze, a reshape, an integer index and anything else unknown ends the chain (its rank could
+depend on the batch size, or on an argument), and a read of it stays; where the graph changes a rank in place
+(``x.squeeze_()``), every read stays. Then comparisons of two known numbers are decided, and a
+``torch._assert`` whose condition is decided True is erased, with what only it read. One decided False stays,
+to raise as eager does.
 """
 
 from __future__ import annotations
@@ -42,12 +43,13 @@ _KEEP_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTra
 _KEEP_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.batch_norm, F.layer_norm, F.group_norm,
                    F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu,
                    F.mish, F.sigmoid, F.tanh, F.dropout, F.avg_pool2d, F.adaptive_avg_pool2d,
-                   torch.relu, torch.sigmoid, torch.tanh, torch.conv2d, torch.batch_norm}
+                   F.pad, F.interpolate, torch.relu, torch.sigmoid, torch.tanh, torch.conv2d, torch.batch_norm}
 _KEEP_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "float"}
 # elementwise ops of two operands: the broadcast rank, the larger of the two (a Python number's is 0)
 _BROADCAST_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv,
                         torch.add, torch.sub, torch.mul, torch.div}
 _BROADCAST_METHODS = {"add", "sub", "mul", "div"}
+_SPLITS = {torch.chunk, torch.split, torch.tensor_split, "chunk", "split", "tensor_split"}  # (pieces of one rank)
 _RESHAPES_IN_PLACE = {"squeeze_", "unsqueeze_", "resize_", "resize_as_", "set_", "as_strided_"}
 _COMPARE = {operator.eq: operator.eq, operator.ne: operator.ne, operator.lt: operator.lt, operator.le: operator.le,
             operator.gt: operator.gt, operator.ge: operator.ge}
@@ -91,11 +93,27 @@ def _rank(gm: fx.GraphModule, node: fx.Node, of) -> int | None:
             and len(node.args) == 2 and set(node.kwargs) <= {"alpha"}:
         ranks = [of(a) for a in node.args]
         return None if None in ranks else max(ranks)
+    if function and node.target in (torch.cat, torch.concat):  # (cat takes tensors of one rank and keeps it)
+        parts = first if isinstance(first, (list, tuple)) and first else [None]
+        ranks = {of(p) for p in parts}
+        return ranks.pop() if len(ranks) == 1 and None not in ranks else None
+    if function and node.target is operator.getitem and len(node.args) == 2:
+        return _item_rank(*node.args, of)
     keeps = node.target in _KEEP_FUNCTIONS if function else node.target in _KEEP_METHODS
     reduces = node.target in ((torch.mean, torch.sum) if function else ("mean", "sum"))
     if keeps or reduces and arg(node, 2, "keepdim", False) is True:
         return of(first) if isinstance(first, fx.Node) else None
     return None
+
+
+def _item_rank(source: Any, index: Any, of) -> int | None:
+    """The rank of ``source[index]``: a piece of a chunk or split has its tensor's; slices keep a tensor's."""
+    if not isinstance(source, fx.Node):
+        return None
+    if source.op in ("call_function", "call_method") and source.target in _SPLITS and isinstance(index, int):
+        return of(source.args[0]) if source.args and isinstance(source.args[0], fx.Node) else None
+    slices = index if isinstance(index, tuple) else (index,)
+    return of(source) if all(isinstance(i, slice) or i is Ellipsis for i in slices) else None
 
 
 def _reshapes_in_place(node: fx.Node) -> bool:

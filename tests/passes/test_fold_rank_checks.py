@@ -55,9 +55,21 @@ class Chain(nn.Module):
         return y.sigmoid()
 
 
+class CatSplit(nn.Module):
+    """Pieces of a split, a cat of them, a slice and a pad (timm's MixNet, DenseNet, CSPNet, ReXNet, VoVNet)."""
+
+    def forward(self, x):
+        a, b = torch.split(x, [2, 4], dim=1)
+        c, d = (b * 2).chunk(2, dim=1)
+        y = F.pad(torch.cat([a, d, c], 1)[:, 1:, ...], (1, 1))
+        torch._assert(y.ndim == 4, "4-d")
+        return y.relu()
+
+
 # (each model's rank reads, comparisons and asserts: timm's message reads the rank a second time)
 CASES = {"timm's conv, batch norm and act": (ConvBNAct, (2, 3, 9, 7), 8), "a chain of rank-keeping steps":
-         (Chain, (2, 4, 6, 6), 3)}
+         (Chain, (2, 4, 6, 6), 3),
+         "pieces, a cat, a slice and a pad": (CatSplit, (2, 6, 5, 5), 3)}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -166,6 +178,7 @@ STEPS = {
     "a clamp to a tensor bound (it broadcasts)": lambda s, x: torch.clamp(x, min=s.bound),
     "a linear on a 1-d weight (it drops a dimension)": lambda s, x: F.linear(x, s.row),
     "a reshape": lambda s, x: x.reshape(-1, 5),
+    "an integer index": lambda s, x: x[0],
 }
 
 
