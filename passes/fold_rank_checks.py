@@ -13,9 +13,10 @@ rank (convolutions, norms, activations, pooling, linear modules, padding, a cat,
 or split) or broadcast two ranks (+ - * /) make of them; each answer must also be the rank the value had at
 the example. A squeeze, a reshape, an integer index and anything else unknown ends the chain (its rank could
 depend on the batch size, or on an argument), and a read of it stays; where the graph changes a rank in place
-(``x.squeeze_()``), every read stays. Then comparisons of two known numbers are decided, and a
-``torch._assert`` whose condition is decided True is erased, with what only it read. One decided False stays,
-to raise as eager does.
+(``x.squeeze_()``, or a write through ``out=``), every read stays. Then comparisons of two known numbers are
+decided, and a ``torch._assert`` whose condition is decided True is erased, with what only it read. One
+decided False stays, to raise as eager does. (What only an erased check read goes with it, as dead code
+goes: an error eager would raise computing it, at some other input, is not raised.)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from graphopt.passes import PassContext, register
 from graphopt.passes.lib.query import arg, constant_value, is_impure, module_of, tensor_meta
@@ -50,7 +52,8 @@ _BROADCAST_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.trued
                         torch.add, torch.sub, torch.mul, torch.div}
 _BROADCAST_METHODS = {"add", "sub", "mul", "div"}
 _SPLITS = {torch.chunk, torch.split, torch.tensor_split, "chunk", "split", "tensor_split"}  # (pieces of one rank)
-_RESHAPES_IN_PLACE = {"squeeze_", "unsqueeze_", "resize_", "resize_as_", "set_", "as_strided_"}
+_RESHAPES_IN_PLACE = {"squeeze_", "unsqueeze_", "resize_", "resize_as_", "set_", "as_strided_", "sparse_resize_",
+                      "sparse_resize_and_clear_"}
 _COMPARE = {operator.eq: operator.eq, operator.ne: operator.ne, operator.lt: operator.lt, operator.le: operator.le,
             operator.gt: operator.gt, operator.ge: operator.ge}
 
@@ -70,7 +73,7 @@ def _ranks(gm: fx.GraphModule) -> dict[fx.Node, int]:
     for node in gm.graph.nodes:
         rank = _rank(gm, node, of)
         meta = tensor_meta(node)
-        if rank is not None and meta is not None and hasattr(meta, "shape") and len(meta.shape) == rank:
+        if rank is not None and isinstance(meta, TensorMetadata) and len(meta.shape) == rank:
             known[node] = rank
     return known
 
@@ -78,7 +81,7 @@ def _ranks(gm: fx.GraphModule) -> dict[fx.Node, int]:
 def _rank(gm: fx.GraphModule, node: fx.Node, of) -> int | None:
     if node.op == "placeholder":  # the module checks each tensor input's rank on every call
         meta = tensor_meta(node)
-        return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+        return len(meta.shape) if isinstance(meta, TensorMetadata) else None
     if node.op == "get_attr":
         value = constant_value(gm, node)
         return value.dim() if value is not None else None
@@ -117,9 +120,12 @@ def _item_rank(source: Any, index: Any, of) -> int | None:
 
 
 def _reshapes_in_place(node: fx.Node) -> bool:
-    """An op that changes a tensor's rank in place (``x.squeeze_()``): after it, no value's rank is its producer's."""
+    """An op that may change a tensor's rank in place (``x.squeeze_()``, or any write through ``out=``, which
+    resizes its target): after it, a value's rank need not be its producer's."""
+    if node.op not in ("call_function", "call_method"):
+        return False
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return node.op in ("call_function", "call_method") and name in _RESHAPES_IN_PLACE
+    return name.split(".")[0] in _RESHAPES_IN_PLACE or "out" in node.kwargs
 
 
 def _rank_read(node: fx.Node) -> fx.Node | None:
@@ -143,12 +149,13 @@ def _erase(node: fx.Node) -> None:
     """Erase ``node``, then whatever it alone read that nothing else reads now and that may go (a weight read only
     for its rank, the operands of a check's message)."""
     graph, gm = node.graph, node.graph.owning_module
-    stack = list(node.all_input_nodes)
+    stack, erased = list(node.all_input_nodes), {node}
     graph.erase_node(node)
     while stack:
         operand = stack.pop()
-        if operand.graph is graph and not operand.users and not is_impure(gm, operand):
+        if operand not in erased and not operand.users and not is_impure(gm, operand):
             stack.extend(operand.all_input_nodes)
+            erased.add(operand)
             graph.erase_node(operand)
 
 

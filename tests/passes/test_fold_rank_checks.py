@@ -199,6 +199,29 @@ class SqueezeInPlace(nn.Module):
         return y
 
 
+class SumInto(nn.Module):
+    """A write through ``out=`` resizes its target: a 4-d value becomes 2-d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y, z = self.conv(x), x * 2
+        torch.sum(z, (2, 3), out=y)
+        torch._assert(y.dim() == 2, "expected 2-d after the sum")
+        return y + 1
+
+
+def test_a_write_through_out_keeps_every_check():
+    m, x = SumInto().eval(), torch.randn(2, 3, 4, 4)
+    ctx = PassContext((x,))
+    with pytest.warns(UserWarning, match="resized"):  # (torch warns that it resizes y, at each run)
+        gm = traced(m, x)
+        assert apply(fold_rank_checks, gm, x, ctx=ctx) == 0
+    assert list(ctx.misses.nodes)[0].startswith("the graph changes a rank in place")
+
+
 def test_a_rank_changed_in_place_keeps_every_check():
     m, x = SqueezeInPlace().eval(), torch.randn(1, 3, 5)
     gm, ctx = traced(m, x), PassContext((x,))
