@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.passes import PassContext, register
+from graphopt.passes.lib.query import tensor_meta
 
 # MultiheadAttention.forward(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
 # is_causal), by position
@@ -56,7 +57,7 @@ def _activation(module: nn.TransformerEncoderLayer) -> Callable | None:
 
 def _three_d(node: fx.Node) -> bool:
     """Batched: (N, L, E) or (L, N, E) (the modules also take one unbatched (L, E) sequence)."""
-    meta = node.meta.get("tensor_meta")
+    meta = tensor_meta(node)
     return meta is not None and len(meta.shape) == 3
 
 

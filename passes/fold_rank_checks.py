@@ -54,8 +54,7 @@ _BROADCAST_METHODS = {"add", "sub", "mul", "div"}
 _SPLITS = {torch.chunk, torch.split, torch.tensor_split, "chunk", "split", "tensor_split"}  # (pieces of one rank)
 _RESHAPES_IN_PLACE = {"squeeze_", "unsqueeze_", "resize_", "resize_as_", "set_", "as_strided_", "sparse_resize_",
                       "sparse_resize_and_clear_"}
-_COMPARE = {operator.eq: operator.eq, operator.ne: operator.ne, operator.lt: operator.lt, operator.le: operator.le,
-            operator.gt: operator.gt, operator.ge: operator.ge}
+_COMPARE = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge}
 
 
 def _ranks(gm: fx.GraphModule) -> dict[fx.Node, int]:
@@ -180,7 +179,7 @@ def fold_rank_checks(gm: fx.GraphModule, ctx: PassContext) -> int:
             rewrites += 1
         elif node.op == "call_function" and node.target in _COMPARE and len(node.args) == 2 and not node.kwargs \
                 and all(type(a) is int for a in node.args):
-            _substitute(node, _COMPARE[node.target](*node.args))
+            _substitute(node, node.target(*node.args))
             rewrites += 1
         elif node.op == "call_function" and node.target is torch._assert and not node.users \
                 and arg(node, 0, "condition", None) is True:

@@ -78,17 +78,16 @@ def openvino_problem(model: bytes, config: dict, shapes: Sequence[tuple], every_
     ``every_graph``: fp32 graphs too (load(): a saved folder may come from anyone)."""
     if not every_graph and not _int8(model):
         return None
-    settings = json.dumps({"config": config, "shapes": [list(s) for s in shapes]}, sort_keys=True)
+    settings = {"config": config, "shapes": [list(s) for s in shapes]}
     digest = hashlib.sha256(model)
-    digest.update(settings.encode())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
     key = digest.hexdigest()
     with _LOCK:
         if key in _SEEN:
             return _SEEN[key]
     if getattr(sys, "frozen", False) or not sys.executable or not os.path.isfile(sys.executable):
         return "no Python interpreter to try it in first (a frozen or embedded program)"
-    problem, keep = _trial(model, json.dumps({**json.loads(settings), "path": sys.path,
-                                              "alarm": int(TRIAL_TIMEOUT_S) + 30}))
+    problem, keep = _trial(model, json.dumps({**settings, "path": sys.path, "alarm": int(TRIAL_TIMEOUT_S) + 30}))
     if keep:
         with _LOCK:
             _SEEN[key] = problem
